@@ -1,0 +1,36 @@
+"""A tiny EMO for tests, notebooks and CPU smoke runs (about 0.2 M parameters).
+
+Same structure as the release (routed experts + 1 shared expert, top-k without
+renormalisation, document pool drawn from [top_k, num_experts]) at toy width:
+  python -m experiments.describe --config configs/tiny.py
+  python -m experiments.describe --config configs/tiny.py --config.model.pool=False   # StdMoE
+"""
+
+import ml_collections
+
+from emo_jax.config import ModelConfig
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.name = "tiny"
+  config.model = ModelConfig(
+      vocab_size=256,
+      d_model=64,
+      num_layers=2,
+      num_heads=4,
+      num_kv_heads=4,
+      head_dim=16,
+      num_experts=9,  # 8 routed + 1 shared
+      num_shared_experts=1,
+      top_k=2,
+      expert_hidden=32,
+      mlp_hidden=128,
+      pool=True,
+      pool_min=2,
+      pool_max=9,
+      max_segments=8,
+      max_seq_len=128,
+      compute_dtype="float32",
+  ).to_dict()
+  return config

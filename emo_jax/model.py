@@ -1,0 +1,224 @@
+"""The EMO / StdMoE / dense decoder: embedding, pre-norm blocks, final norm, LM head.
+
+`h = x + attn(norm1(x)); y = h + mlp(norm2(h))` (EMO_SPEC.md). Attention is causal *and*
+confined to the token's own segment (document) of a packed row, with RoPE on per-token positions
+that restart at each document, so a packed row behaves like its documents run separately.
+
+The blocks' parameters are stacked along a leading layer axis and run with `jax.lax.scan`: one
+block is compiled once whatever the depth (compile time on CPU, and at 16 layers on a pod), and
+the stacked layout shards and converts layer-major without loops.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from emo_jax.config import ModelConfig
+from emo_jax.moe import MLP, MoE, init_normal
+
+
+class RMSNorm(nnx.Module):
+  """RMSNorm computed in float32 (weight initialised to 1), cast back to the input dtype."""
+
+  def __init__(self, dim: int, eps: float, param_dtype=jnp.float32):
+    self.eps = eps
+    self.weight = nnx.Param(jnp.ones((dim,), param_dtype))
+
+  def __call__(self, x):
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (x32 * self.weight.value.astype(jnp.float32)).astype(x.dtype)
+
+
+def rope(x_BxLxHxK: jax.Array, positions_BxL: jax.Array, theta: float) -> jax.Array:
+  """Rotary embedding, "rotate half" (NeoX) layout, computed in float32."""
+  K = x_BxLxHxK.shape[-1]
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, K, 2, dtype=jnp.float32) / K))
+  angles_BxLxK2 = positions_BxL.astype(jnp.float32)[..., None] * inv_freq
+  cos = jnp.cos(angles_BxLxK2)[:, :, None, :]
+  sin = jnp.sin(angles_BxLxK2)[:, :, None, :]
+  x32 = x_BxLxHxK.astype(jnp.float32)
+  x1, x2 = x32[..., : K // 2], x32[..., K // 2:]
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BxLxHxK.dtype)
+
+
+def attention_mask(segment_ids_BxL: jax.Array) -> jax.Array:
+  """bool [B, 1, L, L]: query i sees key j iff j <= i and both lie in the same segment.
+
+  Padding (segment 0) attends to earlier padding only, so no row is fully masked.
+  """
+  L = segment_ids_BxL.shape[-1]
+  causal_LxL = jnp.tril(jnp.ones((L, L), bool))
+  same_BxLxL = segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :]
+  return (causal_LxL[None] & same_BxLxL)[:, None]
+
+
+def dot_product_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, mask_Bx1xLxL, impl: str = "xla"):
+  """Softmax attention with grouped key/value heads; logits and softmax in float32."""
+  if impl == "cudnn":
+    return jax.nn.dot_product_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, mask=mask_Bx1xLxL,
+                                        implementation="cudnn")
+  B, L, H, K = q_BxLxHxK.shape
+  G = k_BxLxGxK.shape[2]
+  q_BxLxGxRxK = q_BxLxHxK.reshape(B, L, G, H // G, K)
+  logits = jnp.einsum("blgrk,bmgk->bgrlm", q_BxLxGxRxK, k_BxLxGxK,
+                      preferred_element_type=jnp.float32) * (K ** -0.5)
+  logits = jnp.where(mask_Bx1xLxL[:, :, None], logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v_BxLxGxK.dtype)
+  out = jnp.einsum("bgrlm,bmgk->blgrk", probs, v_BxLxGxK)
+  return out.reshape(B, L, H, K)
+
+
+class Attention(nnx.Module):
+  """Multi-head (optionally grouped-query) attention, no biases, optional QK-norm."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    init, D, H, G, K = init_normal(cfg), cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    dt = cfg.param_jnp_dtype
+    self.wq = nnx.Param(init(rngs.params(), (D, H, K), dt))
+    self.wk = nnx.Param(init(rngs.params(), (D, G, K), dt))
+    self.wv = nnx.Param(init(rngs.params(), (D, G, K), dt))
+    self.wo = nnx.Param(init(rngs.params(), (H, K, D), dt))
+    if cfg.qk_norm:
+      # OLMoE layout: one norm over the whole projected query (H*K) and key (G*K) vectors.
+      self.q_norm = RMSNorm(H * K, cfg.norm_eps, dt)
+      self.k_norm = RMSNorm(G * K, cfg.norm_eps, dt)
+
+  def __call__(self, x_BxLxD, segment_ids_BxL, positions_BxL):
+    cfg = self.cfg
+    cdt = cfg.compute_jnp_dtype
+    x = x_BxLxD.astype(cdt)
+    q = jnp.einsum("bld,dhk->blhk", x, self.wq.value.astype(cdt))
+    k = jnp.einsum("bld,dgk->blgk", x, self.wk.value.astype(cdt))
+    v = jnp.einsum("bld,dgk->blgk", x, self.wv.value.astype(cdt))
+    if cfg.qk_norm:
+      q = self.q_norm(q.reshape(*q.shape[:2], -1)).reshape(q.shape)
+      k = self.k_norm(k.reshape(*k.shape[:2], -1)).reshape(k.shape)
+    q = rope(q, positions_BxL, cfg.rope_theta)
+    k = rope(k, positions_BxL, cfg.rope_theta)
+    out = dot_product_attention(q, k, v, attention_mask(segment_ids_BxL), cfg.attention_impl)
+    return jnp.einsum("blhk,hkd->bld", out, self.wo.value.astype(cdt))
+
+
+class Block(nnx.Module):
+  """Pre-norm decoder block: attention then MoE (or dense MLP), each with a residual."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.param_jnp_dtype)
+    self.attn = Attention(cfg, rngs=rngs)
+    self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.param_jnp_dtype)
+    self.mlp = MoE(cfg, rngs=rngs) if cfg.is_moe else MLP(cfg, rngs=rngs)
+
+  def __call__(self, x, segment_ids, positions, *, pool_rng=None, train=False, data_axes=()):
+    h = x + self.attn(self.attn_norm(x), segment_ids, positions)
+    y, aux = self.mlp(self.mlp_norm(h), segment_ids, pool_rng=pool_rng, train=train,
+                      data_axes=data_axes)
+    return h + y, aux
+
+
+class Transformer(nnx.Module):
+  """The whole decoder. Call: `logits_BxLxV, aux = model(tokens_BxL, segment_ids, positions)`.
+
+  `aux` holds per-layer routing statistics stacked over layers ([L] or [L, E]) and
+  `aux_loss`, the weighted sum of load-balancing and router z-losses (zero for dense models).
+  """
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    dt = cfg.param_jnp_dtype
+    init = init_normal(cfg)
+    self.embed = nnx.Param(init(rngs.params(), (cfg.vocab_size, cfg.d_model), dt))
+
+    @nnx.split_rngs(splits=cfg.num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make_blocks(rngs: nnx.Rngs):
+      return Block(cfg, rngs=rngs)
+
+    self.blocks = make_blocks(rngs)
+    self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, dt)
+    if not cfg.tie_embeddings:
+      self.lm_head = nnx.Param(init(rngs.params(), (cfg.d_model, cfg.vocab_size), dt))
+
+  def __call__(self, tokens_BxL: jax.Array, segment_ids_BxL: jax.Array | None = None,
+               positions_BxL: jax.Array | None = None, *, train: bool = False,
+               rng: jax.Array | None = None, data_axes: Sequence[str] = ()):
+    """Forward pass.
+
+    Args:
+      tokens_BxL: int token ids.
+      segment_ids_BxL: document of each token (1..max_segments, 0 = padding); default one
+        document per row.
+      positions_BxL: position of each token within its document; default 0..L-1.
+      train: draw document pools (EMO) instead of the evaluation setting.
+      rng: key for the pool sizes (needed when training a pooled model).
+      data_axes: named mesh axes over which load-balancing counts are summed (inside
+        shard_map); empty for a single replica.
+    """
+    cfg = self.cfg
+    B, L = tokens_BxL.shape
+    if segment_ids_BxL is None:
+      segment_ids_BxL = jnp.ones((B, L), jnp.int32)
+    if positions_BxL is None:
+      positions_BxL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
+    x = jnp.take(self.embed.value, tokens_BxL, axis=0).astype(cfg.compute_jnp_dtype)
+
+    layer_keys = (jax.random.split(rng, cfg.num_layers) if rng is not None
+                  else jnp.zeros((cfg.num_layers,), jnp.uint32))
+    graphdef, block_state = nnx.split(self.blocks)
+
+    def one_block(x, layer):
+      state, key = layer
+      block = nnx.merge(graphdef, state)
+      return block(x, segment_ids_BxL, positions_BxL, pool_rng=None if rng is None else key,
+                   train=train, data_axes=data_axes)
+
+    if cfg.remat:
+      one_block = jax.checkpoint(one_block, prevent_cse=False)
+    x, aux = jax.lax.scan(one_block, x, (block_state, layer_keys))
+
+    x = self.final_norm(x)
+    head = self.embed.value.T if cfg.tie_embeddings else self.lm_head.value
+    logits = jnp.einsum("bld,dv->blv", x, head.astype(cfg.compute_jnp_dtype),
+                        preferred_element_type=jnp.float32)
+    aux = dict(aux)
+    if cfg.is_moe:
+      aux["aux_loss"] = (cfg.lb_loss_weight * jnp.mean(aux["lb_loss"])
+                         + cfg.router_z_loss_weight * jnp.mean(aux["router_z_loss"]))
+    else:
+      aux["aux_loss"] = jnp.zeros((), jnp.float32)
+    return logits, aux
+
+
+def count_params(cfg: ModelConfig) -> dict[str, int]:
+  """Total and per-token active parameters, from shapes only (`nnx.eval_shape`).
+
+  Active counts both embedding matrices, attention, norms, the router, the shared experts and
+  top_k routed experts of every layer (EMO_SPEC.md: about 1.5 B of 13.6 B for 1b14b).
+  """
+  abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+  total = sum(int(x.size) for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
+  inactive = 0
+  if cfg.is_moe:
+    per_expert = 3 * cfg.d_model * cfg.expert_hidden
+    inactive = cfg.num_layers * (cfg.num_routed_experts - cfg.top_k) * per_expert
+  return {"total_params": total, "active_params": total - inactive}
+
+
+def describe(cfg: ModelConfig) -> dict:
+  """Parameter counts and every parameter's shape and dtype, from shapes only.
+
+  Block parameters carry a leading layer axis (the blocks are scanned).
+  """
+  abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+  shapes = {}
+  for path, leaf in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
+    value = getattr(leaf, "value", leaf)
+    shapes[".".join(str(p) for p in path)] = {"shape": list(value.shape),
+                                              "dtype": str(value.dtype)}
+  return {**count_params(cfg), "config": cfg.to_dict(), "params": shapes}

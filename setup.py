@@ -1,0 +1,35 @@
+"""emo_jax: EMO (document-pool mixture of experts) in JAX / Flax NNX."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="emo_jax",
+    version="0.1.0",
+    description="EMO, AllenAI's modular mixture-of-experts language model, in JAX / Flax",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["emo_jax", "emo_jax.*"]),
+    install_requires=[
+        # jax 0.10.2 is the newest on PyPI for CPU here; the GPU images carry 0.11.x.
+        "jax>=0.10.2,<0.13",
+        "flax>=0.12.8,<0.14",
+        "optax>=0.2.5",
+        "orbax-checkpoint>=0.11",
+        "grain>=0.2.12",
+        "sentencepiece>=0.2",
+        "ml-collections>=1.0",
+        "absl-py>=2.0",
+        "safetensors>=0.4",
+        "numpy>=1.26",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8",
+            # CPU build; later parity tests compare against transformers' PyTorch models.
+            "torch==2.13.0",
+            "transformers>=5.0",
+        ],
+    },
+)
