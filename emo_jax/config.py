@@ -22,8 +22,9 @@ from typing import Any, Mapping
 
 import jax.numpy as jnp
 
+from emo_jax.experts import BACKENDS as EXPERT_BACKENDS
+
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-EXPERT_BACKENDS = ("dense", "capacity", "ragged")
 ATTENTION_IMPLS = ("xla", "cudnn")
 
 

@@ -31,7 +31,7 @@ class RMSNorm(nnx.Module):
   def __call__(self, x):
     x32 = x.astype(jnp.float32)
     x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return (x32 * self.weight.value.astype(jnp.float32)).astype(x.dtype)
+    return (x32 * self.weight[...].astype(jnp.float32)).astype(x.dtype)
 
 
 def rope(x_BxLxHxK: jax.Array, positions_BxL: jax.Array, theta: float) -> jax.Array:
@@ -94,16 +94,16 @@ class Attention(nnx.Module):
     cfg = self.cfg
     cdt = cfg.compute_jnp_dtype
     x = x_BxLxD.astype(cdt)
-    q = jnp.einsum("bld,dhk->blhk", x, self.wq.value.astype(cdt))
-    k = jnp.einsum("bld,dgk->blgk", x, self.wk.value.astype(cdt))
-    v = jnp.einsum("bld,dgk->blgk", x, self.wv.value.astype(cdt))
+    q = jnp.einsum("bld,dhk->blhk", x, self.wq[...].astype(cdt))
+    k = jnp.einsum("bld,dgk->blgk", x, self.wk[...].astype(cdt))
+    v = jnp.einsum("bld,dgk->blgk", x, self.wv[...].astype(cdt))
     if cfg.qk_norm:
       q = self.q_norm(q.reshape(*q.shape[:2], -1)).reshape(q.shape)
       k = self.k_norm(k.reshape(*k.shape[:2], -1)).reshape(k.shape)
     q = rope(q, positions_BxL, cfg.rope_theta)
     k = rope(k, positions_BxL, cfg.rope_theta)
     out = dot_product_attention(q, k, v, attention_mask(segment_ids_BxL), cfg.attention_impl)
-    return jnp.einsum("blhk,hkd->bld", out, self.wo.value.astype(cdt))
+    return jnp.einsum("blhk,hkd->bld", out, self.wo[...].astype(cdt))
 
 
 class Block(nnx.Module):
@@ -166,7 +166,7 @@ class Transformer(nnx.Module):
       segment_ids_BxL = jnp.ones((B, L), jnp.int32)
     if positions_BxL is None:
       positions_BxL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
-    x = jnp.take(self.embed.value, tokens_BxL, axis=0).astype(cfg.compute_jnp_dtype)
+    x = jnp.take(self.embed[...], tokens_BxL, axis=0).astype(cfg.compute_jnp_dtype)
 
     layer_keys = (jax.random.split(rng, cfg.num_layers) if rng is not None
                   else jnp.zeros((cfg.num_layers,), jnp.uint32))
@@ -183,7 +183,7 @@ class Transformer(nnx.Module):
     x, aux = jax.lax.scan(one_block, x, (block_state, layer_keys))
 
     x = self.final_norm(x)
-    head = self.embed.value.T if cfg.tie_embeddings else self.lm_head.value
+    head = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
     logits = jnp.einsum("bld,dv->blv", x, head.astype(cfg.compute_jnp_dtype),
                         preferred_element_type=jnp.float32)
     aux = dict(aux)

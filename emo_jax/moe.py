@@ -147,7 +147,7 @@ class MLP(nnx.Module):
     self.w_down = nnx.Param(init(rngs.params(), (H, D), dt))
 
   def __call__(self, x_BxLxD, segment_ids_BxL, *, pool_rng=None, train=False, data_axes=()):
-    y = experts.swiglu(x_BxLxD, self.w_gate.value, self.w_up.value, self.w_down.value,
+    y = experts.swiglu(x_BxLxD, self.w_gate[...], self.w_up[...], self.w_down[...],
                        compute_dtype=self.cfg.compute_jnp_dtype)
     return y, {}
 
@@ -184,7 +184,7 @@ class MoE(nnx.Module):
     B, L, D = x_BxLxD.shape
     R = cfg.num_routed_experts
     logits_BxLxE = jnp.einsum("bld,de->ble", x_BxLxD.astype(jnp.float32),
-                              self.router.value[:, :R], precision=jax.lax.Precision.HIGHEST)
+                              self.router[...][:, :R], precision=jax.lax.Precision.HIGHEST)
     pool_sizes_BxS = self.pool_sizes(B, pool_rng=pool_rng, train=train)
     keep_BxLxE = None
     if pool_sizes_BxS is not None:
@@ -198,12 +198,12 @@ class MoE(nnx.Module):
 
     x_TxD = x_BxLxD.reshape(B * L, D)
     y_TxD, dropped = experts.routed_experts(
-        x_TxD, ids_TxK, weights_TxK, self.w_gate.value[:R], self.w_up.value[:R],
-        self.w_down.value[:R], backend=cfg.expert_backend, token_mask_T=token_mask_T,
+        x_TxD, ids_TxK, weights_TxK, self.w_gate[...][:R], self.w_up[...][:R],
+        self.w_down[...][:R], backend=cfg.expert_backend, token_mask_T=token_mask_T,
         capacity_factor=cfg.capacity_factor, compute_dtype=cfg.compute_jnp_dtype)
     for e in range(R, cfg.num_experts):
-      y_TxD = y_TxD + experts.swiglu(x_TxD, self.w_gate.value[e], self.w_up.value[e],
-                                     self.w_down.value[e], compute_dtype=cfg.compute_jnp_dtype)
+      y_TxD = y_TxD + experts.swiglu(x_TxD, self.w_gate[...][e], self.w_up[...][e],
+                                     self.w_down[...][e], compute_dtype=cfg.compute_jnp_dtype)
 
     lb_loss, load_E = load_balancing_loss(probs_TxE, ids_TxK, token_mask_T, data_axes=data_axes)
     aux = {

@@ -1,0 +1,208 @@
+"""Tests for emo_jax.experts: every backend against the dense reference, drops against a
+NumPy model of the GShard priority rule, masking, and errors.
+
+Tiny shapes keep compiles fast; float32 on CPU keeps the tolerances tight.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from emo_jax import experts
+
+T, D, H, E, K = 24, 16, 8, 6, 2
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+def _inputs(seed=0, skew=False):
+  """Random activations, bank, distinct top-k ids and positive weights.
+
+  skew=True sends most first choices to expert 0 so a small capacity must drop.
+  """
+  rng = np.random.default_rng(seed)
+  x_TxD = rng.normal(size=(T, D)).astype(np.float32)
+  logits_TxE = rng.normal(size=(T, E))
+  if skew:
+    logits_TxE[:, 0] += 3.0
+  ids_TxK = np.argsort(-logits_TxE, axis=1)[:, :K].astype(np.int32)
+  weights_TxK = rng.uniform(0.1, 1.0, size=(T, K)).astype(np.float32)
+  w_gate = (rng.normal(size=(E, D, H)) / np.sqrt(D)).astype(np.float32)
+  w_up = (rng.normal(size=(E, D, H)) / np.sqrt(D)).astype(np.float32)
+  w_down = (rng.normal(size=(E, H, D)) / np.sqrt(H)).astype(np.float32)
+  mask_T = rng.uniform(size=T) < 0.7
+  mask_T[0] = False  # at least one padding token
+  return dict(x=x_TxD, ids=ids_TxK, weights=weights_TxK, w_gate=w_gate, w_up=w_up,
+              w_down=w_down, mask=mask_T)
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted(backend, capacity_factor=1.25):
+  def f(x, ids, weights, w_gate, w_up, w_down, mask):
+    return experts.routed_experts(x, ids, weights, w_gate, w_up, w_down, backend=backend,
+                                  token_mask_T=mask, capacity_factor=capacity_factor)
+  return jax.jit(f)
+
+
+def _run(backend, inp, use_mask, capacity_factor=1.25, weights=None):
+  weights = inp["weights"] if weights is None else weights
+  mask = inp["mask"] if use_mask else None
+  y, dropped = _jitted(backend, capacity_factor)(inp["x"], inp["ids"], weights, inp["w_gate"],
+                                                 inp["w_up"], inp["w_down"], mask)
+  return np.asarray(y), float(dropped)
+
+
+def _numpy_reference(inp, use_mask, weights=None):
+  """Per-token loop over the K choices with a NumPy SwiGLU: independent of the library."""
+  weights = inp["weights"] if weights is None else weights
+  y = np.zeros((T, D), np.float64)
+  for t in range(T):
+    if use_mask and not inp["mask"][t]:
+      continue
+    for k in range(K):
+      e = inp["ids"][t, k]
+      x = inp["x"][t].astype(np.float64)
+      gate, up = x @ inp["w_gate"][e], x @ inp["w_up"][e]
+      y[t] += weights[t, k] * ((gate / (1 + np.exp(-gate)) * up) @ inp["w_down"][e])
+  return y
+
+
+def _numpy_drops(inp, use_mask, capacity):
+  """GShard priority: all k=0 choices in token order, then k=1, ...; overflow is dropped."""
+  load = np.zeros(E, int)
+  dropped_TxK = np.zeros((T, K), bool)
+  for k in range(K):
+    for t in range(T):
+      if use_mask and not inp["mask"][t]:
+        continue
+      e = inp["ids"][t, k]
+      if load[e] >= capacity:
+        dropped_TxK[t, k] = True
+      else:
+        load[e] += 1
+  return dropped_TxK
+
+
+@pytest.mark.parametrize("use_mask", [False, True])
+def test_dense_matches_numpy_reference(use_mask):
+  inp = _inputs(1)
+  y, dropped = _run("dense", inp, use_mask)
+  np.testing.assert_allclose(y, _numpy_reference(inp, use_mask), **TOL)
+  assert dropped == 0.0
+
+
+@pytest.mark.parametrize("use_mask", [False, True])
+@pytest.mark.parametrize("backend", ["capacity", "ragged"])
+def test_backend_matches_dense(backend, use_mask):
+  inp = _inputs(2)
+  # E / K leaves room for every assignment, so capacity must agree exactly with dense.
+  y, dropped = _run(backend, inp, use_mask, capacity_factor=E / K)
+  y_ref, _ = _run("dense", inp, use_mask)
+  np.testing.assert_allclose(y, y_ref, **TOL)
+  assert dropped == 0.0
+
+
+@pytest.mark.parametrize("backend", ["capacity", "ragged"])
+def test_gradients_match_dense(backend):
+  inp = _inputs(3)
+  proj_TxD = np.random.default_rng(4).normal(size=(T, D)).astype(np.float32)
+  names = ["x", "weights", "w_gate", "w_up", "w_down"]
+
+  def loss(b, x, weights, w_gate, w_up, w_down):
+    y, _ = experts.routed_experts(x, inp["ids"], weights, w_gate, w_up, w_down, backend=b,
+                                  token_mask_T=inp["mask"], capacity_factor=E / K)
+    return jnp.sum(y * proj_TxD)
+
+  args = [inp[n] for n in names]
+  grad = lambda b: jax.jit(jax.grad(functools.partial(loss, b), argnums=(0, 1, 2, 3, 4)))(*args)
+  for name, g, g_ref in zip(names, grad(backend), grad("dense")):
+    assert np.abs(np.asarray(g_ref)).max() > 0, name  # the comparison must mean something
+    np.testing.assert_allclose(g, g_ref, err_msg=name, **TOL)
+
+
+@pytest.mark.parametrize("use_mask", [False, True])
+def test_capacity_drops_follow_priority_rule(use_mask):
+  inp = _inputs(5, skew=True)
+  capacity_factor = 0.5
+  capacity = experts.expert_capacity(T, K, E, capacity_factor)
+  dropped_TxK = _numpy_drops(inp, use_mask, capacity)
+  assert dropped_TxK.any(), "test setup must produce drops"
+  num_dispatched = K * (inp["mask"].sum() if use_mask else T)
+
+  y, dropped = _run("capacity", inp, use_mask, capacity_factor=capacity_factor)
+  assert dropped == pytest.approx(dropped_TxK.sum() / num_dispatched, abs=1e-7)
+  kept_weights = np.where(dropped_TxK, 0.0, inp["weights"]).astype(np.float32)
+  y_ref, _ = _run("dense", inp, use_mask, weights=kept_weights)
+  np.testing.assert_allclose(y, y_ref, **TOL)
+
+
+def test_capacity_dispatch_pieces_roundtrip():
+  """Dispatch -> identity 'experts' -> combine gives sum of kept weights times x."""
+  inp = _inputs(6, skew=True)
+  capacity = experts.expert_capacity(T, K, E, 0.5)
+  buffers_ExCxD, info = jax.jit(experts.capacity_dispatch, static_argnums=(2, 3))(
+      inp["x"], inp["ids"], E, capacity, inp["mask"])
+  assert buffers_ExCxD.shape == (E, capacity, D)
+  y = np.asarray(experts.capacity_combine(buffers_ExCxD, info, inp["weights"]))
+  kept = ~_numpy_drops(inp, True, capacity) & inp["mask"][:, None]
+  np.testing.assert_array_equal(np.asarray(info.keep_TxK), kept)
+  expected = (inp["weights"] * kept).sum(1)[:, None] * inp["x"]
+  np.testing.assert_allclose(y, expected, **TOL)
+
+
+@pytest.mark.parametrize("use_mask", [False, True])
+def test_capacity_enough_room_drops_nothing(use_mask):
+  inp = _inputs(7, skew=True)  # skewed load: a smaller factor would drop
+  assert experts.expert_capacity(T, K, E, E / K) == T
+  _, dropped = _run("capacity", inp, use_mask, capacity_factor=E / K)
+  assert dropped == 0.0
+  _, dropped_small = _run("capacity", inp, use_mask, capacity_factor=1.0)
+  assert dropped_small > 0.0
+
+
+@pytest.mark.parametrize("backend", experts.BACKENDS)
+def test_masked_tokens_output_exactly_zero(backend):
+  inp = _inputs(8)
+  inp["x"][~inp["mask"]] = np.nan  # padding garbage must not leak
+  y, _ = _run(backend, inp, use_mask=True, capacity_factor=E / K)
+  assert np.all(y[~inp["mask"]] == 0.0)
+  assert np.all(np.isfinite(y[inp["mask"]]))
+  assert np.abs(y[inp["mask"]]).min() > 0.0
+
+
+def test_unknown_backend_raises():
+  inp = _inputs(9)
+  with pytest.raises(ValueError, match="allowed values.*dense.*capacity.*ragged"):
+    experts.routed_experts(inp["x"], inp["ids"], inp["weights"], inp["w_gate"], inp["w_up"],
+                           inp["w_down"], backend="megablox")
+
+
+def test_bad_shapes_raise():
+  inp = _inputs(10)
+  with pytest.raises(ValueError, match="w_down_ExHxD"):
+    experts.routed_experts(inp["x"], inp["ids"], inp["weights"], inp["w_gate"], inp["w_up"],
+                           inp["w_gate"], backend="dense")
+
+
+def test_swiglu_compute_dtype():
+  inp = _inputs(11)
+  y = experts.swiglu(inp["x"], inp["w_gate"][0], inp["w_up"][0], inp["w_down"][0],
+                     compute_dtype=jnp.bfloat16)
+  assert y.dtype == jnp.bfloat16
+  y32 = experts.swiglu(inp["x"], inp["w_gate"][0], inp["w_up"][0], inp["w_down"][0])
+  np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(y32), rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("backend", experts.BACKENDS)
+def test_bfloat16_eager_numpy_inputs(backend):
+  """Un-jitted, NumPy inputs, bfloat16 compute: right dtype, close to the float32 result."""
+  inp = _inputs(12)
+  y, dropped = experts.routed_experts(
+      inp["x"], inp["ids"], inp["weights"], inp["w_gate"], inp["w_up"], inp["w_down"],
+      backend=backend, token_mask_T=inp["mask"], capacity_factor=E / K,
+      compute_dtype=jnp.bfloat16)
+  assert y.dtype == jnp.bfloat16 and dropped.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(y, np.float32), _numpy_reference(inp, True),
+                             rtol=0.05, atol=0.05)
