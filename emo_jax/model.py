@@ -161,7 +161,12 @@ class Transformer(nnx.Module):
         shard_map); empty for a single replica.
     """
     cfg = self.cfg
+    if tokens_BxL.ndim != 2:
+      raise ValueError(f"tokens must be [batch, length], got shape {tokens_BxL.shape}")
     B, L = tokens_BxL.shape
+    for name, value in (("segment_ids", segment_ids_BxL), ("positions", positions_BxL)):
+      if value is not None and value.shape != (B, L):
+        raise ValueError(f"{name} must have the tokens' shape {(B, L)}, got {value.shape}")
     if segment_ids_BxL is None:
       segment_ids_BxL = jnp.ones((B, L), jnp.int32)
     if positions_BxL is None:

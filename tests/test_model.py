@@ -226,3 +226,10 @@ def test_aux_losses_are_per_layer_and_weighted():
           + cfg.router_z_loss_weight * np.mean(aux["router_z_loss"]))
   np.testing.assert_allclose(float(aux["aux_loss"]), want, rtol=1e-6)
   assert np.all((aux["pool_size"] >= cfg.pool_min) & (aux["pool_size"] <= cfg.num_routed_experts))
+
+
+def test_mismatched_input_shapes_are_named():
+  model = make_model(TINY)
+  tokens = jnp.zeros((2, 8), jnp.int32)
+  with pytest.raises(ValueError, match="segment_ids"):
+    model(tokens, jnp.ones((2, 7), jnp.int32))
