@@ -22,6 +22,8 @@ setup(
         "ml-collections>=1.0",
         "absl-py>=2.0",
         "safetensors>=0.4",
+        "tokenizers>=0.15",
+        "tensorboardX>=2.6",
         "numpy>=1.26",
     ],
     extras_require={

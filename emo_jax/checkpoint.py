@@ -1,0 +1,162 @@
+"""Orbax checkpoints of a training run: train state, data-iterator state and config together.
+
+A run must be able to die at any moment (preemption, SIGKILL, a full disk) and the next start in
+the same workdir must continue exactly where the last good checkpoint left it. Orbax gives the
+atomicity (a save is written to a temporary directory and renamed when complete, so a save cut
+short is never mistaken for a checkpoint); this module adds what a trainer needs around it:
+
+* the Grain iterator state (one file per process) beside the train state, so a resumed run sees
+  exactly the batches it would have seen;
+* the experiment config, so an incompatible restart is refused with the fields that differ;
+* restore-latest that falls back to the previous checkpoint, saying so, when the latest one is
+  unreadable (corrupted or truncated files).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import pathlib
+from typing import Any, Mapping
+
+import grain
+import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
+
+# ModelConfig fields that decide parameter shapes or values: changing any of them makes a
+# checkpoint unusable. Other fields (expert backend, capacity, remat, pool, loss weights) may
+# change between restarts.
+ARCHITECTURE_FIELDS = ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads",
+                       "head_dim", "num_experts", "num_shared_experts", "expert_hidden",
+                       "mlp_hidden", "qk_norm", "tie_embeddings", "param_dtype")
+# Data fields that decide which documents come in which order: the saved iterator state means
+# nothing under other values. (seq_len and batch_size may change: the state points at a
+# document and an offset into it.)
+DATA_STREAM_FIELDS = ("corpus", "tokenizer", "seed")
+
+
+class CheckpointMismatchError(ValueError):
+  """The workdir's checkpoint was written by an incompatible config."""
+
+
+class NoUsableCheckpointError(RuntimeError):
+  """Checkpoints exist but none can be read."""
+
+
+@dataclasses.dataclass
+class Restored:
+  step: int
+  state: Any
+  config: dict
+
+
+def incompatible_fields(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+  """Dotted names of the fields whose change makes the saved checkpoint unusable."""
+  out = []
+  for section, fields in (("model", ARCHITECTURE_FIELDS), ("data", DATA_STREAM_FIELDS)):
+    old, new = saved.get(section, {}), current.get(section, {})
+    for name in fields:
+      if name in old and name in new and old[name] != new[name]:
+        out.append(f"{section}.{name}: checkpoint has {old[name]!r}, config has {new[name]!r}")
+  return out
+
+
+class Checkpointer:
+  """Saves every `save_every` steps (asynchronously), keeps the last `keep`, restores latest."""
+
+  def __init__(self, directory: str | pathlib.Path, *, save_every: int, keep: int = 3,
+               async_save: bool = True):
+    self.directory = pathlib.Path(directory).absolute()
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, save_interval_steps=save_every, create=True,
+        enable_async_checkpointing=async_save, cleanup_tmp_directories=True)
+    self._manager = ocp.CheckpointManager(
+        self.directory, options=options,
+        item_handlers={"state": ocp.StandardCheckpointHandler(),
+                       "data": grain.checkpoint.CheckpointHandler(),
+                       "config": ocp.JsonCheckpointHandler()})
+
+  def all_steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
+
+  def save(self, step: int, state: Any, data_iterator, config: Mapping[str, Any], *,
+           force: bool = False) -> bool:
+    """Starts saving (returns at once when asynchronous); False if not a save step."""
+    return self._manager.save(
+        step, force=force,
+        args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                data=grain.checkpoint.CheckpointSave(data_iterator),
+                                config=ocp.args.JsonSave(dict(config))))
+
+  def saved_config(self, step: int) -> dict:
+    restored = self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+    return dict(restored["config"])
+
+  def restore_latest(self, abstract_state: Any, data_iterator,
+                     config: Mapping[str, Any]) -> Restored | None:
+    """Restores the newest readable checkpoint into `data_iterator` and returns the state.
+
+    Returns None when the directory holds no checkpoint. Raises CheckpointMismatchError when the
+    checkpoint's config differs in architecture or data stream, and NoUsableCheckpointError
+    when checkpoints exist but none can be read.
+    """
+    steps = sorted(self._manager.all_steps(), reverse=True)
+    if not steps:
+      return None
+    failures = []
+    for step in steps:
+      try:
+        saved = self.saved_config(step)
+      except Exception as e:  # pylint: disable=broad-except
+        failures.append(f"step {step}: config unreadable ({type(e).__name__}: {e})")
+        log.warning("checkpoint at step %d is unreadable (%s); trying an earlier one", step, e)
+        continue
+      mismatched = incompatible_fields(saved, config)
+      if mismatched:
+        raise CheckpointMismatchError(
+            f"the checkpoint at step {step} in {self.directory} was written by an incompatible "
+            "config:\n  " + "\n  ".join(mismatched) +
+            "\nUse a new --workdir for the new config, or restore the old values.")
+      try:
+        restored = self._manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                          data=grain.checkpoint.CheckpointRestore(data_iterator)))
+      except Exception as e:  # pylint: disable=broad-except
+        failures.append(f"step {step}: {type(e).__name__}: {e}")
+        log.warning("checkpoint at step %d is unreadable (%s: %s); falling back to an earlier "
+                    "one", step, type(e).__name__, e)
+        continue
+      if step != steps[0]:
+        bad = [s for s in steps if s > step]
+        moved = self._quarantine(bad)
+        log.warning("resumed from step %d because the newer checkpoint(s) %s could not be read; "
+                    "they were moved to %s", step, bad, moved)
+      return Restored(step=step, state=restored["state"], config=saved)
+    raise NoUsableCheckpointError(
+        f"no checkpoint in {self.directory} can be read:\n  " + "\n  ".join(failures) +
+        f"\nMove {self.directory} aside to start afresh, or restore it from a backup.")
+
+  def _quarantine(self, steps: list[int]) -> pathlib.Path:
+    """Moves unreadable checkpoints out of the way (kept for inspection, never deleted)."""
+    target = self.directory.parent / "corrupt_checkpoints"
+    target.mkdir(parents=True, exist_ok=True)
+    for step in steps:
+      source = self.directory / str(step)
+      if source.exists():
+        destination = target / str(step)
+        suffix = 0
+        while destination.exists():
+          suffix += 1
+          destination = target / f"{step}.{suffix}"
+        source.rename(destination)
+    self._manager.reload()
+    return target
+
+  def wait(self) -> None:
+    """Blocks until pending asynchronous saves are on disk."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()

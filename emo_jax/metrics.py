@@ -1,0 +1,170 @@
+"""Training metrics: per-layer routing summaries, throughput, MFU, and where they are written.
+
+Every logged step goes three places: a console line a person can follow (step, loss, tokens/s,
+ETA), `metrics.jsonl` (one JSON object per logged step, for scripts and plots) and TensorBoard
+event files. On resume, JSONL rows past the restored step are dropped so the file reads as one
+uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import pathlib
+import time
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+
+from emo_jax.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+# Dense bf16 peak FLOP/s per device, by jax `device_kind` prefix.
+PEAK_FLOPS = {
+    "NVIDIA H200": 989e12,
+    "NVIDIA H100": 989e12,
+    "NVIDIA A100": 312e12,
+    "TPU v6": 918e12,
+    "TPU v5p": 459e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v4": 275e12,
+}
+
+
+def device_peak_flops() -> float:
+  """Peak bf16 FLOP/s of the first device, or 0 when unknown (e.g. a CPU)."""
+  kind = jax.devices()[0].device_kind
+  for prefix, flops in PEAK_FLOPS.items():
+    if kind.startswith(prefix):
+      return flops
+  return 0.0
+
+
+def flops_per_token(cfg: ModelConfig, counts: Mapping[str, int], seq_len: int) -> float:
+  """Training FLOPs per token: 6 x active matmul parameters + causal-free attention term.
+
+  The input embedding is a lookup, not a matmul, so it is left out; attention adds
+  12 * layers * heads * head_dim * seq_len (PaLM's convention).
+  """
+  matmul_params = counts["active_params"] - cfg.vocab_size * cfg.d_model
+  attention = 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len
+  return 6.0 * matmul_params + attention
+
+
+def summarize(stats: Mapping[str, Any], cfg: ModelConfig) -> dict[str, float]:
+  """Flattens one step's statistics into scalars (per-layer routing figures included)."""
+  row = {
+      "loss": float(stats["loss"]),
+      "perplexity": float(math.exp(min(float(stats["loss"]), 50.0))),
+      "total_loss": float(stats["total_loss"]),
+      "output_z_loss": float(stats["output_z_loss"]),
+      "grad_norm": float(stats["grad_norm"]),
+      "learning_rate": float(stats["learning_rate"]),
+  }
+  if "expert_load" in stats:
+    load = np.asarray(stats["expert_load"], np.float64)  # [layers, routed experts]
+    E = load.shape[-1]
+    entropy = -np.sum(np.where(load > 0, load * np.log(np.maximum(load, 1e-30)), 0), -1)
+    row["lb_loss"] = float(np.mean(stats["lb_loss"]))
+    row["router_z_loss"] = float(np.mean(stats["router_z_loss"]))
+    row["dropped_fraction"] = float(np.mean(stats["dropped_fraction"]))
+    row["pool_size"] = float(np.mean(stats["pool_size"]))
+    # Load as a multiple of perfect balance (1.0 everywhere when balanced).
+    row["load_entropy"] = float(np.mean(entropy / np.log(E)))
+    for layer in range(load.shape[0]):
+      row[f"layer{layer}/load_entropy"] = float(entropy[layer] / np.log(E))
+      row[f"layer{layer}/max_load"] = float(load[layer].max() * E)
+      row[f"layer{layer}/min_load"] = float(load[layer].min() * E)
+      row[f"layer{layer}/lb_loss"] = float(stats["lb_loss"][layer])
+      row[f"layer{layer}/dropped_fraction"] = float(stats["dropped_fraction"][layer])
+      row[f"layer{layer}/pool_size"] = float(stats["pool_size"][layer])
+  return row
+
+
+class Progress:
+  """Tokens/s and ETA between successive logged steps."""
+
+  def __init__(self, start_step: int, total_steps: int):
+    self.total = total_steps
+    self.start_step = start_step
+    self.start_time = time.perf_counter()
+    self.last_step, self.last_time = start_step, self.start_time
+
+  def update(self, step: int, tokens: float) -> dict[str, float]:
+    now = time.perf_counter()
+    elapsed = max(now - self.last_time, 1e-9)
+    steps = max(step - self.last_step, 1)
+    self.last_step, self.last_time = step, now
+    per_step = (now - self.start_time) / max(step - self.start_step, 1)
+    return {"tokens_per_s": tokens / elapsed, "step_time_s": elapsed / steps,
+            "eta_s": per_step * (self.total - step)}
+
+
+def _duration(seconds: float) -> str:
+  seconds = int(seconds)
+  if seconds >= 3600:
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+  return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def console_line(step: int, total: int, row: Mapping[str, float]) -> str:
+  parts = [f"step {step}/{total}", f"loss {row['loss']:.4f}"]
+  if "lb_loss" in row:
+    parts.append(f"lb {row['lb_loss']:.3f}")
+  if "val_perplexity" in row:
+    parts.append(f"val ppl {row['val_perplexity']:.2f}")
+  if "tokens_per_s" in row:
+    parts.append(f"{row['tokens_per_s'] / 1e3:.1f}k tok/s")
+  if "mfu" in row:
+    parts.append(f"MFU {100 * row['mfu']:.1f}%")
+  if "eta_s" in row:
+    parts.append(f"ETA {_duration(row['eta_s'])}")
+  return " | ".join(parts)
+
+
+class MetricsWriter:
+  """Console + `metrics.jsonl` + TensorBoard events in the workdir."""
+
+  def __init__(self, workdir: str | pathlib.Path, *, resume_step: int = 0, total_steps: int = 0):
+    self.workdir = pathlib.Path(workdir)
+    self.path = self.workdir / "metrics.jsonl"
+    self.total = total_steps
+    self._truncate_after(resume_step)
+    self._file = open(self.path, "a", encoding="utf-8")
+    self._tb = None
+    try:
+      from tensorboardX import SummaryWriter
+      self._tb = SummaryWriter(str(self.workdir / "tensorboard"), purge_step=resume_step + 1)
+    except ImportError:  # pragma: no cover - tensorboardX is a declared dependency
+      log.warning("tensorboardX is not installed: no TensorBoard events are written")
+
+  def _truncate_after(self, step: int) -> None:
+    """Drops rows logged after `step` by a run that died before its next checkpoint."""
+    if not self.path.exists():
+      return
+    kept = []
+    for line in self.path.read_text(encoding="utf-8").splitlines():
+      try:
+        if json.loads(line)["step"] <= step:
+          kept.append(line)
+      except (ValueError, KeyError):
+        continue  # a line cut short by a kill
+    self.path.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
+
+  def write(self, step: int, row: Mapping[str, float]) -> None:
+    record = {"step": int(step), **{k: float(v) for k, v in row.items()}}
+    self._file.write(json.dumps(record) + "\n")
+    self._file.flush()
+    if self._tb is not None:
+      for key, value in row.items():
+        self._tb.add_scalar(key, float(value), step)
+    print(console_line(step, self.total, row), flush=True)
+
+  def close(self) -> None:
+    self._file.close()
+    if self._tb is not None:
+      self._tb.close()

@@ -1,0 +1,301 @@
+"""Training: the loss, one jitted step, and the loop with evaluation, logging and checkpoints.
+
+The step is a pure function of (state, batch): parameters live in the train state as a plain
+nested dict (Flax NNX `merge` turns them into the model inside the step), so the state is an
+ordinary pytree for Orbax and for sharding annotations. The pool RNG of step s is
+`fold_in(key(seed), s)`: nothing random is carried in the state, and a resumed run draws exactly
+the pools the uninterrupted run would have drawn.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import pathlib
+import signal
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx, struct
+
+from emo_jax import checkpoint as ckpt_lib
+from emo_jax import evaluate, metrics as metrics_lib
+from emo_jax.losses import token_losses
+from emo_jax.config import ConfigError, ModelConfig, model_config_from
+from emo_jax.data import corpus as corpus_lib
+from emo_jax.model import Transformer, count_params
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Optimiser, schedule and loop settings. Defaults are the release's recipe (EMO_SPEC.md)."""
+  steps: int = 1000
+  learning_rate: float = 4e-3
+  warmup_steps: int = 2000
+  # "cosine": warm-up then cosine to final_lr_fraction * peak; "linear": warm-up then linear
+  # decay to 0 (the release's anneal); "constant": warm-up then flat.
+  schedule: str = "cosine"
+  final_lr_fraction: float = 0.1
+  b1: float = 0.9
+  b2: float = 0.95
+  eps: float = 1e-8
+  weight_decay: float = 0.1
+  grad_clip: float = 1.0
+  # The global batch is split into this many micro-batches whose gradients are averaged.
+  grad_accum_steps: int = 1
+  seed: int = 0
+  log_every: int = 10
+  eval_every: int = 200
+  eval_batches: int = 8
+  checkpoint_every: int = 200
+  keep_checkpoints: int = 3
+  async_checkpoint: bool = True
+  # Peak FLOP/s of one device for MFU; 0 = look the device up (unknown devices report none).
+  peak_flops: float = 0.0
+
+  def __post_init__(self):
+    positive = ("steps", "grad_accum_steps", "log_every", "eval_every", "checkpoint_every",
+                "keep_checkpoints")
+    for name in positive:
+      if getattr(self, name) < 1:
+        raise ConfigError(f"TrainConfig.{name}={getattr(self, name)!r} is invalid: must be >= 1")
+    if self.schedule not in ("cosine", "linear", "constant"):
+      raise ConfigError(f"TrainConfig.schedule={self.schedule!r} is invalid: allowed values are "
+                        "['cosine', 'linear', 'constant']")
+    if self.warmup_steps < 0 or self.eval_batches < 0:
+      raise ConfigError("TrainConfig.warmup_steps and eval_batches must be >= 0")
+    if not self.learning_rate > 0:
+      raise ConfigError(f"TrainConfig.learning_rate={self.learning_rate!r} must be > 0")
+
+  @classmethod
+  def from_dict(cls, values: Mapping[str, Any]) -> "TrainConfig":
+    values = dict(values.to_dict() if hasattr(values, "to_dict") else values)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+      raise ConfigError(f"unknown TrainConfig field(s) {unknown}; known fields are {sorted(known)}")
+    return cls(**values)
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+
+class TrainState(struct.PyTreeNode):
+  step: jax.Array
+  params: Any      # nested dict of float32 master weights
+  opt_state: Any
+
+
+# ---- optimiser ------------------------------------------------------------------------------
+def learning_rate_schedule(tc: TrainConfig) -> optax.Schedule:
+  warmup = max(tc.warmup_steps, 0)
+  decay_steps = max(tc.steps - warmup, 1)
+  peak = tc.learning_rate
+  if tc.schedule == "cosine":
+    after = optax.cosine_decay_schedule(peak, decay_steps, alpha=tc.final_lr_fraction)
+  elif tc.schedule == "linear":
+    after = optax.linear_schedule(peak, 0.0, decay_steps)
+  else:
+    after = optax.constant_schedule(peak)
+  if warmup == 0:
+    return after
+  return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
+
+
+def decay_mask(params) -> Any:
+  """True for weights that get weight decay: not the embedding, not norm scales."""
+  def decays(path, _):
+    names = [getattr(p, "key", getattr(p, "name", str(p))) for p in path]
+    return not any(n == "embed" or "norm" in str(n) for n in names)
+  return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def make_optimizer(tc: TrainConfig, params) -> optax.GradientTransformation:
+  return optax.chain(
+      optax.clip_by_global_norm(tc.grad_clip),
+      optax.adamw(learning_rate_schedule(tc), b1=tc.b1, b2=tc.b2, eps=tc.eps,
+                  weight_decay=tc.weight_decay, mask=decay_mask(params)))
+
+
+# ---- loss and step ---------------------------------------------------------------------------
+def loss_fn(params, graphdef, batch, rng, cfg: ModelConfig, data_axes=()):
+  """Masked cross-entropy + load balancing + router z-loss + output z-loss."""
+  model = nnx.merge(graphdef, params)
+  logits, aux = model(batch["tokens"], batch["segment_ids"], batch["positions"], train=True,
+                      rng=rng, data_axes=data_axes)
+  ce, lse = token_losses(logits, batch["targets"])
+  mask = batch["loss_mask"].astype(jnp.float32)
+  n = jnp.maximum(jnp.sum(mask), 1.0)
+  ce_loss = jnp.sum(ce * mask) / n
+  output_z = jnp.sum(lse**2 * mask) / n
+  total = ce_loss + aux["aux_loss"] + cfg.output_z_loss_weight * output_z
+  out = {"loss": ce_loss, "total_loss": total, "output_z_loss": output_z, "tokens": n}
+  for key in ("lb_loss", "router_z_loss", "expert_load", "dropped_fraction", "pool_size"):
+    if key in aux:
+      out[key] = aux[key]
+  return total, out
+
+
+def train_step(state: TrainState, batch, *, graphdef, optimizer, cfg: ModelConfig,
+               tc: TrainConfig):
+  """One optimiser step over `grad_accum_steps` micro-batches."""
+  rng = jax.random.fold_in(jax.random.key(tc.seed), state.step)
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  A = tc.grad_accum_steps
+  if A == 1:
+    (_, stats), grads = grad_fn(state.params, graphdef, batch, rng, cfg)
+  else:
+    micro = jax.tree.map(lambda x: x.reshape(A, x.shape[0] // A, *x.shape[1:]), batch)
+
+    def accumulate(carry, inputs):
+      i, mb = inputs
+      (_, s), g = grad_fn(state.params, graphdef, mb, jax.random.fold_in(rng, i), cfg)
+      return jax.tree.map(jnp.add, carry, g), s
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    grads, stats = jax.lax.scan(accumulate, zeros, (jnp.arange(A), micro))
+    grads = jax.tree.map(lambda g: g / A, grads)
+    tokens = jnp.sum(stats["tokens"])
+    stats = jax.tree.map(lambda x: jnp.mean(x, axis=0), stats)
+    stats["tokens"] = tokens
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  stats["grad_norm"] = optax.tree.norm(grads)
+  stats["learning_rate"] = learning_rate_schedule(tc)(state.step)
+  return state.replace(step=state.step + 1, params=params, opt_state=opt_state), stats
+
+
+def init_state(cfg: ModelConfig, tc: TrainConfig):
+  """(graphdef, optimizer, state) for a fresh run, initialised from `tc.seed`."""
+  model = Transformer(cfg, rngs=nnx.Rngs(params=tc.seed))
+  graphdef, params = nnx.split(model)
+  params = nnx.to_pure_dict(params)
+  optimizer = make_optimizer(tc, params)
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                     opt_state=optimizer.init(params))
+  return graphdef, optimizer, state
+
+
+# ---- the loop ---------------------------------------------------------------------------------
+class NonFiniteLossError(FloatingPointError):
+  """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class _Preempted(Exception):
+  pass
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
+  """Trains (or resumes) the experiment in `workdir`; returns the last logged metrics.
+
+  The workdir holds `checkpoints/`, `metrics.jsonl` (one JSON object per logged step),
+  TensorBoard event files and `config.json`.
+  """
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  cfg = model_config_from(config)
+  tc = TrainConfig.from_dict(config.train)
+  dc = corpus_lib.DataConfig.from_dict(config.data)
+  if dc.batch_size % tc.grad_accum_steps:
+    raise ConfigError(f"data.batch_size={dc.batch_size} must be a multiple of "
+                      f"train.grad_accum_steps={tc.grad_accum_steps}")
+  experiment = {"model": cfg.to_dict(), "data": dc.to_dict(), "train": tc.to_dict()}
+  (workdir / "config.json").write_text(json.dumps(experiment, indent=2, sort_keys=True))
+
+  corpus = corpus_lib.load_corpus(dc)
+  if corpus.tokenizer.vocab_size > cfg.vocab_size:
+    raise ConfigError(f"the tokenizer has {corpus.tokenizer.vocab_size} ids but "
+                      f"model.vocab_size={cfg.vocab_size}; raise model.vocab_size to at least "
+                      f"{corpus.tokenizer.vocab_size}")
+  train_data = corpus.dataset("train", seq_len=dc.seq_len, batch_size=dc.batch_size,
+                              max_segments=cfg.max_segments, seed=dc.seed, num_epochs=None,
+                              num_workers=dc.num_workers)
+  data_iter = iter(train_data)
+
+  graphdef, optimizer, state = init_state(cfg, tc)
+  checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", save_every=tc.checkpoint_every,
+                                       keep=tc.keep_checkpoints, async_save=tc.async_checkpoint)
+  restored = checkpointer.restore_latest(state, data_iter, experiment)
+  if restored is not None:
+    state = restored.state
+    log.info("resumed from step %d in %s", restored.step, checkpointer.directory)
+  start_step = int(state.step)
+
+  writer = metrics_lib.MetricsWriter(workdir, resume_step=start_step, total_steps=tc.steps)
+  step_fn = jax.jit(lambda s, b: train_step(s, b, graphdef=graphdef, optimizer=optimizer,
+                                            cfg=cfg, tc=tc), donate_argnums=0)
+  eval_data = corpus.eval_batches(dc, cfg.max_segments, tc.eval_batches)
+  baseline = evaluate.unigram_baseline(corpus, dc, cfg.max_segments, tc.eval_batches)
+  counts = count_params(cfg)
+  flops_per_token = metrics_lib.flops_per_token(cfg, counts, dc.seq_len)
+  peak = tc.peak_flops or metrics_lib.device_peak_flops()
+  progress = metrics_lib.Progress(start_step, tc.steps)
+  log.info("model: %.3g params (%.3g active); %d-token rows x %d; unigram baseline ppl %.1f",
+           counts["total_params"], counts["active_params"], dc.seq_len, dc.batch_size,
+           baseline["perplexity"])
+
+  def stop_on_signal(signum, _frame):
+    raise _Preempted(signal.Signals(signum).name)
+
+  previous = {s: signal.signal(s, stop_on_signal) for s in (signal.SIGTERM,)}
+  pending = []  # device stats since the last host check: checked together (keeps dispatch async)
+  checked = []  # host stats since the last log line
+  last = {}
+  step = start_step
+  try:
+    while step < tc.steps:
+      batch = next(data_iter)
+      state, stats = step_fn(state, batch)
+      step += 1
+      pending.append((step, stats))
+      is_last = step == tc.steps
+      wants_save = is_last or step % tc.checkpoint_every == 0
+      wants_eval = is_last or step % tc.eval_every == 0
+      wants_log = wants_eval or step % tc.log_every == 0
+      if wants_log or wants_save:  # nothing non-finite may reach a checkpoint
+        checked += _check_finite(pending)
+        pending = []
+      if wants_log:
+        tokens = float(np.sum([s["tokens"] for _, s in checked]))
+        row = metrics_lib.summarize(checked[-1][1], cfg)
+        checked = []
+        row.update(progress.update(step, tokens))
+        if flops_per_token and peak:
+          row["mfu"] = row["tokens_per_s"] * flops_per_token / (peak * jax.device_count())
+        if wants_eval:
+          row.update(evaluate.perplexity(graphdef, state.params, eval_data, corpus.domains,
+                                         prefix="val_"))
+          row["unigram_val_perplexity"] = baseline["perplexity"]
+        writer.write(step, row)
+        last = row
+      if wants_save:
+        checkpointer.save(step, state, data_iter, experiment, force=is_last)
+  except _Preempted as signame:
+    _check_finite(pending)
+    log.warning("received %s at step %d: saving a checkpoint and stopping", signame, step)
+    checkpointer.save(step, state, data_iter, experiment, force=True)
+  finally:
+    for s, handler in previous.items():
+      signal.signal(s, handler)
+    checkpointer.close()
+    writer.close()
+  return last
+
+
+def _check_finite(pending):
+  """Fetches pending step stats; raises at the first step whose loss is not finite."""
+  host = [(s, jax.device_get(stats)) for s, stats in pending]
+  for s, stats in host:
+    if not (np.isfinite(stats["loss"]) and np.isfinite(stats["total_loss"])):
+      raise NonFiniteLossError(
+          f"loss became {float(stats['total_loss'])} at step {s}; stopping. The last good "
+          "checkpoint is kept in the workdir: lower train.learning_rate or check the data, "
+          "then restart to resume from it.")
+  return host

@@ -1,0 +1,194 @@
+"""The trainer: loss pieces, optimiser recipe, and a run that survives kills and bad states."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from emo_jax import checkpoint as ckpt_lib
+from emo_jax import train as train_lib
+from emo_jax.config import ModelConfig
+from emo_jax.losses import token_losses
+from emo_jax.model import Transformer
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from configs import tiny  # noqa: E402  (the config the acceptance command uses)
+
+
+def tiny_config(**train):
+  config = tiny.get_config()
+  config.data.synthetic_documents = 400
+  settings = dict(log_every=1, eval_every=1000, eval_batches=2, async_checkpoint=False)
+  settings.update(train)
+  config.train.update(settings)
+  return config
+
+
+def read_metrics(workdir):
+  path = pathlib.Path(workdir) / "metrics.jsonl"
+  return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+# ---- pieces ---------------------------------------------------------------------------------
+def test_token_losses_match_numpy():
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(2, 3, 7)).astype(np.float32)
+  targets = rng.integers(0, 7, size=(2, 3))
+  ce, lse = token_losses(jnp.asarray(logits), jnp.asarray(targets))
+  ref_lse = np.log(np.exp(logits.astype(np.float64)).sum(-1))
+  ref_ce = ref_lse - np.take_along_axis(logits, targets[..., None], -1)[..., 0]
+  np.testing.assert_allclose(np.asarray(ce), ref_ce, rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(lse), ref_lse, rtol=1e-5)
+
+
+def test_schedule_warms_up_then_decays_to_ten_percent():
+  tc = train_lib.TrainConfig(steps=1000, learning_rate=4e-3, warmup_steps=100)
+  lr = train_lib.learning_rate_schedule(tc)
+  assert float(lr(0)) == 0.0
+  np.testing.assert_allclose(float(lr(50)), 2e-3, rtol=1e-6)
+  np.testing.assert_allclose(float(lr(100)), 4e-3, rtol=1e-6)
+  np.testing.assert_allclose(float(lr(1000)), 4e-4, rtol=1e-5)
+  anneal = train_lib.learning_rate_schedule(tc.__class__(steps=1000, warmup_steps=0,
+                                                         schedule="linear"))
+  np.testing.assert_allclose(float(anneal(500)), 2e-3, rtol=1e-6)
+  assert float(anneal(1000)) == 0.0
+
+
+def test_weight_decay_skips_embeddings_and_norms():
+  cfg = ModelConfig.from_dict(tiny.get_config().model.to_dict())
+  params = nnx.state(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+  mask = train_lib.decay_mask(nnx.to_pure_dict(params))
+  assert mask["embed"] is False
+  assert mask["final_norm"]["weight"] is False
+  assert mask["blocks"]["attn_norm"]["weight"] is False
+  assert mask["blocks"]["attn"]["wq"] is True
+  assert mask["blocks"]["mlp"]["w_gate"] is True and mask["lm_head"] is True
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+  cfg = ModelConfig.from_dict(tiny.get_config().model.to_dict()).replace(
+      pool=False, lb_loss_weight=0.0, router_z_loss_weight=0.0, expert_backend="dense")
+  tc = train_lib.TrainConfig(steps=10, warmup_steps=0)
+  rng = np.random.default_rng(1)
+  B, L = 4, 16
+  batch = {"tokens": rng.integers(1, 258, (B, L)).astype(np.int32),
+           "targets": rng.integers(1, 258, (B, L)).astype(np.int32),
+           "segment_ids": np.ones((B, L), np.int32),
+           "positions": np.tile(np.arange(L, dtype=np.int32), (B, 1)),
+           "loss_mask": np.ones((B, L), np.float32)}
+  results = []
+  for accum in (1, 2):
+    graphdef, optimizer, state = train_lib.init_state(cfg, tc)
+    step = jax.jit(lambda s, b: train_lib.train_step(
+        s, b, graphdef=graphdef, optimizer=optimizer, cfg=cfg,
+        tc=tc.__class__(steps=10, warmup_steps=0, grad_accum_steps=accum)))
+    new_state, stats = step(state, batch)
+    results.append((new_state.params, stats))
+  np.testing.assert_allclose(float(results[0][1]["grad_norm"]), float(results[1][1]["grad_norm"]),
+                             rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(results[0][0]), jax.tree.leaves(results[1][0])):
+    # One Adam step moves each weight by about lr * sign(grad): compare at a fraction of lr.
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=5e-5)
+
+
+# ---- whole runs -------------------------------------------------------------------------------
+def test_tiny_run_learns_and_logs(tmp_path):
+  config = tiny_config(steps=120, eval_every=120, eval_batches=4, log_every=20)
+  last = train_lib.train_and_evaluate(config, tmp_path)
+  rows = read_metrics(tmp_path)
+  assert [r["step"] for r in rows] == [20, 40, 60, 80, 100, 120]
+  assert all("loss" in r and "tokens_per_s" in r and "layer0/load_entropy" in r for r in rows)
+  # Visibly learns: held-out perplexity well below the unigram (token frequency) baseline.
+  assert last["val_perplexity"] < 0.75 * last["unigram_val_perplexity"], last
+  assert any(k.startswith("val_perplexity/") for k in last)  # per-domain perplexity
+  assert (tmp_path / "tensorboard").is_dir() and any((tmp_path / "tensorboard").iterdir())
+  assert 120 in ckpt_lib.Checkpointer(tmp_path / "checkpoints", save_every=1).all_steps()
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, caplog):
+  train_lib.train_and_evaluate(tiny_config(steps=20, checkpoint_every=10), tmp_path)
+  first = {r["step"]: r["loss"] for r in read_metrics(tmp_path)}
+  # Damage every array file of the newest checkpoint (a torn write or bit rot).
+  newest = tmp_path / "checkpoints" / "20"
+  damaged = 0
+  for f in newest.rglob("*"):
+    if f.is_file() and "state" in f.parts and f.stat().st_size > 0 and f.suffix != ".json":
+      f.write_bytes(b"\x00garbage" + f.read_bytes()[:7])
+      damaged += 1
+  assert damaged
+  with caplog.at_level("WARNING"):
+    train_lib.train_and_evaluate(tiny_config(steps=20, checkpoint_every=10), tmp_path)
+  assert "falling back" in caplog.text or "could not be read" in caplog.text
+  again = {r["step"]: r["loss"] for r in read_metrics(tmp_path)}
+  # Resumed at step 10 and recomputed steps 11..20 exactly.
+  assert sorted(again) == list(range(1, 21))
+  for s in range(11, 21):
+    assert again[s] == first[s]
+
+
+def test_incompatible_restart_names_fields_and_compatible_one_continues(tmp_path):
+  train_lib.train_and_evaluate(tiny_config(steps=10, checkpoint_every=10), tmp_path)
+  changed = tiny_config(steps=20, checkpoint_every=10)
+  changed.model.d_model = 96
+  with pytest.raises(ckpt_lib.CheckpointMismatchError, match=r"model\.d_model"):
+    train_lib.train_and_evaluate(changed, tmp_path)
+  more = tiny_config(steps=20, checkpoint_every=10, eval_every=5)  # more steps, new eval cadence
+  train_lib.train_and_evaluate(more, tmp_path)
+  assert [r["step"] for r in read_metrics(tmp_path)][-1] == 20
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_last_good_checkpoint(tmp_path):
+  train_lib.train_and_evaluate(tiny_config(steps=10, checkpoint_every=10), tmp_path)
+  exploding = tiny_config(steps=60, checkpoint_every=10, learning_rate=1e30, warmup_steps=0,
+                          grad_clip=1e30)
+  with pytest.raises(train_lib.NonFiniteLossError, match=r"at step \d+"):
+    train_lib.train_and_evaluate(exploding, tmp_path)
+  steps = ckpt_lib.Checkpointer(tmp_path / "checkpoints", save_every=1).all_steps()
+  assert steps and max(steps) < 60
+  # The next start can proceed from what is left (with a sane learning rate).
+  train_lib.train_and_evaluate(tiny_config(steps=max(steps) + 2, checkpoint_every=10), tmp_path)
+
+
+def _train_command(workdir, steps):
+  return [sys.executable, "-m", "experiments.train", "--config", "configs/tiny.py",
+          "--workdir", str(workdir), f"--config.train.steps={steps}",
+          "--config.train.checkpoint_every=5", "--config.train.log_every=1",
+          "--config.train.eval_every=100000", "--config.data.synthetic_documents=400"]
+
+
+def test_sigkill_then_restart_reproduces_the_uninterrupted_losses(tmp_path):
+  steps = 300
+  env = dict(os.environ, PYTHONUNBUFFERED="1")
+  reference = tmp_path / "reference"
+  subprocess.run(_train_command(reference, steps), cwd=ROOT, env=env, check=True,
+                 capture_output=True)
+  killed = tmp_path / "killed"
+  proc = subprocess.Popen(_train_command(killed, steps), cwd=ROOT, env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 240
+  while time.time() < deadline and proc.poll() is None:
+    ckpts = killed / "checkpoints"
+    if ckpts.is_dir() and any(p.name.isdigit() and int(p.name) >= 10 for p in ckpts.iterdir()):
+      proc.send_signal(signal.SIGKILL)
+      break
+    time.sleep(0.02)
+  proc.wait()
+  assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+  logged_before = len(read_metrics(killed))
+  assert logged_before < steps
+  subprocess.run(_train_command(killed, steps), cwd=ROOT, env=env, check=True,
+                 capture_output=True)
+  want = {r["step"]: r["loss"] for r in read_metrics(reference)}
+  got = {r["step"]: r["loss"] for r in read_metrics(killed)}
+  assert sorted(got) == list(range(1, steps + 1))
+  assert got == want
