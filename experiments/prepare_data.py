@@ -13,12 +13,11 @@ Re-running with the same settings reuses what is there (pass --force to rebuild)
 """
 
 import json
-import time
-from pathlib import Path
 
-from absl import app, flags, logging
+from absl import app, flags
 
 from emo_jax.data import demo_corpus, sources
+from emo_jax.data.corpus import prepare_corpus
 
 _CORPUS = flags.DEFINE_string("corpus", None, "'demo', or a path / glob / comma-separated list "
                               "of .jsonl, .array_record, text files or folders.")
@@ -41,90 +40,18 @@ _TOKENIZER_BYTES = flags.DEFINE_integer(
 _SKIP_TOKENIZER = flags.DEFINE_bool("skip_tokenizer", False, "Only build the corpus.")
 _FORCE = flags.DEFINE_bool("force", False, "Rebuild even if OUT already holds the result.")
 
-RESULT_FILE = "prepare_data.json"
-
-
-def build_corpus(out: Path) -> dict:
-  """The split JSONL files in `out`; returns domains, total_bytes, splits, skipped."""
-  if _CORPUS.value == "demo":
-    return demo_corpus.build_demo_corpus(
-        out, cache_dir=_CACHE_DIR.value, max_bytes_per_domain=_MAX_BYTES_PER_DOMAIN.value,
-        validation=_VALIDATION.value, test=_TEST.value, force=_FORCE.value)
-  spec = [p for p in _CORPUS.value.split(",") if p]
-  docs = sources.iter_documents(spec, domain=_DOMAIN.value, on_error=_ON_ERROR.value)
-  written = sources.write_splits(docs, out, validation=_VALIDATION.value, test=_TEST.value)
-  return {**written, "skipped": {},
-          "total_bytes": sum(d["bytes"] for d in written["domains"].values())}
-
-
-def tokenizer_sample(train_path: Path, domains: dict, budget: int):
-  """Train texts in file order, at most budget / len(domains) bytes from each domain."""
-  per_domain = budget // max(1, len(domains))
-  used = dict.fromkeys(domains, 0)
-  for doc in sources.read_jsonl(train_path):
-    n = len(doc["text"].encode("utf-8"))
-    if used.get(doc["domain"], 0) + n <= per_domain:
-      used[doc["domain"]] = used.get(doc["domain"], 0) + n
-      yield doc["text"]
-
-
-def train_tokenizer(out: Path, corpus: dict) -> tuple[str | None, int | None]:
-  """Trains OUT/tokenizer.model on a bounded, domain-balanced sample of the train split."""
-  if _SKIP_TOKENIZER.value:
-    return None, None
-  from emo_jax.data import tokenizer  # pylint: disable=g-import-not-at-top
-  texts = tokenizer_sample(out / "train.jsonl", corpus["domains"], _TOKENIZER_BYTES.value)
-  tok = tokenizer.train_sentencepiece(texts, model_prefix=str(out / "tokenizer"),
-                                      vocab_size=_VOCAB_SIZE.value,
-                                      max_input_bytes=_TOKENIZER_BYTES.value)
-  return str(out / "tokenizer.model"), int(tok.vocab_size)
-
-
-def settings() -> dict:
-  return {"corpus": _CORPUS.value, "vocab_size": _VOCAB_SIZE.value,
-          "max_bytes_per_domain": _MAX_BYTES_PER_DOMAIN.value, "validation": _VALIDATION.value,
-          "test": _TEST.value, "domain": _DOMAIN.value, "on_error": _ON_ERROR.value,
-          "tokenizer_bytes": _TOKENIZER_BYTES.value, "skip_tokenizer": _SKIP_TOKENIZER.value}
-
-
-def previous_result(out: Path) -> dict | None:
-  """The result of an earlier identical run whose files are all still there, else None."""
-  try:
-    previous = json.loads((out / RESULT_FILE).read_text(encoding="utf-8"))
-  except (OSError, ValueError):
-    return None
-  paths = [out / f"{s}.jsonl" for s in sources.SPLITS]
-  if previous.get("tokenizer"):
-    paths.append(Path(previous["tokenizer"]))
-  if previous.get("settings") != settings() or not all(p.is_file() for p in paths):
-    return None
-  return previous
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  out = Path(_OUT.value)
-  result = None if _FORCE.value else previous_result(out)
-  if result is not None:
-    logging.info("reusing %s (pass --force to rebuild)", out / RESULT_FILE)
-  else:
-    start = time.time()
-    try:
-      corpus = build_corpus(out)
-    except sources.DataError as e:
-      raise SystemExit(f"prepare_data: bad corpus: {e}") from None
-    corpus_s = time.time() - start
-    start = time.time()
-    tokenizer_path, vocab_size = train_tokenizer(out, corpus)
-    result = {
-        "domains": corpus["domains"], "total_bytes": corpus["total_bytes"],
-        "splits": corpus["splits"], "tokenizer": tokenizer_path, "vocab_size": vocab_size,
-        "skipped": corpus["skipped"], "out": str(out),
-        "seconds": {"corpus": round(corpus_s, 1), "tokenizer": round(time.time() - start, 1)},
-        "settings": settings(),
-    }
-    (out / RESULT_FILE).write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+  try:
+    result = prepare_corpus(
+        _CORPUS.value, _OUT.value, vocab_size=_VOCAB_SIZE.value, cache_dir=_CACHE_DIR.value,
+        max_bytes_per_domain=_MAX_BYTES_PER_DOMAIN.value, validation=_VALIDATION.value,
+        test=_TEST.value, domain=_DOMAIN.value, on_error=_ON_ERROR.value,
+        tokenizer_bytes=_TOKENIZER_BYTES.value, skip_tokenizer=_SKIP_TOKENIZER.value,
+        force=_FORCE.value)
+  except sources.DataError as e:
+    raise SystemExit(f"prepare_data: bad corpus: {e}") from None
   print(json.dumps(result), flush=True)
 
 

@@ -15,8 +15,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import itertools
+import json
 import logging
 import pathlib
+import time
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -122,67 +124,106 @@ def pad_batch(batch: Mapping[str, np.ndarray], rows: int) -> dict[str, np.ndarra
 
 
 def default_data_dir(corpus: str) -> pathlib.Path:
+  """Where a corpus is prepared when the config names no data_dir (inside the cache)."""
   if corpus in ("demo", "synthetic"):
     return demo_corpus.cache_root() / f"{corpus}_data"
   digest = hashlib.sha256(str(pathlib.Path(corpus).absolute()).encode()).hexdigest()[:12]
   return demo_corpus.cache_root() / "corpora" / f"{pathlib.Path(corpus).stem}-{digest}"
 
 
-def tokenizer_sample(docs: Iterable[dict], max_bytes: int) -> Iterator[str]:
-  """Texts for tokenizer training, alternating between domains so none dominates."""
-  by_domain: dict[str, list[dict]] = {}
-  for doc in docs:
-    by_domain.setdefault(doc["domain"], []).append(doc)
-  used = 0
-  for group in itertools.zip_longest(*(by_domain[d] for d in sorted(by_domain))):
-    for doc in group:
-      if doc is None:
-        continue
+RESULT_FILE = "prepare_data.json"
+
+
+def tokenizer_sample(train_path: pathlib.Path, domains: Iterable[str],
+                     budget: int) -> Iterator[str]:
+  """Train texts in file order, at most budget / len(domains) bytes from each domain."""
+  domains = list(domains)
+  per_domain = budget // max(1, len(domains))
+  used = dict.fromkeys(domains, 0)
+  for doc in sources.read_jsonl(train_path):
+    n = len(doc["text"].encode("utf-8"))
+    if used.get(doc["domain"], 0) + n <= per_domain:
+      used[doc["domain"]] = used.get(doc["domain"], 0) + n
       yield doc["text"]
-      used += len(doc["text"].encode("utf-8"))
-      if used >= max_bytes:
-        return
 
 
-def prepare_corpus(dc: DataConfig, *, tokenizer_bytes: int = 20_000_000) -> dict[str, Any]:
-  """Makes sure the splits and the tokenizer of `dc` exist on disk; returns a summary.
+def _previous_result(out: pathlib.Path, settings: Mapping[str, Any] | None) -> dict | None:
+  """The result of an earlier preparation whose files are all still there.
 
-  Idempotent: finished pieces are reused. The summary has `domains` (domain -> documents and
-  bytes), `total_bytes`, `splits`, `tokenizer`, `vocab_size`, `skipped`, `data_dir`.
+  With `settings`, only an identical preparation counts; with None, any preparation does.
   """
-  data_dir = pathlib.Path(dc.data_dir) if dc.data_dir else default_data_dir(dc.corpus)
-  if dc.corpus == "synthetic":
-    raise ValueError("the synthetic corpus is generated in memory and has nothing to prepare")
-  if dc.corpus == "demo":
-    summary = demo_corpus.build_demo_corpus(data_dir)
+  try:
+    previous = json.loads((out / RESULT_FILE).read_text(encoding="utf-8"))
+  except (OSError, ValueError):
+    return None
+  paths = [out / f"{s}.jsonl" for s in sources.SPLITS]
+  if previous.get("tokenizer") not in (None, "bytes"):
+    paths.append(pathlib.Path(previous["tokenizer"]))
+  if settings is not None and previous.get("settings") != dict(settings):
+    return None
+  if not all(p.is_file() for p in paths):
+    return None
+  return previous
+
+
+def prepare_corpus(corpus: str, out: str | pathlib.Path, *, vocab_size: int = 8192,
+                   tokenizer: str = "", cache_dir: str | None = None,
+                   max_bytes_per_domain: int = demo_corpus.DEFAULT_MAX_BYTES_PER_DOMAIN,
+                   validation: float = 0.02, test: float = 0.02, domain: str | None = None,
+                   on_error: str = "raise", tokenizer_bytes: int = 20_000_000,
+                   skip_tokenizer: bool = False, force: bool = False) -> dict[str, Any]:
+  """Writes `out/{train,validation,test}.jsonl` and a tokenizer; returns a summary.
+
+  `corpus` is "demo" (the built-in corpus) or a path / glob / comma-separated list of JSONL,
+  ArrayRecord, text files or folders. The tokenizer is `tokenizer` when given ("bytes" or a
+  file), else a SentencePiece model trained on a domain-balanced sample of the train split.
+  Re-running with the same settings reuses the result (`out/prepare_data.json`) unless `force`.
+  The summary has `domains` (domain -> documents and bytes), `total_bytes`, `splits`,
+  `tokenizer`, `vocab_size`, `skipped`, `out`, `seconds` and `settings`.
+  """
+  out = pathlib.Path(out)
+  settings = {"corpus": corpus, "vocab_size": vocab_size, "tokenizer": tokenizer,
+              "max_bytes_per_domain": max_bytes_per_domain, "validation": validation,
+              "test": test, "domain": domain, "on_error": on_error,
+              "tokenizer_bytes": tokenizer_bytes, "skip_tokenizer": skip_tokenizer}
+  if not force and (previous := _previous_result(out, settings)) is not None:
+    log.info("reusing %s (force=True rebuilds)", out / RESULT_FILE)
+    return previous
+  start = time.time()
+  if corpus == "demo":
+    built = demo_corpus.build_demo_corpus(
+        out, cache_dir=cache_dir, max_bytes_per_domain=max_bytes_per_domain,
+        validation=validation, test=test, force=force)
   else:
-    docs = sources.load_documents(dc.corpus)
-    if len(docs) == 0:
-      raise ValueError(f"the corpus {dc.corpus!r} holds no documents")
-    data_dir.mkdir(parents=True, exist_ok=True)
-    written = sources.write_splits(docs, data_dir)
-    domains = written["domains"]
-    summary = {"domains": domains, "splits": written["splits"], "skipped": {},
-               "total_bytes": sum(d["bytes"] for d in domains.values())}
-  tokenizer_path = pathlib.Path(dc.tokenizer) if dc.tokenizer and dc.tokenizer != "bytes" \
-      else data_dir / "tokenizer.model"
-  if dc.tokenizer == "bytes":
-    tok = tokenizer_lib.ByteTokenizer()
-    tokenizer_path = "bytes"
-  elif tokenizer_path.exists():
-    tok = tokenizer_lib.load_tokenizer(tokenizer_path)
-  elif dc.tokenizer:
-    raise FileNotFoundError(f"data.tokenizer={dc.tokenizer!r} does not exist; give a .model or "
-                            "tokenizer.json path, 'bytes', or '' to train one on the corpus")
-  else:
-    log.info("training a %d-piece SentencePiece tokenizer on %s", dc.vocab_size, data_dir)
-    train_docs = sources.read_jsonl(data_dir / "train.jsonl")
-    tok = tokenizer_lib.train_sentencepiece(tokenizer_sample(train_docs, tokenizer_bytes),
-                                            data_dir / "tokenizer", vocab_size=dc.vocab_size)
-  return {"domains": summary["domains"], "total_bytes": summary["total_bytes"],
-          "splits": summary.get("splits", {}), "tokenizer": str(tokenizer_path),
-          "vocab_size": tok.vocab_size, "skipped": summary.get("skipped", {}),
-          "data_dir": str(data_dir)}
+    spec = [p for p in corpus.split(",") if p]
+    docs = sources.iter_documents(spec, domain=domain, on_error=on_error)
+    written = sources.write_splits(docs, out, validation=validation, test=test)
+    if not any(written["splits"].values()):
+      raise sources.DataError(f"the corpus {corpus!r} holds no documents")
+    built = {**written, "skipped": {},
+             "total_bytes": sum(d["bytes"] for d in written["domains"].values())}
+  corpus_seconds = time.time() - start
+  start = time.time()
+  tokenizer_path, size = None, None
+  if tokenizer == "bytes":
+    tokenizer_path, size = "bytes", tokenizer_lib.ByteTokenizer().vocab_size
+  elif tokenizer:
+    tokenizer_path = str(pathlib.Path(tokenizer).absolute())
+    size = tokenizer_lib.load_tokenizer(tokenizer_path).vocab_size
+  elif not skip_tokenizer:
+    log.info("training a %d-piece SentencePiece tokenizer on %s", vocab_size, out)
+    texts = tokenizer_sample(out / "train.jsonl", built["domains"], tokenizer_bytes)
+    tok = tokenizer_lib.train_sentencepiece(texts, out / "tokenizer", vocab_size=vocab_size,
+                                            max_input_bytes=tokenizer_bytes)
+    tokenizer_path, size = str((out / "tokenizer.model").absolute()), int(tok.vocab_size)
+  result = {"domains": built["domains"], "total_bytes": built["total_bytes"],
+            "splits": built["splits"], "tokenizer": tokenizer_path, "vocab_size": size,
+            "skipped": built["skipped"], "out": str(out.absolute()),
+            "seconds": {"corpus": round(corpus_seconds, 1),
+                        "tokenizer": round(time.time() - start, 1)},
+            "settings": settings}
+  (out / RESULT_FILE).write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+  return result
 
 
 def load_corpus(dc: DataConfig) -> Corpus:
@@ -193,10 +234,19 @@ def load_corpus(dc: DataConfig) -> Corpus:
     tok = (tokenizer_lib.ByteTokenizer() if dc.tokenizer in ("", "bytes")
            else tokenizer_lib.load_tokenizer(dc.tokenizer))
     return Corpus(splits, tok, sorted({d["domain"] for d in docs}))
-  summary = prepare_corpus(dc)
-  data_dir = pathlib.Path(summary["data_dir"])
+  data_dir = pathlib.Path(dc.data_dir) if dc.data_dir else default_data_dir(dc.corpus)
+  # A folder prepared earlier (e.g. by experiments/prepare_data with its own flags) is used as
+  # it is, so training never rewrites a tokenizer under an existing run.
+  summary = _previous_result(data_dir, None)
+  if summary is None or summary["settings"]["corpus"] != dc.corpus or (
+      dc.tokenizer and summary["settings"]["tokenizer"] != dc.tokenizer):
+    summary = prepare_corpus(dc.corpus, data_dir, vocab_size=dc.vocab_size,
+                             tokenizer=dc.tokenizer)
+  if summary["tokenizer"] is None:
+    raise ValueError(f"{data_dir} was prepared without a tokenizer (--skip_tokenizer); run "
+                     "experiments/prepare_data again without it, or set data.tokenizer")
   splits = {split: list(sources.read_jsonl(data_dir / f"{split}.jsonl"))
-            for split in ("train", "validation", "test")}
+            for split in sources.SPLITS}
   tok = (tokenizer_lib.ByteTokenizer() if summary["tokenizer"] == "bytes"
          else tokenizer_lib.load_tokenizer(summary["tokenizer"]))
   return Corpus(splits, tok, sorted(summary["domains"]))
