@@ -15,6 +15,7 @@ short is never mistaken for a checkpoint); this module adds what a trainer needs
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import pathlib
 from typing import Any, Mapping
@@ -160,3 +161,62 @@ class Checkpointer:
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+# ---- parameter-only checkpoints (conversion, pruning, evaluation, init_from) -----------------
+PARAMS_ITEM = "params"
+MODEL_CONFIG_FILE = "model_config.json"
+
+
+def save_params(directory: str | pathlib.Path, params: Any, model_config: Mapping[str, Any]) -> None:
+  """Writes a parameter-only checkpoint: Orbax `params/` plus `model_config.json`.
+
+  This is the exchange format between tools (Hugging Face import, expert pruning) and the
+  trainer (`train.init_from`), which starts a fresh optimiser from it.
+  """
+  directory = pathlib.Path(directory).absolute()
+  if (directory / PARAMS_ITEM).exists():
+    raise FileExistsError(f"{directory / PARAMS_ITEM} already exists; choose another output "
+                          "folder or remove it")
+  directory.mkdir(parents=True, exist_ok=True)
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(directory / PARAMS_ITEM, params)
+  checkpointer.wait_until_finished()
+  (directory / MODEL_CONFIG_FILE).write_text(json.dumps(dict(model_config), indent=2,
+                                                        sort_keys=True))
+
+
+def load_params(path: str | pathlib.Path, *, step: int | None = None):
+  """(params, model config dict) from a parameter-only checkpoint or a training workdir.
+
+  A training workdir (one with `checkpoints/`) gives the parameters of `step`, or of its newest
+  checkpoint. Arrays come back as host NumPy arrays in their stored dtype.
+  """
+  path = pathlib.Path(path).absolute()
+  if (path / PARAMS_ITEM).is_dir() and (path / MODEL_CONFIG_FILE).is_file():
+    config = json.loads((path / MODEL_CONFIG_FILE).read_text())
+    params = ocp.StandardCheckpointer().restore(path / PARAMS_ITEM)
+    return _to_numpy(params), config
+  checkpoints = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+  manager = ocp.CheckpointManager(
+      checkpoints, item_handlers={"state": ocp.StandardCheckpointHandler(),
+                                  "config": ocp.JsonCheckpointHandler()})
+  steps = sorted(manager.all_steps())
+  if not steps:
+    raise FileNotFoundError(
+        f"{path} holds neither a parameter checkpoint ({PARAMS_ITEM}/ + {MODEL_CONFIG_FILE}) nor "
+        "training checkpoints; pass a training --workdir or the output of a converter")
+  if step is None:
+    step = steps[-1]
+  elif step not in steps:
+    raise ValueError(f"no checkpoint for step {step} in {checkpoints}; available: {steps}")
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
+                                                           config=ocp.args.JsonRestore()))
+  manager.close()
+  return _to_numpy(restored["state"]["params"]), dict(restored["config"])["model"]
+
+
+def _to_numpy(tree):
+  import jax
+  import numpy as np
+  return jax.tree.map(np.asarray, tree)

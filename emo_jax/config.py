@@ -32,8 +32,37 @@ class ConfigError(ValueError):
   """A ModelConfig field has a value that cannot work; the message names the field."""
 
 
+class ConfigMixin:
+  """Dict round trips shared by the frozen config dataclasses (model, data, train)."""
+
+  def replace(self, **changes: Any):
+    """A copy with some fields changed (validated again)."""
+    return dataclasses.replace(self, **changes)
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  def to_json(self) -> str:
+    return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+  @classmethod
+  def from_dict(cls, values: Mapping[str, Any]):
+    """Builds a config from a mapping (an ml_collections ConfigDict or saved JSON).
+
+    Unknown keys are an error rather than silently dropped, so a typo such as `topk`
+    does not quietly fall back to a default.
+    """
+    values = dict(values.to_dict() if hasattr(values, "to_dict") else values)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+      raise ConfigError(f"unknown {cls.__name__} field(s) {unknown}; known fields are "
+                        f"{sorted(known)}")
+    return cls(**values)
+
+
 @dataclasses.dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(ConfigMixin):
   """Architecture of one model. Defaults are the released EMO 1b14b (EMO_SPEC.md)."""
 
   # Vocabulary: dolma2 has 100,278 tokens; the embedding is padded to 100,352 rows.
@@ -111,31 +140,6 @@ class ModelConfig:
   @property
   def compute_jnp_dtype(self):
     return DTYPES[self.compute_dtype]
-
-  def replace(self, **changes: Any) -> "ModelConfig":
-    """A copy with some fields changed (validated again)."""
-    return dataclasses.replace(self, **changes)
-
-  def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
-
-  def to_json(self) -> str:
-    return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
-  @classmethod
-  def from_dict(cls, values: Mapping[str, Any]) -> "ModelConfig":
-    """Builds a config from a mapping (e.g. an ml_collections ConfigDict or saved JSON).
-
-    Unknown keys are an error rather than silently dropped, so a typo such as `topk`
-    does not quietly fall back to a default.
-    """
-    values = dict(values)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-      raise ConfigError(
-          f"unknown ModelConfig field(s) {unknown}; known fields are {sorted(known)}")
-    return cls(**values)
 
 
 def _fail(field: str, value: Any, allowed: str, fix: str = "") -> None:

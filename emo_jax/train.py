@@ -26,7 +26,7 @@ from flax import nnx, struct
 from emo_jax import checkpoint as ckpt_lib
 from emo_jax import evaluate, metrics as metrics_lib
 from emo_jax.losses import token_losses
-from emo_jax.config import ConfigError, ModelConfig, model_config_from
+from emo_jax.config import ConfigError, ConfigMixin, ModelConfig, model_config_from
 from emo_jax.data import corpus as corpus_lib
 from emo_jax.model import Transformer, count_params
 
@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(ConfigMixin):
   """Optimiser, schedule and loop settings. Defaults are the release's recipe (EMO_SPEC.md)."""
   steps: int = 1000
   learning_rate: float = 4e-3
@@ -59,6 +59,9 @@ class TrainConfig:
   async_checkpoint: bool = True
   # Peak FLOP/s of one device for MFU; 0 = look the device up (unknown devices report none).
   peak_flops: float = 0.0
+  # Start a new run from these parameters (a parameter checkpoint, e.g. a Hugging Face import
+  # or a pruned model, or another run's workdir) with a fresh optimiser. Ignored on resume.
+  init_from: str = ""
 
   def __post_init__(self):
     positive = ("steps", "grad_accum_steps", "log_every", "eval_every", "checkpoint_every",
@@ -73,18 +76,6 @@ class TrainConfig:
       raise ConfigError("TrainConfig.warmup_steps and eval_batches must be >= 0")
     if not self.learning_rate > 0:
       raise ConfigError(f"TrainConfig.learning_rate={self.learning_rate!r} must be > 0")
-
-  @classmethod
-  def from_dict(cls, values: Mapping[str, Any]) -> "TrainConfig":
-    values = dict(values.to_dict() if hasattr(values, "to_dict") else values)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-      raise ConfigError(f"unknown TrainConfig field(s) {unknown}; known fields are {sorted(known)}")
-    return cls(**values)
-
-  def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
 
 
 class TrainState(struct.PyTreeNode):
@@ -183,13 +174,26 @@ def init_state(cfg: ModelConfig, tc: TrainConfig):
   return graphdef, optimizer, state
 
 
+def initial_params(path: str, cfg: ModelConfig, like: Any) -> Any:
+  """Parameters from a parameter checkpoint or workdir, checked against the model config."""
+  params, saved_model = ckpt_lib.load_params(path)
+  mismatched = ckpt_lib.incompatible_fields({"model": saved_model}, {"model": cfg.to_dict()})
+  if mismatched:
+    raise ckpt_lib.CheckpointMismatchError(
+        f"train.init_from={path} holds another architecture:\n  " + "\n  ".join(mismatched))
+  want = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(like)}
+  got = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(params)}
+  if want != got:
+    differ = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
+    raise ckpt_lib.CheckpointMismatchError(
+        f"train.init_from={path}: parameters differ from the model's at {differ[:8]} "
+        f"(model {[want.get(k) for k in differ[:8]]}, checkpoint {[got.get(k) for k in differ[:8]]})")
+  return jax.tree.map(lambda p, x: jnp.asarray(p, x.dtype), params, like)
+
+
 # ---- the loop ---------------------------------------------------------------------------------
 class NonFiniteLossError(FloatingPointError):
   """The loss became NaN or infinite; the last good checkpoint is kept."""
-
-
-class _Preempted(Exception):
-  pass
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
@@ -226,6 +230,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   if restored is not None:
     state = restored.state
     log.info("resumed from step %d in %s", restored.step, checkpointer.directory)
+  elif tc.init_from:
+    state = state.replace(params=initial_params(tc.init_from, cfg, state.params))
+    state = state.replace(opt_state=optimizer.init(state.params))
+    log.info("initialised the parameters from %s", tc.init_from)
   start_step = int(state.step)
 
   writer = metrics_lib.MetricsWriter(workdir, resume_step=start_step, total_steps=tc.steps)
@@ -241,10 +249,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
            counts["total_params"], counts["active_params"], dc.seq_len, dc.batch_size,
            baseline["perplexity"])
 
-  def stop_on_signal(signum, _frame):
-    raise _Preempted(signal.Signals(signum).name)
-
-  previous = {s: signal.signal(s, stop_on_signal) for s in (signal.SIGTERM,)}
+  # A preemption notice (SIGTERM) only sets a flag: the loop saves and stops between steps, never
+  # in the middle of a save or of the data iterator.
+  stop_requested = []
+  previous = {sig: signal.signal(sig, lambda signum, _: stop_requested.append(signum))
+              for sig in (signal.SIGTERM,)}
   pending = []  # device stats since the last host check: checked together (keeps dispatch async)
   checked = []  # host stats since the last log line
   last = {}
@@ -275,12 +284,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
           row["unigram_val_perplexity"] = baseline["perplexity"]
         writer.write(step, row)
         last = row
-      if wants_save:
-        checkpointer.save(step, state, data_iter, experiment, force=is_last)
-  except _Preempted as signame:
-    _check_finite(pending)
-    log.warning("received %s at step %d: saving a checkpoint and stopping", signame, step)
-    checkpointer.save(step, state, data_iter, experiment, force=True)
+      if stop_requested:
+        checked += _check_finite(pending)
+        pending = []
+        log.warning("received %s at step %d: saving a checkpoint and stopping",
+                    signal.Signals(stop_requested[0]).name, step)
+      if wants_save or stop_requested:
+        checkpointer.save(step, state, data_iter, experiment, force=is_last or bool(stop_requested))
+      if stop_requested:
+        break
   finally:
     for s, handler in previous.items():
       signal.signal(s, handler)

@@ -20,8 +20,9 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and m
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.set_verbosity(logging.INFO)
-  std_logging.getLogger("absl").setLevel(std_logging.INFO)
+  # Our progress at INFO; the libraries' (Orbax logs every file it renames) at WARNING.
+  logging.set_verbosity(logging.WARNING)
+  std_logging.getLogger("emo_jax").setLevel(std_logging.INFO)
   train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 

@@ -192,3 +192,18 @@ def test_sigkill_then_restart_reproduces_the_uninterrupted_losses(tmp_path):
   got = {r["step"]: r["loss"] for r in read_metrics(killed)}
   assert sorted(got) == list(range(1, steps + 1))
   assert got == want
+
+
+def test_sigterm_saves_a_checkpoint_at_the_current_step_and_exits_cleanly(tmp_path):
+  proc = subprocess.Popen(_train_command(tmp_path, 100000), cwd=ROOT,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 240
+  while time.time() < deadline and proc.poll() is None:
+    ckpts = tmp_path / "checkpoints"
+    if ckpts.is_dir() and any(p.name.isdigit() for p in ckpts.iterdir()):
+      proc.send_signal(signal.SIGTERM)
+      break
+    time.sleep(0.02)
+  assert proc.wait(timeout=120) == 0
+  steps = ckpt_lib.Checkpointer(tmp_path / "checkpoints", save_every=1).all_steps()
+  assert max(steps) == read_metrics(tmp_path)[-1]["step"]  # saved where it stopped

@@ -23,7 +23,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from emo_jax.config import ConfigError
+from emo_jax.config import ConfigError, ConfigMixin
 from emo_jax.data import demo_corpus, pipeline, sources, synthetic
 from emo_jax.data import tokenizer as tokenizer_lib
 
@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
-class DataConfig:
+class DataConfig(ConfigMixin):
   """Data settings of an experiment (`config.data`)."""
   # "demo", "synthetic", or a path to a JSONL file / text folder / ArrayRecord file.
   corpus: str = "demo"
@@ -57,18 +57,6 @@ class DataConfig:
         raise ConfigError(f"DataConfig.{name}={getattr(self, name)!r} is invalid: must be >= 1")
     if self.num_workers < 0:
       raise ConfigError(f"DataConfig.num_workers={self.num_workers} is invalid: must be >= 0")
-
-  @classmethod
-  def from_dict(cls, values: Mapping[str, Any]) -> "DataConfig":
-    values = dict(values.to_dict() if hasattr(values, "to_dict") else values)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-      raise ConfigError(f"unknown DataConfig field(s) {unknown}; known fields are {sorted(known)}")
-    return cls(**values)
-
-  def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
 
 
 @dataclasses.dataclass
@@ -123,12 +111,16 @@ def pad_batch(batch: Mapping[str, np.ndarray], rows: int) -> dict[str, np.ndarra
   return out
 
 
-def default_data_dir(corpus: str) -> pathlib.Path:
-  """Where a corpus is prepared when the config names no data_dir (inside the cache)."""
-  if corpus in ("demo", "synthetic"):
-    return demo_corpus.cache_root() / f"{corpus}_data"
-  digest = hashlib.sha256(str(pathlib.Path(corpus).absolute()).encode()).hexdigest()[:12]
-  return demo_corpus.cache_root() / "corpora" / f"{pathlib.Path(corpus).stem}-{digest}"
+def default_data_dir(dc: DataConfig) -> pathlib.Path:
+  """Where a corpus is prepared when the config names no data_dir (inside the cache).
+
+  The folder name carries the tokenizer setting, so configs that want different tokenizers
+  for the same text never share (and never overwrite) one folder.
+  """
+  source = "demo" if dc.corpus == "demo" else str(pathlib.Path(dc.corpus).absolute())
+  tokenizer = dc.tokenizer or f"sentencepiece-{dc.vocab_size}"
+  tag = hashlib.sha256(f"{source}|{tokenizer}".encode()).hexdigest()[:12]
+  return demo_corpus.cache_root() / "corpora" / f"{pathlib.Path(dc.corpus).stem}-{tag}"
 
 
 RESULT_FILE = "prepare_data.json"
@@ -234,7 +226,7 @@ def load_corpus(dc: DataConfig) -> Corpus:
     tok = (tokenizer_lib.ByteTokenizer() if dc.tokenizer in ("", "bytes")
            else tokenizer_lib.load_tokenizer(dc.tokenizer))
     return Corpus(splits, tok, sorted({d["domain"] for d in docs}))
-  data_dir = pathlib.Path(dc.data_dir) if dc.data_dir else default_data_dir(dc.corpus)
+  data_dir = pathlib.Path(dc.data_dir) if dc.data_dir else default_data_dir(dc)
   # A folder prepared earlier (e.g. by experiments/prepare_data with its own flags) is used as
   # it is, so training never rewrites a tokenizer under an existing run.
   summary = _previous_result(data_dir, None)
