@@ -237,7 +237,9 @@ def load_corpus(dc: DataConfig) -> Corpus:
   if summary["tokenizer"] is None:
     raise ValueError(f"{data_dir} was prepared without a tokenizer (--skip_tokenizer); run "
                      "experiments/prepare_data again without it, or set data.tokenizer")
-  splits = {split: list(sources.read_jsonl(data_dir / f"{split}.jsonl"))
+  # A small corpus can leave a split empty (an empty file is a valid split, not bad input).
+  splits = {split: (list(sources.read_jsonl(data_dir / f"{split}.jsonl"))
+                    if (data_dir / f"{split}.jsonl").stat().st_size else [])
             for split in sources.SPLITS}
   tok = (tokenizer_lib.ByteTokenizer() if summary["tokenizer"] == "bytes"
          else tokenizer_lib.load_tokenizer(summary["tokenizer"]))
