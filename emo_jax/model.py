@@ -115,10 +115,12 @@ class Block(nnx.Module):
     self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.param_jnp_dtype)
     self.mlp = MoE(cfg, rngs=rngs) if cfg.is_moe else MLP(cfg, rngs=rngs)
 
-  def __call__(self, x, segment_ids, positions, *, pool_rng=None, train=False, data_axes=()):
+  def __call__(self, x, segment_ids, positions, *, pool_rng=None, train=False, data_axes=(),
+               keep_experts_E=None, collect_routing=False):
     h = x + self.attn(self.attn_norm(x), segment_ids, positions)
     y, aux = self.mlp(self.mlp_norm(h), segment_ids, pool_rng=pool_rng, train=train,
-                      data_axes=data_axes)
+                      data_axes=data_axes, keep_experts_E=keep_experts_E,
+                      collect_routing=collect_routing)
     return h + y, aux
 
 
@@ -147,7 +149,8 @@ class Transformer(nnx.Module):
 
   def __call__(self, tokens_BxL: jax.Array, segment_ids_BxL: jax.Array | None = None,
                positions_BxL: jax.Array | None = None, *, train: bool = False,
-               rng: jax.Array | None = None, data_axes: Sequence[str] = ()):
+               rng: jax.Array | None = None, data_axes: Sequence[str] = (),
+               keep_experts: jax.Array | None = None, collect_routing: bool = False):
     """Forward pass.
 
     Args:
@@ -159,6 +162,10 @@ class Transformer(nnx.Module):
       rng: key for the pool sizes (needed when training a pooled model).
       data_axes: named mesh axes over which load-balancing counts are summed (inside
         shard_map); empty for a single replica.
+      keep_experts: optional bool [layers, routed experts]: route only into the experts marked
+        True in each layer (selective use of a subset without pruning the weights).
+      collect_routing: also return aux["routing_probs"] [layers, B, L, routed experts], the
+        unmasked routed softmax of every layer.
     """
     cfg = self.cfg
     if tokens_BxL.ndim != 2:
@@ -177,15 +184,23 @@ class Transformer(nnx.Module):
                   else jnp.zeros((cfg.num_layers,), jnp.uint32))
     graphdef, block_state = nnx.split(self.blocks)
 
+    if keep_experts is not None and keep_experts.shape != (cfg.num_layers, cfg.num_routed_experts):
+      raise ValueError(f"keep_experts must be bool [num_layers, routed experts] = "
+                       f"{(cfg.num_layers, cfg.num_routed_experts)}, got {keep_experts.shape}")
+    keep = (keep_experts if keep_experts is not None
+            else jnp.zeros((cfg.num_layers,), bool))  # a placeholder to scan over
+
     def one_block(x, layer):
-      state, key = layer
+      state, key, keep_E = layer
       block = nnx.merge(graphdef, state)
       return block(x, segment_ids_BxL, positions_BxL, pool_rng=None if rng is None else key,
-                   train=train, data_axes=data_axes)
+                   train=train, data_axes=data_axes,
+                   keep_experts_E=None if keep_experts is None else keep_E,
+                   collect_routing=collect_routing)
 
     if cfg.remat:
       one_block = jax.checkpoint(one_block, prevent_cse=False)
-    x, aux = jax.lax.scan(one_block, x, (block_state, layer_keys))
+    x, aux = jax.lax.scan(one_block, x, (block_state, layer_keys, keep))
 
     x = self.final_norm(x)
     head = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]

@@ -146,7 +146,9 @@ class MLP(nnx.Module):
     self.w_up = nnx.Param(init(rngs.params(), (D, H), dt))
     self.w_down = nnx.Param(init(rngs.params(), (H, D), dt))
 
-  def __call__(self, x_BxLxD, segment_ids_BxL, *, pool_rng=None, train=False, data_axes=()):
+  def __call__(self, x_BxLxD, segment_ids_BxL, *, pool_rng=None, train=False, data_axes=(),
+               keep_experts_E=None, collect_routing=False):
+    del keep_experts_E, collect_routing  # a dense MLP has no experts to select or observe
     y = experts.swiglu(x_BxLxD, self.w_gate[...], self.w_up[...], self.w_down[...],
                        compute_dtype=self.cfg.compute_jnp_dtype)
     return y, {}
@@ -179,7 +181,15 @@ class MoE(nnx.Module):
       return jnp.full(shape, cfg.eval_pool_size, jnp.int32)
     return None
 
-  def __call__(self, x_BxLxD, segment_ids_BxL, *, pool_rng=None, train=False, data_axes=()):
+  def __call__(self, x_BxLxD, segment_ids_BxL, *, pool_rng=None, train=False, data_axes=(),
+               keep_experts_E=None, collect_routing=False):
+    """MoE forward.
+
+    keep_experts_E: optional bool [routed experts]; experts marked False are never routed to
+      (a subset of the experts applied as a routing mask, as when deploying EMO selectively).
+    collect_routing: also return aux["routing_probs"] [B, L, routed experts], the unmasked
+      routed softmax (what expert selection and the clustering analysis read).
+    """
     cfg = self.cfg
     B, L, D = x_BxLxD.shape
     R = cfg.num_routed_experts
@@ -191,6 +201,10 @@ class MoE(nnx.Module):
       keep_BxLxE = document_pool_mask(jax.nn.softmax(logits_BxLxE, axis=-1), segment_ids_BxL,
                                       pool_sizes_BxS, cfg.max_segments)
       keep_BxLxE = keep_BxLxE.reshape(B * L, R)
+
+    if keep_experts_E is not None:
+      subset_TxE = jnp.broadcast_to(keep_experts_E.astype(bool), (B * L, R))
+      keep_BxLxE = subset_TxE if keep_BxLxE is None else keep_BxLxE & subset_TxE
 
     token_mask_T = (segment_ids_BxL > 0).reshape(B * L)
     logits_TxE = logits_BxLxE.reshape(B * L, R)
@@ -219,4 +233,6 @@ class MoE(nnx.Module):
       aux["pool_size"] = jnp.sum(sizes * present_BxS) / jnp.maximum(jnp.sum(present_BxS), 1)
     else:
       aux["pool_size"] = jnp.asarray(R, jnp.float32)
+    if collect_routing:
+      aux["routing_probs"] = jax.nn.softmax(logits_BxLxE, axis=-1)
     return y_TxD.reshape(B, L, D).astype(x_BxLxD.dtype), aux

@@ -233,3 +233,27 @@ def test_mismatched_input_shapes_are_named():
   tokens = jnp.zeros((2, 8), jnp.int32)
   with pytest.raises(ValueError, match="segment_ids"):
     model(tokens, jnp.ones((2, 7), jnp.int32))
+
+
+def test_routing_probs_and_expert_subset_mask():
+  model = make_model(TINY)
+  rng = np.random.default_rng(12)
+  tokens, segment_ids, positions = packed_batch(rng, [10, 6], 16, TINY.vocab_size)
+  R = TINY.num_routed_experts
+  keep = np.zeros((TINY.num_layers, R), bool)
+  keep[:, [1, 4]] = True  # top_k=2 of exactly two experts: every token uses both
+
+  @nnx.jit
+  def run(model, keep):
+    return model(tokens, segment_ids, positions, keep_experts=keep, collect_routing=True)
+
+  full, aux_full = run(model, np.ones_like(keep))
+  subset, aux = run(model, keep)
+  probs = np.asarray(aux_full["routing_probs"])
+  assert probs.shape == (TINY.num_layers, 1, 16, R)
+  np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-5)
+  assert not np.allclose(full, subset, atol=1e-4)
+  load = np.asarray(aux["expert_load"])
+  np.testing.assert_allclose(load[:, [1, 4]].sum(-1), 1.0, rtol=1e-6)  # nothing else is used
+  plain, _ = forward(model, tokens, segment_ids, positions, None, False)
+  np.testing.assert_allclose(np.asarray(full), np.asarray(plain), atol=1e-6)  # all kept = no mask
