@@ -25,17 +25,20 @@ def get_config() -> ml_collections.ConfigDict:
       num_heads=4,
       num_kv_heads=4,
       head_dim=16,
-      num_experts=9,  # 8 routed + 1 shared
+      num_experts=8,  # 7 routed + 1 shared; 8 divides the fake-device meshes (expert=2, 4, 8)
       num_shared_experts=1,
       top_k=2,
       expert_hidden=32,
       mlp_hidden=128,
       pool=True,
       pool_min=2,
-      pool_max=9,
+      pool_max=8,
       max_segments=8,
       max_seq_len=128,
       compute_dtype="float32",
+      # routed / top_k = 3.5: every expert can take every token, so nothing is ever dropped and
+      # any mesh gives the single-device result.
+      capacity_factor=4.0,
   ).to_dict()
   config.data = DataConfig(corpus="synthetic", tokenizer="bytes", seq_len=64, batch_size=8,
                            synthetic_documents=2000).to_dict()
