@@ -12,6 +12,7 @@ import ml_collections
 
 from emo_jax.config import ModelConfig
 from emo_jax.data.corpus import DataConfig
+from emo_jax.sharding import MeshConfig
 from emo_jax.train import TrainConfig
 
 
@@ -42,4 +43,6 @@ def get_config() -> ml_collections.ConfigDict:
   config.data = DataConfig(corpus="demo", vocab_size=8192, seq_len=256, batch_size=16).to_dict()
   config.train = TrainConfig(steps=600, learning_rate=3e-3, warmup_steps=60, log_every=20,
                              eval_every=200, eval_batches=8, checkpoint_every=200).to_dict()
+  # Devices per mesh axis (all 1: one device). E.g. --config.mesh.data=2 --config.mesh.expert=4
+  config.mesh = MeshConfig().to_dict()
   return config

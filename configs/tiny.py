@@ -12,6 +12,7 @@ import ml_collections
 
 from emo_jax.config import ModelConfig
 from emo_jax.data.corpus import DataConfig
+from emo_jax.sharding import MeshConfig
 from emo_jax.train import TrainConfig
 
 
@@ -44,4 +45,6 @@ def get_config() -> ml_collections.ConfigDict:
                            synthetic_documents=2000).to_dict()
   config.train = TrainConfig(steps=200, learning_rate=3e-3, warmup_steps=20, log_every=10,
                              eval_every=100, eval_batches=4, checkpoint_every=50).to_dict()
+  # Devices per mesh axis (all 1: one device). E.g. --config.mesh.data=2 --config.mesh.expert=4
+  config.mesh = MeshConfig().to_dict()
   return config

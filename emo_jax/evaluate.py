@@ -20,11 +20,12 @@ from flax import nnx
 from emo_jax.losses import token_losses
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3))
-def _domain_sums(graphdef, params, batch, num_domains: int):
+@functools.partial(jax.jit, static_argnums=(0, 3, 4))
+def _domain_sums(graphdef, params, batch, num_domains: int, mesh=None):
   """Summed cross-entropy and token counts per domain for one batch."""
   model = nnx.merge(graphdef, params)
-  logits, _ = model(batch["tokens"], batch["segment_ids"], batch["positions"], train=False)
+  logits, _ = model(batch["tokens"], batch["segment_ids"], batch["positions"], train=False,
+                    mesh=mesh)
   ce, _ = token_losses(logits, batch["targets"])
   mask = batch["loss_mask"].astype(jnp.float32)
   one_hot = jax.nn.one_hot(batch["domain_ids"], num_domains, dtype=jnp.float32)  # -1 -> zeros
@@ -34,14 +35,20 @@ def _domain_sums(graphdef, params, batch, num_domains: int):
 
 
 def perplexity(graphdef, params, batches: Sequence[Mapping[str, np.ndarray]],
-               domains: Sequence[str], *, prefix: str = "") -> dict[str, float]:
-  """Mean loss and perplexity over the batches, overall and per domain."""
+               domains: Sequence[str], *, prefix: str = "", mesh=None) -> dict[str, float]:
+  """Mean loss and perplexity over the batches, overall and per domain.
+
+  With a `mesh`, batches are this host's rows and are assembled into global arrays.
+  """
   num_domains = max(len(domains), 1)
   ce_d = np.zeros(num_domains)
   tok_d = np.zeros(num_domains)
   ce_total = tok_total = 0.0
   for batch in batches:
-    c, t, c_all, t_all = jax.device_get(_domain_sums(graphdef, params, batch, num_domains))
+    if mesh is not None:
+      from emo_jax.sharding import global_batch  # only sharded runs need it
+      batch = global_batch(batch, mesh)
+    c, t, c_all, t_all = jax.device_get(_domain_sums(graphdef, params, batch, num_domains, mesh))
     ce_d += c
     tok_d += t
     ce_total += float(c_all)

@@ -116,11 +116,11 @@ class Block(nnx.Module):
     self.mlp = MoE(cfg, rngs=rngs) if cfg.is_moe else MLP(cfg, rngs=rngs)
 
   def __call__(self, x, segment_ids, positions, *, pool_rng=None, train=False, data_axes=(),
-               keep_experts_E=None, collect_routing=False):
+               keep_experts_E=None, collect_routing=False, mesh=None):
     h = x + self.attn(self.attn_norm(x), segment_ids, positions)
     y, aux = self.mlp(self.mlp_norm(h), segment_ids, pool_rng=pool_rng, train=train,
                       data_axes=data_axes, keep_experts_E=keep_experts_E,
-                      collect_routing=collect_routing)
+                      collect_routing=collect_routing, mesh=mesh)
     return h + y, aux
 
 
@@ -150,7 +150,8 @@ class Transformer(nnx.Module):
   def __call__(self, tokens_BxL: jax.Array, segment_ids_BxL: jax.Array | None = None,
                positions_BxL: jax.Array | None = None, *, train: bool = False,
                rng: jax.Array | None = None, data_axes: Sequence[str] = (),
-               keep_experts: jax.Array | None = None, collect_routing: bool = False):
+               keep_experts: jax.Array | None = None, collect_routing: bool = False,
+               mesh=None):
     """Forward pass.
 
     Args:
@@ -166,6 +167,8 @@ class Transformer(nnx.Module):
         True in each layer (selective use of a subset without pruning the weights).
       collect_routing: also return aux["routing_probs"] [layers, B, L, routed experts], the
         unmasked routed softmax of every layer.
+      mesh: the device mesh of a sharded run (sharding.make_mesh): activations are kept
+        batch-sharded and the experts run expert-parallel.
     """
     cfg = self.cfg
     if tokens_BxL.ndim != 2:
@@ -179,6 +182,12 @@ class Transformer(nnx.Module):
     if positions_BxL is None:
       positions_BxL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
     x = jnp.take(self.embed[...], tokens_BxL, axis=0).astype(cfg.compute_jnp_dtype)
+    constrain = lambda y: y
+    if mesh is not None and mesh.size > 1:
+      from emo_jax.sharding import BATCH_AXES  # only sharded runs need it
+      activation = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(BATCH_AXES))
+      constrain = lambda y: jax.lax.with_sharding_constraint(y, activation)
+    x = constrain(x)
 
     layer_keys = (jax.random.split(rng, cfg.num_layers) if rng is not None
                   else jnp.zeros((cfg.num_layers,), jnp.uint32))
@@ -193,10 +202,11 @@ class Transformer(nnx.Module):
     def one_block(x, layer):
       state, key, keep_E = layer
       block = nnx.merge(graphdef, state)
-      return block(x, segment_ids_BxL, positions_BxL, pool_rng=None if rng is None else key,
-                   train=train, data_axes=data_axes,
-                   keep_experts_E=None if keep_experts is None else keep_E,
-                   collect_routing=collect_routing)
+      x, aux = block(x, segment_ids_BxL, positions_BxL, pool_rng=None if rng is None else key,
+                     train=train, data_axes=data_axes,
+                     keep_experts_E=None if keep_experts is None else keep_E,
+                     collect_routing=collect_routing, mesh=mesh)
+      return constrain(x), aux
 
     if cfg.remat:
       one_block = jax.checkpoint(one_block, prevent_cse=False)

@@ -147,8 +147,8 @@ class MLP(nnx.Module):
     self.w_down = nnx.Param(init(rngs.params(), (H, D), dt))
 
   def __call__(self, x_BxLxD, segment_ids_BxL, *, pool_rng=None, train=False, data_axes=(),
-               keep_experts_E=None, collect_routing=False):
-    del keep_experts_E, collect_routing  # a dense MLP has no experts to select or observe
+               keep_experts_E=None, collect_routing=False, mesh=None):
+    del keep_experts_E, collect_routing, mesh  # a dense MLP has no experts
     y = experts.swiglu(x_BxLxD, self.w_gate[...], self.w_up[...], self.w_down[...],
                        compute_dtype=self.cfg.compute_jnp_dtype)
     return y, {}
@@ -182,8 +182,12 @@ class MoE(nnx.Module):
     return None
 
   def __call__(self, x_BxLxD, segment_ids_BxL, *, pool_rng=None, train=False, data_axes=(),
-               keep_experts_E=None, collect_routing=False):
+               keep_experts_E=None, collect_routing=False, mesh=None):
     """MoE forward.
+
+    mesh: a device mesh (sharding.make_mesh) with more than one device: the routed experts run
+      expert-parallel (tokens travel to the devices holding their experts). Routing, the pool
+      and the losses stay global computations, so results equal the single-device ones.
 
     keep_experts_E: optional bool [routed experts]; experts marked False are never routed to
       (a subset of the experts applied as a routing mask, as when deploying EMO selectively).
@@ -211,10 +215,17 @@ class MoE(nnx.Module):
     probs_TxE, ids_TxK, weights_TxK = route(logits_TxE, keep_BxLxE, cfg.top_k)
 
     x_TxD = x_BxLxD.reshape(B * L, D)
-    y_TxD, dropped = experts.routed_experts(
-        x_TxD, ids_TxK, weights_TxK, self.w_gate[...][:R], self.w_up[...][:R],
-        self.w_down[...][:R], backend=cfg.expert_backend, token_mask_T=token_mask_T,
-        capacity_factor=cfg.capacity_factor, compute_dtype=cfg.compute_jnp_dtype)
+    if mesh is not None and mesh.size > 1:
+      from emo_jax import sharding  # here: sharding imports the expert kernels this module uses
+      y_TxD, dropped = sharding.expert_parallel_ffn(
+          x_TxD, ids_TxK, weights_TxK, token_mask_T, self.w_gate[...], self.w_up[...],
+          self.w_down[...], mesh=mesh, capacity_factor=cfg.capacity_factor,
+          compute_dtype=cfg.compute_jnp_dtype)
+    else:
+      y_TxD, dropped = experts.routed_experts(
+          x_TxD, ids_TxK, weights_TxK, self.w_gate[...][:R], self.w_up[...][:R],
+          self.w_down[...][:R], backend=cfg.expert_backend, token_mask_T=token_mask_T,
+          capacity_factor=cfg.capacity_factor, compute_dtype=cfg.compute_jnp_dtype)
     for e in range(R, cfg.num_experts):
       y_TxD = y_TxD + experts.swiglu(x_TxD, self.w_gate[...][e], self.w_up[...][e],
                                      self.w_down[...][e], compute_dtype=cfg.compute_jnp_dtype)

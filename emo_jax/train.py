@@ -24,6 +24,7 @@ import optax
 from flax import nnx, struct
 
 from emo_jax import checkpoint as ckpt_lib
+from emo_jax import sharding as sharding_lib
 from emo_jax import evaluate, metrics as metrics_lib
 from emo_jax.losses import token_losses
 from emo_jax.config import ConfigError, ConfigMixin, ModelConfig, model_config_from
@@ -116,11 +117,11 @@ def make_optimizer(tc: TrainConfig, params) -> optax.GradientTransformation:
 
 
 # ---- loss and step ---------------------------------------------------------------------------
-def loss_fn(params, graphdef, batch, rng, cfg: ModelConfig, data_axes=()):
+def loss_fn(params, graphdef, batch, rng, cfg: ModelConfig, mesh=None):
   """Masked cross-entropy + load balancing + router z-loss + output z-loss."""
   model = nnx.merge(graphdef, params)
   logits, aux = model(batch["tokens"], batch["segment_ids"], batch["positions"], train=True,
-                      rng=rng, data_axes=data_axes)
+                      rng=rng, mesh=mesh)
   ce, lse = token_losses(logits, batch["targets"])
   mask = batch["loss_mask"].astype(jnp.float32)
   n = jnp.maximum(jnp.sum(mask), 1.0)
@@ -135,19 +136,19 @@ def loss_fn(params, graphdef, batch, rng, cfg: ModelConfig, data_axes=()):
 
 
 def train_step(state: TrainState, batch, *, graphdef, optimizer, cfg: ModelConfig,
-               tc: TrainConfig):
+               tc: TrainConfig, mesh=None):
   """One optimiser step over `grad_accum_steps` micro-batches."""
   rng = jax.random.fold_in(jax.random.key(tc.seed), state.step)
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   A = tc.grad_accum_steps
   if A == 1:
-    (_, stats), grads = grad_fn(state.params, graphdef, batch, rng, cfg)
+    (_, stats), grads = grad_fn(state.params, graphdef, batch, rng, cfg, mesh)
   else:
     micro = jax.tree.map(lambda x: x.reshape(A, x.shape[0] // A, *x.shape[1:]), batch)
 
     def accumulate(carry, inputs):
       i, mb = inputs
-      (_, s), g = grad_fn(state.params, graphdef, mb, jax.random.fold_in(rng, i), cfg)
+      (_, s), g = grad_fn(state.params, graphdef, mb, jax.random.fold_in(rng, i), cfg, mesh)
       return jax.tree.map(jnp.add, carry, g), s
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)
@@ -163,15 +164,31 @@ def train_step(state: TrainState, batch, *, graphdef, optimizer, cfg: ModelConfi
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), stats
 
 
-def init_state(cfg: ModelConfig, tc: TrainConfig):
-  """(graphdef, optimizer, state) for a fresh run, initialised from `tc.seed`."""
-  model = Transformer(cfg, rngs=nnx.Rngs(params=tc.seed))
-  graphdef, params = nnx.split(model)
-  params = nnx.to_pure_dict(params)
-  optimizer = make_optimizer(tc, params)
-  state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                     opt_state=optimizer.init(params))
-  return graphdef, optimizer, state
+def init_state(cfg: ModelConfig, tc: TrainConfig, mesh=None):
+  """(graphdef, optimizer, state) for a fresh run, initialised from `tc.seed`.
+
+  The state is created by a jitted function whose outputs are already sharded over `mesh`
+  (parameters and optimizer moments FSDP/expert-sharded), so no host or device ever holds the
+  whole model unsharded.
+  """
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+  optimizer = make_optimizer(tc, nnx.to_pure_dict(abstract))
+
+  def create():
+    params = nnx.to_pure_dict(nnx.state(Transformer(cfg, rngs=nnx.Rngs(params=tc.seed))))
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=optimizer.init(params))
+
+  shardings = None
+  if mesh is not None:
+    shardings = state_shardings_for(jax.eval_shape(create), mesh)
+  return graphdef, optimizer, jax.jit(create, out_shardings=shardings)()
+
+
+def state_shardings_for(state: Any, mesh) -> Any:
+  """NamedShardings of a train state (or its abstract shape) over `mesh`."""
+  return sharding_lib.state_shardings(state, sharding_lib.param_shardings(state.params, mesh),
+                                      mesh)
 
 
 def initial_params(path: str, cfg: ModelConfig, like: Any) -> Any:
@@ -210,7 +227,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   if dc.batch_size % tc.grad_accum_steps:
     raise ConfigError(f"data.batch_size={dc.batch_size} must be a multiple of "
                       f"train.grad_accum_steps={tc.grad_accum_steps}")
-  experiment = {"model": cfg.to_dict(), "data": dc.to_dict(), "train": tc.to_dict()}
+  mc = sharding_lib.MeshConfig.from_dict(config.get("mesh", {}))
+  mesh = sharding_lib.make_mesh(mc)
+  sharding_lib.check_divisible(cfg.num_experts, dc.batch_size, mesh)
+  experiment = {"model": cfg.to_dict(), "data": dc.to_dict(), "train": tc.to_dict(),
+                "mesh": mc.to_dict()}
   (workdir / "config.json").write_text(json.dumps(experiment, indent=2, sort_keys=True))
 
   corpus = corpus_lib.load_corpus(dc)
@@ -223,7 +244,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                               num_workers=dc.num_workers)
   data_iter = iter(train_data)
 
-  graphdef, optimizer, state = init_state(cfg, tc)
+  graphdef, optimizer, state = init_state(cfg, tc, mesh)
+  shardings = state_shardings_for(state, mesh)
   checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", save_every=tc.checkpoint_every,
                                        keep=tc.keep_checkpoints, async_save=tc.async_checkpoint)
   restored = checkpointer.restore_latest(state, data_iter, experiment)
@@ -231,14 +253,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     state = restored.state
     log.info("resumed from step %d in %s", restored.step, checkpointer.directory)
   elif tc.init_from:
-    state = state.replace(params=initial_params(tc.init_from, cfg, state.params))
-    state = state.replace(opt_state=optimizer.init(state.params))
+    params = initial_params(tc.init_from, cfg, state.params)
+    state = jax.jit(lambda p: state.replace(params=p, opt_state=optimizer.init(p)),
+                    out_shardings=shardings)(params)
     log.info("initialised the parameters from %s", tc.init_from)
   start_step = int(state.step)
 
   writer = metrics_lib.MetricsWriter(workdir, resume_step=start_step, total_steps=tc.steps)
   step_fn = jax.jit(lambda s, b: train_step(s, b, graphdef=graphdef, optimizer=optimizer,
-                                            cfg=cfg, tc=tc), donate_argnums=0)
+                                            cfg=cfg, tc=tc, mesh=mesh),
+                    in_shardings=(shardings, sharding_lib.batch_sharding(mesh)),
+                    out_shardings=(shardings, None), donate_argnums=0)
   eval_data = corpus.eval_batches(dc, cfg.max_segments, tc.eval_batches)
   baseline = evaluate.unigram_baseline(corpus, dc, cfg.max_segments, tc.eval_batches)
   counts = count_params(cfg)
@@ -260,7 +285,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   step = start_step
   try:
     while step < tc.steps:
-      batch = next(data_iter)
+      batch = sharding_lib.global_batch(next(data_iter), mesh)
       state, stats = step_fn(state, batch)
       step += 1
       pending.append((step, stats))
@@ -280,7 +305,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
           row["mfu"] = row["tokens_per_s"] * flops_per_token / (peak * jax.device_count())
         if wants_eval:
           row.update(evaluate.perplexity(graphdef, state.params, eval_data, corpus.domains,
-                                         prefix="val_"))
+                                         prefix="val_", mesh=mesh))
           row["unigram_val_perplexity"] = baseline["perplexity"]
         writer.write(step, row)
         last = row
