@@ -25,6 +25,8 @@ setup(
         "tokenizers>=0.15",
         "tensorboardX>=2.6",
         "numpy>=1.26",
+        # Routing-analysis plots (emo_jax/plots.py); PCA and k-means are NumPy.
+        "matplotlib>=3.8",
     ],
     extras_require={
         "test": [
@@ -32,6 +34,10 @@ setup(
             # CPU build; later parity tests compare against transformers' PyTorch models.
             "torch==2.13.0",
             "transformers>=5.0",
+            # tests/test_notebooks.py runs colab/*.ipynb headless.
+            "nbclient>=0.10",
+            "nbformat>=5.10",
+            "ipykernel>=6.29",
         ],
     },
 )

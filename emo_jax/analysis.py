@@ -31,7 +31,16 @@ import pathlib
 import time
 from typing import Any, Callable, Mapping, Sequence
 
+import jax
 import numpy as np
+from flax import nnx
+
+from emo_jax import checkpoint
+from emo_jax.config import ModelConfig
+from emo_jax.data import sources
+from emo_jax.data import tokenizer as tokenizer_lib
+from emo_jax.data.corpus import DataConfig, load_corpus
+from emo_jax.model import Transformer
 
 log = logging.getLogger(__name__)
 
@@ -79,11 +88,6 @@ def load_model(path: str | pathlib.Path, *, expert_backend: str = "ragged"):
   be independent of its batch, so it defaults to the dropless `ragged` expert backend: with
   `capacity`, dropped assignments would make one document's features depend on the others.
   """
-  from flax import nnx
-
-  from emo_jax import checkpoint
-  from emo_jax.config import ModelConfig
-  from emo_jax.model import Transformer
   params, config = checkpoint.load_params(path)
   cfg = ModelConfig.from_dict(config).replace(expert_backend=expert_backend, remat=False,
                                               eval_pool_size=None)
@@ -93,9 +97,8 @@ def load_model(path: str | pathlib.Path, *, expert_backend: str = "ragged"):
   return graphdef, params, cfg
 
 
-@functools.partial(__import__("jax").jit, static_argnums=0)
+@functools.partial(jax.jit, static_argnums=0)
 def _routing_probs(graphdef, params, tokens_BxL, segment_ids_BxL, positions_BxL):
-  from flax import nnx
   model = nnx.merge(graphdef, params)
   _, aux = model(tokens_BxL, segment_ids_BxL, positions_BxL, train=False, collect_routing=True)
   return aux["routing_probs"]  # [layers, B, L, routed experts]; the logits are never computed
@@ -109,7 +112,6 @@ def routing_features(graphdef, params, cfg, tokens: np.ndarray, lengths: np.ndar
   so a token sees only its own document's first tokens; every batch has the same static shape
   (the last one is filled with empty rows), so the forward pass compiles once.
   """
-  import jax
   num_docs, width = tokens.shape
   params = jax.device_put(params)
   segments = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int32)
@@ -248,12 +250,8 @@ def spherical_kmeans(x: np.ndarray, k: int, *, restarts: int = 5, max_iter: int 
 def concentration(labels: np.ndarray, document: np.ndarray) -> np.ndarray:
   """Per document: the share of its tokens in its most common cluster ([num documents], in
   document-index order; documents with no tokens are left out)."""
-  docs = np.unique(document)
-  out = np.empty(len(docs))
-  for i, d in enumerate(docs):
-    counts = np.bincount(labels[document == d])
-    out[i] = counts.max() / counts.sum()
-  return out
+  table = _contingency(document, labels)
+  return table.max(axis=1) / table.sum(axis=1)
 
 
 def _contingency(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -293,7 +291,7 @@ def cluster_tokens(labels: np.ndarray, token_ids: np.ndarray, k: int, *, top: in
                    min_count: int = 3) -> list[dict[str, list]]:
   """Per cluster: its most frequent token ids ([id, count]) and its most enriched ones
   ([id, lift, count], lift = P(token | cluster) / P(token), among tokens seen at least
-  `min_count` times in the cluster)."""
+  `min_count` times in the cluster and over-represented in it, lift > 1)."""
   overall = collections.Counter(token_ids.tolist())
   n = len(token_ids)
   out = []
@@ -301,8 +299,8 @@ def cluster_tokens(labels: np.ndarray, token_ids: np.ndarray, k: int, *, top: in
     counts = collections.Counter(token_ids[labels == c].tolist())
     size = sum(counts.values())
     frequent = [[t, m] for t, m in counts.most_common(top)]
-    lifts = [(m / size) / (overall[t] / n) for t, m in counts.items() if m >= min_count]
-    ids = [t for t, m in counts.items() if m >= min_count]
+    ids = [t for t, m in counts.items() if m >= min_count and m / size > overall[t] / n]
+    lifts = [(counts[t] / size) / (overall[t] / n) for t in ids]
     order = sorted(range(len(ids)), key=lambda i: (-lifts[i], -counts[ids[i]], ids[i]))[:top]
     out.append({"frequent": frequent,
                 "enriched": [[ids[i], round(lifts[i], 2), counts[ids[i]]] for i in order]})
@@ -440,7 +438,6 @@ def model_name(cfg) -> str:
 def checkpoint_tokenizer(path: str | pathlib.Path, tokenizer: str | None = None):
   """The tokenizer a model was trained with: `tokenizer` ("bytes" or a file) when given, else
   the one of the training run's `config.json` data settings."""
-  from emo_jax.data import tokenizer as tokenizer_lib
   if tokenizer:
     return (tokenizer_lib.ByteTokenizer() if tokenizer == "bytes"
             else tokenizer_lib.load_tokenizer(tokenizer))
@@ -449,7 +446,6 @@ def checkpoint_tokenizer(path: str | pathlib.Path, tokenizer: str | None = None)
     raise FileNotFoundError(
         f"{path} has no config.json (it is not a training workdir), so its tokenizer is "
         "unknown; pass the tokenizer explicitly (--tokenizer=bytes or a tokenizer file)")
-  from emo_jax.data.corpus import DataConfig, load_corpus
   config = json.loads(config_file.read_text())
   dc = DataConfig.from_dict(config["data"])
   if dc.tokenizer == "bytes":
@@ -462,8 +458,6 @@ def load_documents(corpus: str, *, num_documents: int | None = None, split: str 
   """Documents to analyse: "demo" or "synthetic" (that corpus's `split`), or a JSONL file,
   text folder or ArrayRecord file. More than `num_documents` are subsampled (seeded, order
   kept)."""
-  from emo_jax.data import sources
-  from emo_jax.data.corpus import DataConfig, load_corpus
   if corpus in ("demo", "synthetic"):
     dc = (DataConfig(corpus="demo") if corpus == "demo"
           else DataConfig(corpus="synthetic", tokenizer="bytes"))
@@ -481,23 +475,28 @@ def load_documents(corpus: str, *, num_documents: int | None = None, split: str 
   return docs
 
 
-def cluster_checkpoints(checkpoints: Mapping[str, str | pathlib.Path],
+def cluster_checkpoints(checkpoints: Sequence[str | pathlib.Path],
                         documents: Sequence[Mapping[str, Any]], out_dir: str | pathlib.Path, *,
-                        clusters: int = 32, num_tokens: int = TOKENS_PER_DOCUMENT,
-                        variance: float = 0.95, restarts: int = 5, seed: int = 0,
-                        batch_size: int = 32, tokenizer: str | None = None,
-                        plot: bool = True) -> dict[str, Any]:
-  """Runs the analysis on each checkpoint (name -> workdir or parameter checkpoint; the first
-  is the model, a second one its baseline), writes `out_dir/clusters.json` and the plots, and
-  returns the JSON object. Its top-level `concentration`, `purity` and `nmi` are the first
-  model's; `models` has every model's full section."""
+                        names: Sequence[str] | None = None, clusters: int = 32,
+                        num_tokens: int = TOKENS_PER_DOCUMENT, variance: float = 0.95,
+                        restarts: int = 5, seed: int = 0, batch_size: int = 32,
+                        tokenizer: str | None = None, plot: bool = True) -> dict[str, Any]:
+  """Runs the analysis on each checkpoint (a training workdir or a parameter checkpoint; the
+  first is the model, a second one its baseline), writes `out_dir/clusters.json` and the plots,
+  and returns the JSON object. Its top-level `concentration`, `purity` and `nmi` are the first
+  model's; `models` maps each model's name (default "EMO" or "StdMoE" from its config) to its
+  full section.
+  """
   out_dir = pathlib.Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   domains = sorted({d.get("domain", "") for d in documents})
   results: list[Analysis] = []
-  for name, path in checkpoints.items():
+  for i, path in enumerate(checkpoints):
     start = time.time()
     graphdef, params, cfg = load_model(path)
+    name = names[i] if names else model_name(cfg)
+    if name in {r.name for r in results}:
+      name = f"{name} (baseline)"
     tok = checkpoint_tokenizer(path, tokenizer)
     if tok.vocab_size > cfg.vocab_size:
       raise ValueError(f"{path}: the tokenizer has {tok.vocab_size} ids but the model only "

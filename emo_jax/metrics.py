@@ -133,9 +133,13 @@ class MetricsWriter:
     self.workdir = pathlib.Path(workdir)
     self.path = self.workdir / "metrics.jsonl"
     self.total = total_steps
+    # In a multi-host run every host computes the same (global) metrics; host 0 writes them.
+    self.enabled = jax.process_index() == 0
+    self._file = self._tb = None
+    if not self.enabled:
+      return
     self._truncate_after(resume_step)
     self._file = open(self.path, "a", encoding="utf-8")
-    self._tb = None
     try:
       from tensorboardX import SummaryWriter
       self._tb = SummaryWriter(str(self.workdir / "tensorboard"), purge_step=resume_step + 1)
@@ -156,6 +160,8 @@ class MetricsWriter:
     self.path.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
 
   def write(self, step: int, row: Mapping[str, float]) -> None:
+    if not self.enabled:
+      return
     record = {"step": int(step), **{k: float(v) for k, v in row.items()}}
     self._file.write(json.dumps(record) + "\n")
     self._file.flush()
@@ -165,6 +171,7 @@ class MetricsWriter:
     print(console_line(step, self.total, row), flush=True)
 
   def close(self) -> None:
-    self._file.close()
+    if self._file is not None:
+      self._file.close()
     if self._tb is not None:
       self._tb.close()

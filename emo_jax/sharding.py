@@ -61,6 +61,22 @@ class MeshConfig(ConfigMixin):
     return sizes
 
 
+def initialize_distributed(coordinator_address: str | None = None,
+                           num_processes: int | None = None,
+                           process_id: int | None = None) -> None:
+  """Joins a multi-host run (call before anything touches a device).
+
+  With no arguments JAX reads the cluster from the environment (TPU pod slices, SLURM, Open
+  MPI); give all three for a hand-made cluster, e.g. processes on one machine. CPU collectives
+  go through gloo so the same code runs on CPU-only hosts.
+  """
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(coordinator_address=coordinator_address,
+                             num_processes=num_processes, process_id=process_id)
+  log.info("process %d of %d, %d local / %d global devices", jax.process_index(),
+           jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
 def make_mesh(mc: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
   """The mesh of `mc` over all devices (or the first one when every axis is 1)."""
   devices = list(jax.devices() if devices is None else devices)

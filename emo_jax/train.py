@@ -232,7 +232,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   sharding_lib.check_divisible(cfg.num_experts, dc.batch_size, mesh)
   experiment = {"model": cfg.to_dict(), "data": dc.to_dict(), "train": tc.to_dict(),
                 "mesh": mc.to_dict()}
-  (workdir / "config.json").write_text(json.dumps(experiment, indent=2, sort_keys=True))
+  if jax.process_index() == 0:
+    (workdir / "config.json").write_text(json.dumps(experiment, indent=2, sort_keys=True))
 
   corpus = corpus_lib.load_corpus(dc)
   if corpus.tokenizer.vocab_size > cfg.vocab_size:

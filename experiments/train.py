@@ -3,7 +3,9 @@
   python -m experiments.train --config configs/demo.py --workdir workdirs/demo
   python -m experiments.train --config configs/tiny.py --workdir /tmp/tiny --config.train.steps=20
 
-Restarting the same command after a crash or kill continues from the last checkpoint.
+Restarting the same command after a crash or kill continues from the last checkpoint. Multi-host:
+run the same command on every host with --distributed (cluster from the environment: TPU pods,
+SLURM) or with --coordinator_address/--num_processes/--process_id.
 """
 
 import logging as std_logging
@@ -11,10 +13,16 @@ import logging as std_logging
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from emo_jax.sharding import initialize_distributed
 from emo_jax.train import train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Join a multi-host run described by the "
+                                 "environment (TPU pod slice, SLURM).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 
 
 def main(argv):
@@ -23,6 +31,8 @@ def main(argv):
   # Our progress at INFO; the libraries' (Orbax logs every file it renames) at WARNING.
   logging.set_verbosity(logging.WARNING)
   std_logging.getLogger("emo_jax").setLevel(std_logging.INFO)
+  if _DISTRIBUTED.value or _COORDINATOR.value:
+    initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 

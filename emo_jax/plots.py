@@ -1,0 +1,192 @@
+"""PNG figures of the routing analysis (analysis.py) and of training runs.
+
+Figures are drawn with matplotlib's object API (`matplotlib.figure.Figure`, no pyplot), so
+they render headless and never change the backend of a notebook that imports this module.
+Every function takes one `analysis.Analysis` per model and puts the models side by side
+(EMO beside its StdMoE baseline when both are given).
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Mapping, Sequence
+
+import numpy as np
+from matplotlib import colormaps
+from matplotlib.figure import Figure
+
+DPI = 110
+# The largest number of layers drawn in one expert-usage figure; more layers go to more files.
+LAYERS_PER_FIGURE = 8
+
+
+def _colors(n: int) -> list:
+  """n distinguishable colours: tab10 up to 10, then tab20 + tab20b (+ tab20c), then hsv."""
+  if n <= 10:
+    return [colormaps["tab10"](i) for i in range(n)]
+  pool = ([colormaps["tab20"](i) for i in range(20)] + [colormaps["tab20b"](i) for i in range(20)]
+          + [colormaps["tab20c"](i) for i in range(20)])
+  if n <= len(pool):
+    return pool[:n]
+  return [colormaps["hsv"](i / n) for i in range(n)]
+
+
+def _save(fig: Figure, path: pathlib.Path) -> pathlib.Path:
+  fig.savefig(path, dpi=DPI, bbox_inches="tight")
+  return path
+
+
+def plot_projection(results: Sequence, domains: Sequence[str], path: str | pathlib.Path):
+  """Tokens in the first two principal components of their normalised routing vectors, coloured
+  by domain (left) and by cluster (right, cluster ids written at their medians); one row per
+  model."""
+  fig = Figure(figsize=(12, 5.2 * len(results)), layout="constrained")
+  axes = np.atleast_2d(fig.subplots(len(results), 2, squeeze=False))
+  domain_colors = _colors(len(domains))
+  for row, r in zip(axes, results):
+    xy = r.projection
+    dom = r.token_domain[r.projection_index]
+    lab = r.labels[r.projection_index]
+    size = 4 if len(xy) > 5000 else 8
+    for d, name in enumerate(domains):
+      m = dom == d
+      row[0].scatter(xy[m, 0], xy[m, 1], s=size, alpha=0.5, color=domain_colors[d],
+                     label=f"{name} ({int(m.sum())})", linewidths=0)
+    row[0].legend(markerscale=3, fontsize=8, loc="best", framealpha=0.8)
+    row[0].set_title(f"{r.name}: tokens by domain")
+    k = r.cluster_domain.shape[0]
+    cluster_colors = _colors(k)
+    row[1].scatter(xy[:, 0], xy[:, 1], s=size, alpha=0.5, linewidths=0,
+                   c=[cluster_colors[c] for c in lab])
+    for c in np.unique(lab):
+      cx, cy = np.median(xy[lab == c], axis=0)
+      row[1].text(cx, cy, str(c), fontsize=8, ha="center", va="center", weight="bold",
+                  bbox=dict(boxstyle="round,pad=0.15", fc="white", alpha=0.7, lw=0))
+    s = r.summary
+    row[1].set_title(f"{r.name}: {k} clusters (purity {s['purity']:.2f}, NMI {s['nmi']:.2f})")
+    for ax in row:
+      ax.set_xlabel("PC 1")
+      ax.set_ylabel("PC 2")
+  fig.suptitle(f"Routing vectors of {len(results[0].labels)} tokens (first two principal "
+               "components; at most 20,000 tokens drawn)", fontsize=11)
+  return _save(fig, pathlib.Path(path))
+
+
+def plot_concentration(results: Sequence, path: str | pathlib.Path):
+  """Histograms of per-document concentration (share of a document's tokens in its most common
+  cluster), one panel per model on the same axes."""
+  fig = Figure(figsize=(5.5 * len(results), 4), layout="constrained")
+  axes = fig.subplots(1, len(results), squeeze=False, sharey=True)[0]
+  bins = np.linspace(0.0, 1.0, 21)
+  for ax, r, color in zip(axes, results, _colors(max(len(results), 2))):
+    mean = float(r.doc_concentration.mean())
+    ax.hist(r.doc_concentration, bins=bins, color=color, alpha=0.85, edgecolor="white")
+    ax.axvline(mean, color="black", linestyle="--", linewidth=1)
+    ax.set_title(f"{r.name}: mean concentration {mean:.2f}")
+    ax.set_xlabel("share of a document's tokens in its most common cluster")
+    ax.set_xlim(0, 1)
+  axes[0].set_ylabel("documents")
+  return _save(fig, pathlib.Path(path))
+
+
+def _expert_order(usage_DxE: np.ndarray) -> np.ndarray:
+  """Experts grouped by the domain that uses them most, heaviest first within a group."""
+  favourite = usage_DxE.argmax(axis=0)
+  return np.lexsort((-usage_DxE.max(axis=0), favourite))
+
+
+def plot_expert_usage(results: Sequence, domains: Sequence[str], path: str | pathlib.Path,
+                      layers: Sequence[int] | None = None):
+  """Heatmaps domain x expert, one row per layer and one column per model: the share of a
+  domain's tokens that pick the expert among their top-k. Experts are sorted by the domain
+  that uses them most, so domain-specialised experts show as a block diagonal."""
+  num_layers = results[0].usage.shape[0]
+  layers = list(range(num_layers)) if layers is None else list(layers)
+  num_experts = results[0].usage.shape[2]
+  width = min(max(4.0, 0.09 * num_experts + 2.5), 14.0)
+  height = (0.3 * len(domains) + 1.0) * len(layers) + 0.6
+  fig = Figure(figsize=(width * len(results), height), layout="constrained")
+  axes = fig.subplots(len(layers), len(results), squeeze=False)
+  vmax = max(float(r.usage.max()) for r in results) or 1.0
+  image = None
+  for j, r in enumerate(results):
+    for i, layer in enumerate(layers):
+      ax = axes[i, j]
+      u = r.usage[layer]
+      order = _expert_order(u)
+      image = ax.imshow(u[:, order], aspect="auto", cmap="viridis", vmin=0.0, vmax=vmax,
+                        interpolation="nearest")
+      ax.set_yticks(range(len(domains)), domains, fontsize=7)
+      if num_experts <= 32:
+        ax.set_xticks(range(num_experts), [str(e) for e in order], fontsize=6)
+      else:
+        ax.set_xticks([])
+      ax.set_title(f"{r.name}, layer {layer}", fontsize=9)
+    axes[-1, j].set_xlabel("expert (sorted by the domain using it most)", fontsize=8)
+  fig.colorbar(image, ax=axes, shrink=0.6, label="share of the domain's tokens routed there")
+  return _save(fig, pathlib.Path(path))
+
+
+def plot_cluster_domains(results: Sequence, domains: Sequence[str], path: str | pathlib.Path):
+  """Per model: each cluster's tokens split by domain (rows sum to 1), clusters sorted by their
+  main domain; a topical clustering shows one bright cell per row."""
+  k = results[0].cluster_domain.shape[0]
+  fig = Figure(figsize=(max(3.5, 0.5 * len(domains) + 2.5) * len(results), 0.28 * k + 1.8),
+               layout="constrained")
+  axes = fig.subplots(1, len(results), squeeze=False)[0]
+  image = None
+  for ax, r in zip(axes, results):
+    table = r.cluster_domain.astype(float)
+    share = table / np.maximum(table.sum(axis=1, keepdims=True), 1.0)
+    order = np.lexsort((-share.max(axis=1), share.argmax(axis=1)))
+    image = ax.imshow(share[order], aspect="auto", cmap="magma", vmin=0, vmax=1,
+                      interpolation="nearest")
+    ax.set_xticks(range(len(domains)), domains, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(k), [f"{c} ({int(table[c].sum())})" for c in order], fontsize=7)
+    ax.set_title(f"{r.name}: purity {r.summary['purity']:.2f}", fontsize=10)
+    ax.set_ylabel("cluster (tokens)")
+  fig.colorbar(image, ax=axes, shrink=0.8, label="share of the cluster's tokens")
+  return _save(fig, pathlib.Path(path))
+
+
+def plot_all(results: Sequence, domains: Sequence[str], out_dir: str | pathlib.Path):
+  """Every figure of the analysis into out_dir; returns the paths written."""
+  out_dir = pathlib.Path(out_dir)
+  out = [plot_projection(results, domains, out_dir / "projection.png"),
+         plot_concentration(results, out_dir / "concentration.png"),
+         plot_cluster_domains(results, domains, out_dir / "cluster_domains.png")]
+  num_layers = results[0].usage.shape[0]
+  for lo in range(0, num_layers, LAYERS_PER_FIGURE):
+    hi = min(lo + LAYERS_PER_FIGURE, num_layers)
+    name = ("expert_usage.png" if num_layers <= LAYERS_PER_FIGURE
+            else f"expert_usage_layers_{lo}-{hi - 1}.png")
+    out.append(plot_expert_usage(results, domains, out_dir / name, range(lo, hi)))
+  return out
+
+
+# ---- training runs ----------------------------------------------------------------------------
+
+def read_metrics(workdir: str | pathlib.Path) -> list[dict]:
+  """The logged steps of a training run (`workdir/metrics.jsonl`)."""
+  path = pathlib.Path(workdir) / "metrics.jsonl"
+  if not path.is_file():
+    raise FileNotFoundError(f"{path} does not exist: is {workdir} a training workdir?")
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_training(workdirs: Mapping[str, str | pathlib.Path], path: str | pathlib.Path):
+  """Training loss and validation perplexity of several runs on shared axes."""
+  fig = Figure(figsize=(11, 4), layout="constrained")
+  loss_ax, ppl_ax = fig.subplots(1, 2)
+  for (name, workdir), color in zip(workdirs.items(), _colors(max(len(workdirs), 2))):
+    rows = read_metrics(workdir)
+    loss_ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], color=color, label=name)
+    val = [r for r in rows if "val_perplexity" in r]
+    ppl_ax.plot([r["step"] for r in val], [r["val_perplexity"] for r in val], "o-",
+                color=color, label=name)
+  loss_ax.set(xlabel="step", ylabel="training loss", title="training loss")
+  ppl_ax.set(xlabel="step", ylabel="perplexity", title="validation perplexity", yscale="log")
+  for ax in (loss_ax, ppl_ax):
+    ax.legend()
+  return _save(fig, pathlib.Path(path))
