@@ -74,18 +74,22 @@ class EmoRMSNorm(nn.Module):
 
 
 class EmoRotaryEmbedding(nn.Module):
-  """Default ("rotate half") RoPE; cos / sin in float32."""
+  """Default ("rotate half") RoPE; cos / sin in float32.
+
+  The frequencies are recomputed per call instead of kept in a buffer: transformers 5 builds
+  models on the meta device, where a non-persistent buffer would come back uninitialised.
+  """
 
   def __init__(self, config):
     super().__init__()
-    theta = (config.rope_parameters or {}).get("rope_theta", config.default_theta)
-    dim = config.head_dim
-    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
-    self.register_buffer("inv_freq", inv_freq, persistent=False)
+    self.theta = float((config.rope_parameters or {}).get("rope_theta", config.default_theta))
+    self.dim = config.head_dim
 
   @torch.no_grad()
   def forward(self, position_ids):
-    freqs = position_ids[..., None].float() * self.inv_freq.to(position_ids.device)
+    exponent = torch.arange(0, self.dim, 2, dtype=torch.float32, device=position_ids.device)
+    inv_freq = 1.0 / (self.theta ** (exponent / self.dim))
+    freqs = position_ids[..., None].float() * inv_freq
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos(), emb.sin()
 
