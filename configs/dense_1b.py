@@ -1,8 +1,14 @@
 """Dense 1B: OLMo-2 style pre-norm decoder, no QK-norm, SwiGLU MLP of width 8192.
 
-Shapes and parameter counts, without allocating anything:
+Shapes and parameter counts, without allocating anything; per-device memory on a mesh:
   python -m experiments.describe --config configs/dense_1b.py
+  python -m experiments.plan_memory --config configs/dense_1b.py --mesh fsdp=16 --chip h100-80gb
+Training (the release's recipe; set data.corpus / data.tokenizer to your corpus):
+  python -m experiments.train --config configs/dense_1b.py --workdir workdirs/dense_1b
 """
+
+import importlib.util
+import pathlib
 
 import ml_collections
 
@@ -10,8 +16,8 @@ from emo_jax.config import ModelConfig
 
 
 def get_config() -> ml_collections.ConfigDict:
-  config = ml_collections.ConfigDict()
-  config.name = "dense_1b"
-  # Every ModelConfig field, overridable on the command line, e.g. --config.model.num_layers=4
-  config.model = ModelConfig(num_experts=0, num_shared_experts=0, pool=False, mlp_hidden=8192).to_dict()
-  return config
+  spec = importlib.util.spec_from_file_location(
+      "_release", pathlib.Path(__file__).with_name("_release.py"))
+  release = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(release)
+  return release.release_config("dense_1b", ModelConfig(num_experts=0, num_shared_experts=0, pool=False, mlp_hidden=8192), steps=238_419)

@@ -1,9 +1,15 @@
-"""EMO 1b14b, the released model (1 T tokens): 128 experts (127 routed top-7 + 1 shared),
-document pool on.
+"""EMO 1b14b, the released model (1 T tokens, 238,419 steps): 128 experts (127 routed top-7 + 1
+shared), document pool on.
 
-Shapes and parameter counts, without allocating anything:
+Shapes and parameter counts, without allocating anything; per-device memory on a mesh:
   python -m experiments.describe --config configs/emo_1b14b.py
+  python -m experiments.plan_memory --config configs/emo_1b14b.py --mesh fsdp=16 --chip h100-80gb
+Training (the release's recipe; set data.corpus / data.tokenizer to your corpus):
+  python -m experiments.train --config configs/emo_1b14b.py --workdir workdirs/emo_1b14b
 """
+
+import importlib.util
+import pathlib
 
 import ml_collections
 
@@ -11,8 +17,8 @@ from emo_jax.config import ModelConfig
 
 
 def get_config() -> ml_collections.ConfigDict:
-  config = ml_collections.ConfigDict()
-  config.name = "emo_1b14b"
-  # Every ModelConfig field, overridable on the command line, e.g. --config.model.num_layers=4
-  config.model = ModelConfig().to_dict()
-  return config
+  spec = importlib.util.spec_from_file_location(
+      "_release", pathlib.Path(__file__).with_name("_release.py"))
+  release = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(release)
+  return release.release_config("emo_1b14b", ModelConfig(), steps=238_419)

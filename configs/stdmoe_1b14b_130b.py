@@ -1,8 +1,14 @@
 """StdMoE 1b14b trained on 130 B tokens (30,995 steps): the ablation baseline.
 
-Shapes and parameter counts, without allocating anything:
+Shapes and parameter counts, without allocating anything; per-device memory on a mesh:
   python -m experiments.describe --config configs/stdmoe_1b14b_130b.py
+  python -m experiments.plan_memory --config configs/stdmoe_1b14b_130b.py --mesh fsdp=16 --chip h100-80gb
+Training (the release's recipe; set data.corpus / data.tokenizer to your corpus):
+  python -m experiments.train --config configs/stdmoe_1b14b_130b.py --workdir workdirs/stdmoe_1b14b_130b
 """
+
+import importlib.util
+import pathlib
 
 import ml_collections
 
@@ -10,8 +16,8 @@ from emo_jax.config import ModelConfig
 
 
 def get_config() -> ml_collections.ConfigDict:
-  config = ml_collections.ConfigDict()
-  config.name = "stdmoe_1b14b_130b"
-  # Every ModelConfig field, overridable on the command line, e.g. --config.model.num_layers=4
-  config.model = ModelConfig(pool=False).to_dict()
-  return config
+  spec = importlib.util.spec_from_file_location(
+      "_release", pathlib.Path(__file__).with_name("_release.py"))
+  release = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(release)
+  return release.release_config("stdmoe_1b14b_130b", ModelConfig(pool=False), steps=30_995)

@@ -12,7 +12,7 @@ from emo_jax.config import ConfigError, ModelConfig, model_config_from
 from emo_jax.model import count_params
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-CONFIGS = sorted((ROOT / "configs").glob("*.py"))
+CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.py") if not p.name.startswith("_"))
 
 
 def load_config(path):
