@@ -41,8 +41,8 @@ def get_config() -> ml_collections.ConfigDict:
       remat=False,
   ).to_dict()
   config.data = DataConfig(corpus="demo", vocab_size=8192, seq_len=256, batch_size=16).to_dict()
-  config.train = TrainConfig(steps=600, learning_rate=3e-3, warmup_steps=60, log_every=20,
-                             eval_every=200, eval_batches=8, checkpoint_every=200).to_dict()
+  config.train = TrainConfig(steps=500, learning_rate=3e-3, warmup_steps=50, log_every=20,
+                             eval_every=250, eval_batches=8, checkpoint_every=250).to_dict()
   # Devices per mesh axis (all 1: one device). E.g. --config.mesh.data=2 --config.mesh.expert=4
   config.mesh = MeshConfig().to_dict()
   return config
