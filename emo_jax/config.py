@@ -117,6 +117,9 @@ class ModelConfig(ConfigMixin):
   # capacity drops, which `capacity` counts.
   expert_backend: str = "capacity"
   capacity_factor: float = 1.25
+  # How tokens reach experts on other devices under expert parallelism (sharding.py):
+  # "all_to_all" (fixed capacity, any backend) or "ragged_all_to_all" (dropless, GPU/TPU).
+  expert_transport: str = "all_to_all"
   attention_impl: str = "xla"
   # Rematerialise each block in the backward pass (saves activation memory).
   remat: bool = True
@@ -165,6 +168,9 @@ def _validate(c: ModelConfig) -> None:
     _fail("compute_dtype", c.compute_dtype, f"allowed values are {sorted(DTYPES)}")
   if c.expert_backend not in EXPERT_BACKENDS:
     _fail("expert_backend", c.expert_backend, f"allowed values are {list(EXPERT_BACKENDS)}")
+  if c.expert_transport not in ("all_to_all", "ragged_all_to_all"):
+    _fail("expert_transport", c.expert_transport,
+          "allowed values are ['all_to_all', 'ragged_all_to_all']")
   if c.attention_impl not in ATTENTION_IMPLS:
     _fail("attention_impl", c.attention_impl, f"allowed values are {list(ATTENTION_IMPLS)}")
   if not c.norm_eps > 0:

@@ -220,7 +220,7 @@ class MoE(nnx.Module):
       y_TxD, dropped = sharding.expert_parallel_ffn(
           x_TxD, ids_TxK, weights_TxK, token_mask_T, self.w_gate[...], self.w_up[...],
           self.w_down[...], mesh=mesh, capacity_factor=cfg.capacity_factor,
-          compute_dtype=cfg.compute_jnp_dtype)
+          compute_dtype=cfg.compute_jnp_dtype, transport=cfg.expert_transport)
     else:
       y_TxD, dropped = experts.routed_experts(
           x_TxD, ids_TxK, weights_TxK, self.w_gate[...][:R], self.w_up[...][:R],

@@ -206,23 +206,40 @@ def check_divisible(num_experts: int, batch_size: int, mesh: Mesh) -> None:
 
 
 # ---- expert parallelism ---------------------------------------------------------------------------
+TRANSPORTS = ("all_to_all", "ragged_all_to_all")
+
+
 def expert_parallel_ffn(x_TxD, ids_TxK, weights_TxK, token_mask_T, w_gate, w_up, w_down, *,
-                        mesh: Mesh, capacity_factor: float, compute_dtype):
+                        mesh: Mesh, capacity_factor: float, compute_dtype,
+                        transport: str = "all_to_all", exchange=None):
   """Routed experts over a mesh: tokens go to the devices holding their experts and back.
 
-  Runs as a shard_map over the whole mesh. Each device dispatches its own tokens into
-  fixed-capacity buffers for every expert of the bank ([E, C, D]), an all_to_all over `expert`
-  hands each device the rows for its E / n experts from every peer, the local slice of the
-  bank runs as one batched matmul, and a second all_to_all returns the rows for combining.
-  The bank passed in is the whole bank (shared experts included, which receive no tokens) so
-  that it splits evenly. Returns (y_TxD, dropped_fraction).
+  Runs as a shard_map over the whole mesh; the bank passed in is the whole bank (shared experts
+  included, which receive no tokens) so that it splits evenly over `expert`. Two transports:
+
+  * "all_to_all": each device dispatches its tokens into fixed-capacity buffers for every
+    expert ([E, C, D]); an all_to_all hands each device the rows for its E / n experts from
+    every peer; the local slice of the bank runs as one batched matmul; a second all_to_all
+    returns the rows. Static shapes everywhere (CPU, GPU, TPU); overflow is dropped and counted.
+  * "ragged_all_to_all": tokens sorted by expert travel as ragged slices (only real rows move),
+    the local experts run as grouped matmuls (`ragged_dot`), and the rows travel back.
+    Dropless. GPU and TPU only: XLA:CPU does not implement ragged_all_to_all. `exchange`
+    replaces the collective (tests pass `emulated_ragged_all_to_all` to run it on CPU).
+
+  Returns (y_TxD, dropped_fraction).
   """
+  if transport not in TRANSPORTS:
+    raise ValueError(f"expert transport {transport!r} unknown; allowed: {list(TRANSPORTS)}")
   E = w_gate.shape[0]
   n = mesh.shape["expert"]
   tokens = P(BATCH_AXES)
   bank = P("expert")
 
   def local(x, ids, weights, mask, wg, wu, wd):
+    if transport == "ragged_all_to_all":
+      y = _ragged_local(x, ids, weights, mask, wg, wu, wd, n=n, compute_dtype=compute_dtype,
+                        exchange=exchange or jax.lax.ragged_all_to_all)
+      return y, jnp.zeros((), jnp.float32)
     T = x.shape[0]
     capacity = experts.expert_capacity(T, ids.shape[-1], E, capacity_factor)
     buffers_ExCxD, info = experts.capacity_dispatch(x, ids, E, capacity, mask)
@@ -242,3 +259,83 @@ def expert_parallel_ffn(x_TxD, ids_TxK, weights_TxK, token_mask_T, w_gate, w_up,
                      in_specs=(tokens, tokens, tokens, tokens, bank, bank, bank),
                      out_specs=(tokens, P()), check_vma=False)
   return fn(x_TxD, ids_TxK, weights_TxK, token_mask_T, w_gate, w_up, w_down)
+
+
+def _exclusive_cumsum(x):
+  return jnp.cumsum(x) - x
+
+
+def _ragged_local(x_TxD, ids_TxK, weights_TxK, mask_T, wg, wu, wd, *, n, compute_dtype,
+                  exchange):
+  """One device's side of the dropless ragged exchange (inside the shard_map)."""
+  T, K = ids_TxK.shape
+  D = x_TxD.shape[1]
+  E_local = wg.shape[0]
+  E = E_local * n
+  A = T * K
+  # Sort this device's assignments by expert: destinations (expert // E_local) become
+  # contiguous and ascending. Padding tokens get the sentinel E and sort to the end, unsent.
+  valid_A = jnp.repeat(mask_T.astype(bool), K)
+  expert_A = jnp.where(valid_A, ids_TxK.reshape(-1), E).astype(jnp.int32)
+  token_A = jnp.repeat(jnp.arange(T, dtype=jnp.int32), K)
+  order_A = jnp.argsort(expert_A, stable=True)
+  x_sorted_AxD = x_TxD[token_A[order_A]].astype(compute_dtype)
+  counts_NxEl = jnp.bincount(expert_A, length=E + 1)[:E].reshape(n, E_local).astype(jnp.int32)
+  send_sizes_N = counts_NxEl.sum(1)
+  send_offsets_N = _exclusive_cumsum(send_sizes_N)
+  # Row i of recv_counts: how many rows peer i sends me for each of my experts.
+  recv_counts_NxEl = jax.lax.all_to_all(counts_NxEl, "expert", 0, 0, tiled=True)
+  recv_sizes_N = recv_counts_NxEl.sum(1)
+  recv_offsets_N = _exclusive_cumsum(recv_sizes_N)
+  # Where my rows land on each peer = the offset that peer reserved for me.
+  remote_offsets_N = jax.lax.all_to_all(recv_offsets_N, "expert", 0, 0, tiled=True)
+  R = A * n  # static bound: every peer sends me all of its rows
+  received_RxD = exchange(x_sorted_AxD, jnp.zeros((R, D), compute_dtype), send_offsets_N,
+                          send_sizes_N, remote_offsets_N, recv_sizes_N, axis_name="expert")
+
+  # Received rows are ordered by (source, local expert); regroup them by local expert.
+  starts = (recv_offsets_N[:, None] + jax.vmap(_exclusive_cumsum)(recv_counts_NxEl)).reshape(-1)
+  rows_R = jnp.arange(R, dtype=jnp.int32)
+  segment_R = jnp.cumsum(jnp.zeros(R + 1, jnp.int32).at[starts].add(1))[:R] - 1
+  valid_R = rows_R < recv_sizes_N.sum()
+  expert_R = jnp.where(valid_R, segment_R % E_local, E_local)
+  order_R = jnp.argsort(expert_R, stable=True)
+  group_sizes = jnp.bincount(expert_R, length=E_local + 1)[:E_local].astype(jnp.int32)
+  h = received_RxD[order_R]
+  gate = jax.lax.ragged_dot(h, wg.astype(compute_dtype), group_sizes)
+  up = jax.lax.ragged_dot(h, wu.astype(compute_dtype), group_sizes)
+  out = jax.lax.ragged_dot(jax.nn.silu(gate) * up, wd.astype(compute_dtype), group_sizes)
+  out = jnp.where(valid_R[order_R][:, None], out, 0)
+  out_RxD = jnp.zeros_like(out).at[order_R].set(out)
+
+  # Send every row back to where it came from, into this device's sorted order.
+  back_offsets_N = jax.lax.all_to_all(send_offsets_N, "expert", 0, 0, tiled=True)
+  returned_AxD = exchange(out_RxD, jnp.zeros((A, D), compute_dtype), recv_offsets_N,
+                          recv_sizes_N, back_offsets_N, send_sizes_N, axis_name="expert")
+  out_TxKxD = jnp.zeros_like(returned_AxD).at[order_A].set(returned_AxD).reshape(T, K, D)
+  weights = jnp.where(valid_A.reshape(T, K), weights_TxK.astype(jnp.float32), 0.0)
+  y = jnp.einsum("tkd,tk->td", out_TxKxD.astype(jnp.float32), weights)
+  return y.astype(compute_dtype)
+
+
+def emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets,
+                               recv_sizes, *, axis_name):
+  """`jax.lax.ragged_all_to_all` built from all_gather, for backends without it (XLA:CPU).
+
+  Same contract (one slice per peer): peer i's slice for me, operand_i[input_offsets_i[me] :
+  + send_sizes_i[me]], is written to output[output_offsets_i[me] :]. Gathers every operand, so
+  it is a test double, not a transport.
+  """
+  del recv_sizes  # implied by the senders' sizes
+  me = jax.lax.axis_index(axis_name)
+  operands = jax.lax.all_gather(operand, axis_name)
+  offsets = jax.lax.all_gather(input_offsets, axis_name)
+  sizes = jax.lax.all_gather(send_sizes, axis_name)
+  targets = jax.lax.all_gather(output_offsets, axis_name)
+  rows = jnp.arange(operand.shape[0])
+  for source in range(operands.shape[0]):
+    start, size, target = offsets[source, me], sizes[source, me], targets[source, me]
+    values = operands[source][jnp.clip(start + rows, 0, operand.shape[0] - 1)]
+    where = jnp.where(rows < size, target + rows, output.shape[0])
+    output = output.at[where].set(values, mode="drop")
+  return output
