@@ -32,6 +32,8 @@ from emo_jax import checkpoint as ckpt_lib
 log = logging.getLogger(__name__)
 
 Path = tuple[str, ...]
+# Largest chunk the writer makes (see ParamWriter._chunks).
+CHUNK_BYTES = 16 * 2**20
 
 
 class CheckpointFormatError(ValueError):
@@ -55,7 +57,8 @@ def _tree_paths(metadata: Mapping[str, Any]) -> list[Path]:
 def _training_step_dir(workdir: pathlib.Path, step: int | None) -> tuple[pathlib.Path, int]:
   checkpoints = workdir / "checkpoints" if (workdir / "checkpoints").is_dir() else workdir
   steps = sorted(int(p.name) for p in checkpoints.iterdir()
-                 if p.name.isdigit() and (p / "state" / "_METADATA").is_file())
+                 if p.name.isdigit() and (p / "state" / "_METADATA").is_file()
+                 ) if checkpoints.is_dir() else []
   if not steps:
     raise FileNotFoundError(
         f"{workdir} holds neither a parameter checkpoint (params/ + model_config.json) nor "
@@ -127,8 +130,12 @@ class ParamSource:
       array = ts.open(spec, open=True, read=True).result()
       chunk = array.chunk_layout.read_chunk.shape or array.shape
       chunk_bytes = int(np.prod(chunk, dtype=np.int64)) * array.dtype.numpy_dtype.itemsize
-      # Room for one decoded chunk: consecutive layer slices of one chunk decode it once.
-      context = ts.Context({"cache_pool": {"total_bytes_limit": chunk_bytes + 2**20}})
+      # A chunk spanning several layers (an unsharded training checkpoint stores a stacked
+      # array as one chunk) is cached, so consecutive layer slices decode it once; chunks of
+      # one layer are not, so nothing but the requested slice stays in memory.
+      spans_layers = path[0] == "blocks" and len(chunk) > 0 and chunk[0] > 1
+      limit = chunk_bytes + 2**20 if spans_layers else 0
+      context = ts.Context({"cache_pool": {"total_bytes_limit": limit}})
       self._open = (path, ts.open(spec, open=True, read=True, context=context).result())
     return self._open[1]
 
@@ -136,10 +143,25 @@ class ParamSource:
     return tuple(self._array(path).shape)
 
   def read(self, path: Path, layer: int | None = None) -> np.ndarray:
-    """The parameter at `path`, or its `[layer]` slice for stacked block parameters."""
+    """The parameter at `path`, or its `[layer]` slice for stacked block parameters.
+
+    Read one stored chunk row at a time into the result, so that tensorstore's decode
+    buffers stay the size of a chunk rather than of the slice.
+    """
     array = self._array(path)
     view = array if layer is None else array[layer]
-    return np.asarray(view.read().result())
+    if view.ndim == 0:
+      return np.asarray(view.read().result())
+    chunk = array.chunk_layout.read_chunk.shape or array.shape
+    step = chunk[0 if layer is None else 1]
+    if step >= view.shape[0]:
+      return np.asarray(view.read().result())
+    n = view.shape[0]
+    out = np.empty(view.shape, view.dtype.numpy_dtype)
+    for start in range(0, n, step):
+      stop = min(start + step, n)  # tensorstore does not clip slices like numpy
+      out[start:stop] = view[start:stop].read().result()
+    return out
 
   def close(self) -> None:
     self._open = None
@@ -167,14 +189,30 @@ class ParamWriter:
                   for p, (s, _) in self._specs.items()}
     self._started = time.time_ns()
 
+  def _chunks(self, path: Path) -> list[int]:
+    """One layer per chunk for stacked arrays, cut further along the next axis to <= CHUNK_BYTES.
+
+    Small chunks, written one after the other, keep tensorstore's buffers small (OCDBT holds
+    a whole write in memory before it lands in a data file).
+    """
+    shape, dtype = self._specs[path]
+    chunks = [1, *shape[1:]] if path[0] == "blocks" else list(shape)
+    axis = 1 if path[0] == "blocks" else 0
+    if axis < len(shape):
+      row = int(np.prod(chunks[axis + 1:], dtype=np.int64)) * dtype.itemsize
+      chunks[axis] = int(max(1, min(shape[axis], CHUNK_BYTES // max(row, 1))))
+    return chunks
+
   def _array(self, path: Path):
     if path not in self._arrays:
       shape, dtype = self._specs[path]
-      chunks = [1, *shape[1:]] if path[0] == "blocks" else list(shape)
+      chunks = self._chunks(path)
       spec = _array_spec(self._base, ".".join(path), zarr3=False)
       spec["metadata"] = {"shape": list(shape), "chunks": chunks, "dtype": _zarr_dtype(dtype),
                           "compressor": {"id": "zstd", "level": 1}}
-      self._arrays[path] = ts.open(spec, create=True, open=False).result()
+      context = ts.Context({"cache_pool": {"total_bytes_limit": 0},
+                            "data_copy_concurrency": {"limit": 1}})
+      self._arrays[path] = ts.open(spec, create=True, open=False, context=context).result()
     return self._arrays[path]
 
   def write(self, path: Path, value: np.ndarray, layer: int | None = None) -> None:
@@ -189,7 +227,15 @@ class ParamWriter:
                        f"shape {value.shape}, expected {want}")
     array = self._array(path)
     target = array if layer is None else array[layer]
-    target.write(value.astype(dtype, copy=False)).result()
+    value = value.astype(dtype, copy=False)
+    if value.ndim == 0:
+      target.write(value).result()
+    else:
+      step = self._chunks(path)[1 if layer is not None else 0]
+      n = value.shape[0]
+      for start in range(0, n, step):  # one chunk row at a time (see _chunks)
+        stop = min(start + step, n)  # tensorstore does not clip slices like numpy
+        target[start:stop].write(value[start:stop]).result()
     self._todo[path].discard(layer)
 
   def close(self, model_config: Mapping[str, Any]) -> None:

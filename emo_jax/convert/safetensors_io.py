@@ -86,7 +86,8 @@ class ShardedWriter:
       offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
-    self._handle = open(self.directory / self._files[s], "wb")  # pylint: disable=consider-using-with
+    # Stays open across write() calls until the shard's last tensor is in.
+    self._handle = open(self.directory / self._files[s], "wb")  # pylint: disable=R1732
     self._handle.write(struct.pack("<Q", len(raw)) + raw)
 
   def write(self, name: str, array: np.ndarray) -> None:
@@ -114,8 +115,9 @@ class ShardedWriter:
       self._handle.close()
     if self._next != len(self._queue):
       s, j = self._queue[self._next]
-      raise SafetensorsError(f"tensor {self._shards[s][j][0]!r} and {len(self._queue) - self._next - 1} "
-                             "more planned tensors were never written")
+      left = len(self._queue) - self._next
+      raise SafetensorsError(f"tensor {self._shards[s][j][0]!r} and {left - 1} more planned "
+                             "tensors were never written")
     weight_map = {name: self._files[s] for s, shard in enumerate(self._shards)
                   for name, _, _ in shard}
     index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}

@@ -27,6 +27,9 @@ import pathlib
 import shutil
 from typing import Iterable
 
+from sentencepiece import sentencepiece_model_pb2
+from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
+
 from emo_jax.data import tokenizer as tokenizer_lib
 
 log = logging.getLogger(__name__)
@@ -67,7 +70,6 @@ def _configs(out: pathlib.Path, *, eos: str, pad: str, unk: str | None,
 
 def byte_tokenizer_json():
   """A `tokenizers.Tokenizer` that encodes exactly like `ByteTokenizer`."""
-  from tokenizers import AddedToken, Tokenizer, decoders, models  # pylint: disable=import-outside-toplevel
   vocab = {"<pad>": tokenizer_lib.ByteTokenizer.pad_id, "<eos>": tokenizer_lib.ByteTokenizer.eos_id}
   vocab.update({f"<0x{b:02X}>": b + 2 for b in range(256)})
   tok = Tokenizer(models.BPE(vocab=vocab, merges=[], byte_fallback=True))
@@ -79,8 +81,6 @@ def byte_tokenizer_json():
 
 def sentencepiece_tokenizer_json(model_path: str | pathlib.Path):
   """A `tokenizers.Tokenizer` equivalent to a SentencePiece BPE model (see module docstring)."""
-  from sentencepiece import sentencepiece_model_pb2  # pylint: disable=import-outside-toplevel
-  from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers  # pylint: disable=import-outside-toplevel
   proto = sentencepiece_model_pb2.ModelProto()
   proto.ParseFromString(pathlib.Path(model_path).read_bytes())
   spec, norm = proto.trainer_spec, proto.normalizer_spec
@@ -158,8 +158,8 @@ def write_tokenizer(source: str, out: str | pathlib.Path, *, model_max_length: i
     check_texts: extra texts (e.g. validation documents) to compare encodings on.
 
   Returns:
-    {"kind", "source", "eos_token_id", "pad_token_id", "bos_token_id", "checked_texts",
-    "texts_encoded_differently", "differences"} (the first few differences, described).
+    {"kind", "source", "vocab_size", "eos_token_id", "pad_token_id", "bos_token_id",
+    "checked_texts", "texts_encoded_differently", "differences"} (the first few, described).
   """
   out = pathlib.Path(out)
   if source == "bytes":
@@ -183,7 +183,6 @@ def write_tokenizer(source: str, out: str | pathlib.Path, *, model_max_length: i
       for name in TOKENIZER_FILES:
         if (folder / name).is_file():
           shutil.copyfile(folder / name, out / name)
-      from tokenizers import Tokenizer  # pylint: disable=import-outside-toplevel
       tok = Tokenizer.from_file(ours.path)
       if not (out / "tokenizer_config.json").is_file():
         _configs(out, eos=tok.id_to_token(ours.eos_id), pad=tok.id_to_token(ours.pad_id),
@@ -196,6 +195,7 @@ def write_tokenizer(source: str, out: str | pathlib.Path, *, model_max_length: i
       log.warning("the exported tokenizer.json encodes %d of %d checked texts differently from "
                   "the model's tokenizer %s, e.g.\n  %s", differ, checked, source,
                   "\n  ".join(examples))
-  return {"kind": kind, "source": str(source), "eos_token_id": int(ours.eos_id),
+  return {"kind": kind, "source": str(source), "vocab_size": int(ours.vocab_size),
+          "eos_token_id": int(ours.eos_id),
           "pad_token_id": int(ours.pad_id), "bos_token_id": None, "checked_texts": checked,
           "texts_encoded_differently": differ, "differences": examples}

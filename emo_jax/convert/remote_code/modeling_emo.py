@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import DynamicCache
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 
 from .configuration_emo import EmoConfig
@@ -363,7 +363,7 @@ class EmoForCausalLM(EmoPreTrainedModel, GenerationMixin):
       output_router_logits = self.config.output_router_logits
     aux_loss = None
     if output_router_logits:
-      experts, shared = _experts_per_layer(self.config)
+      shared = _experts_per_layer(self.config)[1]
       top_k = [self.config.num_experts_per_tok - s for s in shared]
       aux_loss = load_balancing_loss(out.router_logits, shared, top_k)
       if loss is not None and aux_loss is not None:
