@@ -39,8 +39,8 @@ def get_config() -> ml_collections.ConfigDict:
       max_seq_len=256,
       compute_dtype="float32",  # bf16 matmuls are slow on most CPUs; use bfloat16 on GPU/TPU
       remat=False,
-      # Document pools concentrate a row's tokens on fewer experts than a balanced router does:
-      # at 1.25 about a quarter of EMO's assignments overflowed; 2.0 keeps drops small.
+      # A short run's routers stay far from balanced: at 1.25 about a quarter of the
+      # assignments overflowed (EMO and StdMoE alike); 2.0 keeps drops small.
       capacity_factor=2.0,
   ).to_dict()
   config.data = DataConfig(corpus="demo", vocab_size=8192, seq_len=256, batch_size=16).to_dict()
