@@ -105,6 +105,34 @@ class Attention(nnx.Module):
     out = dot_product_attention(q, k, v, attention_mask(segment_ids_BxL), cfg.attention_impl)
     return jnp.einsum("blhk,hkd->bld", out, self.wo[...].astype(cdt))
 
+  def decode(self, x_BxTxD, positions_BxT, k_BxMxGxK, v_BxMxGxK, index, valid_BxM):
+    """Attention of T new tokens at cache slots index..index+T-1 over the cached keys.
+
+    Writes the new keys and values into the cache and returns (out_BxTxD, k_cache, v_cache).
+    A query at slot s sees the slots <= s that hold real tokens (`valid_BxM`, which must
+    already include the new ones): the same keys the full causal forward would see.
+    """
+    cfg = self.cfg
+    cdt = cfg.compute_jnp_dtype
+    T = x_BxTxD.shape[1]
+    M = k_BxMxGxK.shape[1]
+    x = x_BxTxD.astype(cdt)
+    q = jnp.einsum("bld,dhk->blhk", x, self.wq[...].astype(cdt))
+    k = jnp.einsum("bld,dgk->blgk", x, self.wk[...].astype(cdt))
+    v = jnp.einsum("bld,dgk->blgk", x, self.wv[...].astype(cdt))
+    if cfg.qk_norm:
+      q = self.q_norm(q.reshape(*q.shape[:2], -1)).reshape(q.shape)
+      k = self.k_norm(k.reshape(*k.shape[:2], -1)).reshape(k.shape)
+    q = rope(q, positions_BxT, cfg.rope_theta)
+    k = rope(k, positions_BxT, cfg.rope_theta)
+    k_cache = jax.lax.dynamic_update_slice(k_BxMxGxK, k.astype(k_BxMxGxK.dtype), (0, index, 0, 0))
+    v_cache = jax.lax.dynamic_update_slice(v_BxMxGxK, v.astype(v_BxMxGxK.dtype), (0, index, 0, 0))
+    query_slot_T = index + jnp.arange(T)
+    causal_TxM = jnp.arange(M)[None, :] <= query_slot_T[:, None]
+    mask_Bx1xTxM = (causal_TxM[None] & valid_BxM[:, None, :])[:, None]
+    out = dot_product_attention(q, k_cache.astype(cdt), v_cache.astype(cdt), mask_Bx1xTxM)
+    return jnp.einsum("blhk,hkd->bld", out, self.wo[...].astype(cdt)), k_cache, v_cache
+
 
 class Block(nnx.Module):
   """Pre-norm decoder block: attention then MoE (or dense MLP), each with a residual."""
@@ -122,6 +150,15 @@ class Block(nnx.Module):
                       data_axes=data_axes, keep_experts_E=keep_experts_E,
                       collect_routing=collect_routing, mesh=mesh)
     return h + y, aux
+
+  def decode(self, x, positions, valid, k_cache, v_cache, index, *, keep_experts_E=None):
+    """One block on new tokens with a KV cache (inference routing, no pool)."""
+    a, k_cache, v_cache = self.attn.decode(self.attn_norm(x), positions, k_cache, v_cache, index,
+                                           valid["keys"])
+    h = x + a
+    y, _ = self.mlp(self.mlp_norm(h), valid["tokens"].astype(jnp.int32), train=False,
+                    keep_experts_E=keep_experts_E)
+    return h + y, k_cache, v_cache
 
 
 class Transformer(nnx.Module):
@@ -223,6 +260,57 @@ class Transformer(nnx.Module):
     else:
       aux["aux_loss"] = jnp.zeros((), jnp.float32)
     return logits, aux
+
+  # ---- decoding with a KV cache (generate.py) ----------------------------------------------
+  def init_cache(self, batch: int, max_len: int, dtype=None) -> dict:
+    """An empty KV cache for `batch` rows of up to `max_len` tokens.
+
+    k, v: [layers, B, max_len, kv heads, head_dim]; valid: bool [B, max_len] (slot holds a real
+    token); index: int32 scalar, the next slot to write (shared by all rows: prompts are
+    left-padded so every row writes the same slot).
+    """
+    cfg = self.cfg
+    dtype = dtype or cfg.compute_jnp_dtype
+    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+            "valid": jnp.zeros((batch, max_len), bool), "index": jnp.zeros((), jnp.int32)}
+
+  def decode(self, tokens_BxT: jax.Array, positions_BxT: jax.Array, valid_BxT: jax.Array,
+             cache: dict, *, keep_experts: jax.Array | None = None):
+    """Runs T new tokens through the model with a KV cache: (logits_BxTxV, new cache).
+
+    Inference routing only (no document pool; with `eval_pool_size` set the pool would see only
+    the new tokens, so results match the full forward only without it). `valid_BxT` marks real
+    tokens (False for the left padding of shorter prompts: those slots are never attended to).
+    `keep_experts` is the routing mask of `__call__`.
+    """
+    cfg = self.cfg
+    if keep_experts is not None and keep_experts.shape != (cfg.num_layers, cfg.num_routed_experts):
+      raise ValueError(f"keep_experts must be bool [num_layers, routed experts] = "
+                       f"{(cfg.num_layers, cfg.num_routed_experts)}, got {keep_experts.shape}")
+    index = cache["index"]
+    valid_keys = jax.lax.dynamic_update_slice(cache["valid"], valid_BxT.astype(bool), (0, index))
+    valid = {"keys": valid_keys, "tokens": valid_BxT}
+    x = jnp.take(self.embed[...], tokens_BxT, axis=0).astype(cfg.compute_jnp_dtype)
+    graphdef, block_state = nnx.split(self.blocks)
+    keep = (keep_experts if keep_experts is not None else jnp.zeros((cfg.num_layers,), bool))
+
+    def one_block(x, layer):
+      state, k_cache, v_cache, keep_E = layer
+      block = nnx.merge(graphdef, state)
+      x, k_cache, v_cache = block.decode(
+          x, positions_BxT, valid, k_cache, v_cache, index,
+          keep_experts_E=None if keep_experts is None else keep_E)
+      return x, (k_cache, v_cache)
+
+    x, (k, v) = jax.lax.scan(one_block, x, (block_state, cache["k"], cache["v"], keep))
+    x = self.final_norm(x)
+    head = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
+    logits = jnp.einsum("bld,dv->blv", x, head.astype(cfg.compute_jnp_dtype),
+                        preferred_element_type=jnp.float32)
+    new_cache = {"k": k, "v": v, "valid": valid_keys,
+                 "index": index + tokens_BxT.shape[1]}
+    return logits, new_cache
 
 
 def count_params(cfg: ModelConfig) -> dict[str, int]:

@@ -1,0 +1,213 @@
+"""Text generation with a KV cache: greedy, temperature and top-p (nucleus) sampling.
+
+Prompts of a batch are left-padded to a common length so that every row writes the same cache
+slot at every step (one `dynamic_update_slice`, one compiled step function whatever the batch's
+prompt lengths); RoPE positions are per row and padding slots are never attended to, so a padded
+row produces exactly what it would alone. The prompt runs through the model once (prefill), then
+one token per step. Works on full models, on models with an expert routing mask
+(`keep_experts`) and on physically pruned models (selective.prune), which are ordinary models.
+
+The routed experts run dropless here (capacity = all tokens), because capacity drops would make
+a row's output depend on the other rows and on how many tokens a step processes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from emo_jax.config import ModelConfig
+
+
+def inference_config(cfg: ModelConfig) -> ModelConfig:
+  """`cfg` set up for inference: dropless expert capacity, no rematerialisation."""
+  changes: dict[str, Any] = {"remat": False}
+  if cfg.is_moe and cfg.expert_backend == "capacity":
+    changes["capacity_factor"] = max(cfg.capacity_factor,
+                                     cfg.num_routed_experts / cfg.top_k)
+  return cfg.replace(**changes)
+
+
+def build_model(cfg: ModelConfig, params: Any):
+  """(graphdef, params as jax arrays) of the inference model for a parameter tree."""
+  from emo_jax.model import Transformer  # pylint: disable=import-outside-toplevel
+  abstract = nnx.eval_shape(lambda: Transformer(inference_config(cfg), rngs=nnx.Rngs(0)))
+  graphdef, _ = nnx.split(abstract)
+  return graphdef, jax.tree.map(jnp.asarray, params)
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+  """How the next token is picked. temperature 0 = greedy (argmax)."""
+  max_new_tokens: int = 64
+  temperature: float = 0.0
+  top_p: float = 1.0
+  seed: int = 0
+
+  def __post_init__(self):
+    if self.max_new_tokens < 1:
+      raise ValueError(f"max_new_tokens={self.max_new_tokens} must be >= 1")
+    if self.temperature < 0:
+      raise ValueError(f"temperature={self.temperature} must be >= 0 (0 = greedy)")
+    if not 0 < self.top_p <= 1:
+      raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
+
+
+def sample_logits(logits_BxV: jax.Array, key: jax.Array, temperature: float,
+                  top_p: float) -> jax.Array:
+  """Next token ids [B]: argmax when temperature is 0, else top-p sampling at `temperature`."""
+  if temperature == 0.0:
+    return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+  logits = logits_BxV.astype(jnp.float32) / temperature
+  if top_p < 1.0:
+    order_BxV = jnp.argsort(-logits, axis=-1)
+    sorted_logits = jnp.take_along_axis(logits, order_BxV, axis=-1)
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    # Keep the smallest prefix whose mass reaches top_p (the first token is always kept).
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    sorted_logits = jnp.where(mass_before < top_p, sorted_logits, -jnp.inf)
+    choice = jax.random.categorical(key, sorted_logits, axis=-1)
+    return jnp.take_along_axis(order_BxV, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+  return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _prefill(graphdef, params, tokens_BxT, positions_BxT, valid_BxT, cache, keep_experts):
+  model = nnx.merge(graphdef, params)
+  return model.decode(tokens_BxT, positions_BxT, valid_BxT, cache, keep_experts=keep_experts)
+
+
+@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(4,))
+def _step(graphdef, params, token_B, position_B, cache, keep_experts):
+  model = nnx.merge(graphdef, params)
+  B = token_B.shape[0]
+  logits, cache = model.decode(token_B[:, None], position_B[:, None], jnp.ones((B, 1), bool),
+                               cache, keep_experts=keep_experts)
+  return logits[:, 0], cache
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _sample(logits_BxV, key, temperature, top_p):
+  return sample_logits(logits_BxV, key, temperature, top_p)
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int):
+  """(tokens, positions, valid) [B, T] for left-padded prompts (empty prompts are an error)."""
+  if not prompts:
+    raise ValueError("no prompts given")
+  for i, p in enumerate(prompts):
+    if len(p) == 0:
+      raise ValueError(f"prompt {i} is empty; generation needs at least one prompt token")
+  T = max(len(p) for p in prompts)
+  tokens = np.full((len(prompts), T), pad_id, np.int32)
+  positions = np.zeros((len(prompts), T), np.int32)
+  valid = np.zeros((len(prompts), T), bool)
+  for i, p in enumerate(prompts):
+    n = len(p)
+    tokens[i, T - n:] = p
+    positions[i, T - n:] = np.arange(n)
+    valid[i, T - n:] = True
+  return tokens, positions, valid
+
+
+def generate_ids(graphdef, params, prompts: Sequence[Sequence[int]], sampling: SamplingConfig,
+                 *, eos_id: int | None = None, pad_id: int = 0,
+                 keep_experts: np.ndarray | None = None, return_logits: bool = False) -> dict:
+  """Continues each prompt (a list of token ids) by up to `sampling.max_new_tokens` tokens.
+
+  A row stops after it emits `eos_id` (the EOS is kept in its output); the loop stops when every
+  row has stopped. Returns {"tokens": list of generated id lists, "new_tokens": count of
+  generated tokens, "seconds", "tokens_per_s"} (timing excludes compilation of the first call
+  only if the functions were compiled before), plus "logits" [B, steps, V] when asked.
+  """
+  tokens, positions, valid = left_pad(prompts, pad_id)
+  B, T = tokens.shape
+  cache = nnx.merge(graphdef, params).init_cache(B, T + sampling.max_new_tokens)
+  keep = None if keep_experts is None else jnp.asarray(keep_experts, bool)
+  key = jax.random.key(sampling.seed)
+  start = time.perf_counter()
+  logits, cache = _prefill(graphdef, params, jnp.asarray(tokens), jnp.asarray(positions),
+                           jnp.asarray(valid), cache, keep)
+  last = logits[:, -1]
+  next_pos = jnp.asarray(valid.sum(axis=1).astype(np.int32))
+  out = [[] for _ in range(B)]
+  done = np.zeros(B, bool)
+  all_logits = []
+  new_tokens = 0
+  for step in range(sampling.max_new_tokens):
+    key, sub = jax.random.split(key)
+    if return_logits:
+      all_logits.append(np.asarray(last))
+    token = _sample(last, sub, float(sampling.temperature), float(sampling.top_p))
+    token_np = np.asarray(token)
+    for i in range(B):
+      if not done[i]:
+        out[i].append(int(token_np[i]))
+        new_tokens += 1
+        if eos_id is not None and token_np[i] == eos_id:
+          done[i] = True
+    if done.all() or step == sampling.max_new_tokens - 1:
+      break
+    last, cache = _step(graphdef, params, token, next_pos, cache, keep)
+    next_pos = next_pos + 1
+  seconds = time.perf_counter() - start
+  result = {"tokens": out, "new_tokens": new_tokens, "seconds": seconds,
+            "tokens_per_s": new_tokens / max(seconds, 1e-9)}
+  if return_logits:
+    result["logits"] = np.stack(all_logits, axis=1)
+  return result
+
+
+def generate_text(graphdef, params, tokenizer, prompts: Sequence[str], sampling: SamplingConfig,
+                  *, keep_experts: np.ndarray | None = None) -> dict:
+  """`generate_ids` on text prompts; adds "texts" (decoded continuations, EOS dropped)."""
+  ids = [tokenizer.encode(p) for p in prompts]
+  result = generate_ids(graphdef, params, ids, sampling, eos_id=tokenizer.eos_id,
+                        pad_id=tokenizer.pad_id, keep_experts=keep_experts)
+  result["texts"] = [tokenizer.decode([t for t in row if t != tokenizer.eos_id])
+                     for row in result["tokens"]]
+  return result
+
+
+# ---- checkpoints ---------------------------------------------------------------------------------
+SOURCE_FILE = "source.json"  # beside a pruned checkpoint: where it came from, its tokenizer
+
+
+def tokenizer_spec(checkpoint) -> str | None:
+  """The tokenizer of a training workdir or parameter checkpoint: "bytes", a path, or None.
+
+  A pruned checkpoint names it in source.json; otherwise the HF converter's resolution (the
+  run's data config, or the tokenizer folder of an import) is used.
+  """
+  import json
+  import pathlib
+  path = pathlib.Path(checkpoint)
+  if (path / SOURCE_FILE).is_file():
+    return json.loads((path / SOURCE_FILE).read_text()).get("tokenizer")
+  from emo_jax.convert import hf, orbax_io  # pylint: disable=import-outside-toplevel
+  return hf.resolve_tokenizer(orbax_io.ParamSource(path))
+
+
+def load_tokenizer(spec: str):
+  from emo_jax.data import tokenizer as tokenizer_lib  # pylint: disable=import-outside-toplevel
+  if spec == "bytes":
+    return tokenizer_lib.ByteTokenizer()
+  return tokenizer_lib.load_tokenizer(spec)
+
+
+def load_checkpoint(checkpoint, *, tokenizer: str | None = None):
+  """(ModelConfig, graphdef, params, tokenizer or None, tokenizer spec) of a checkpoint."""
+  from emo_jax import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
+  params, model_config = ckpt_lib.load_params(checkpoint)
+  cfg = ModelConfig.from_dict(model_config)
+  spec = tokenizer or tokenizer_spec(checkpoint)
+  tok = load_tokenizer(spec) if spec and spec != "none" else None
+  graphdef, params = build_model(cfg, params)
+  return cfg, graphdef, params, tok, spec
