@@ -22,7 +22,6 @@ This module owns the numbers; `plots.py` draws them and `experiments/cluster.py`
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import functools
 import json
@@ -116,7 +115,9 @@ def routing_features(graphdef, params, cfg, tokens: np.ndarray, lengths: np.ndar
   params = jax.device_put(params)
   segments = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int32)
   positions = np.broadcast_to(np.arange(width, dtype=np.int32), (batch_size, width))
-  out = []
+  # Filled in place: at the paper's scale (1.2 M tokens x 2,032 dims) this is ~10 GB.
+  features = np.empty((int(lengths.sum()), cfg.num_layers * cfg.num_routed_experts), np.float32)
+  row = 0
   start = last_log = time.time()
   for lo in range(0, num_docs, batch_size):
     hi = min(lo + batch_size, num_docs)
@@ -125,19 +126,22 @@ def routing_features(graphdef, params, cfg, tokens: np.ndarray, lengths: np.ndar
     tok[:hi - lo], seg[:hi - lo] = tokens[lo:hi], segments[lo:hi]
     probs = np.asarray(_routing_probs(graphdef, params, tok, seg, positions))
     probs = probs.transpose(1, 2, 0, 3)[:hi - lo]  # [B, L, layers, E]
-    out.append(probs[seg[:hi - lo] > 0].reshape(-1, probs.shape[2] * probs.shape[3]))
+    real = probs[seg[:hi - lo] > 0]
+    features[row:row + len(real)] = real.reshape(len(real), -1)
+    row += len(real)
     if time.time() - last_log > log_every_s:
       last_log = time.time()
       log.info("routing features: %d/%d documents (%.0f s)", hi, num_docs, last_log - start)
   document = np.repeat(np.arange(num_docs), lengths)
   position = np.concatenate([np.arange(n) for n in lengths]) if num_docs else np.zeros(0, int)
-  features = (np.concatenate(out) if out else
-              np.zeros((0, cfg.num_layers * cfg.num_routed_experts), np.float32))
-  return RoutingFeatures(features.astype(np.float32), tokens[segments > 0].astype(np.int64),
-                         document, position, cfg.num_layers, cfg.num_routed_experts, cfg.top_k)
+  return RoutingFeatures(features, tokens[segments > 0].astype(np.int64), document, position,
+                         cfg.num_layers, cfg.num_routed_experts, cfg.top_k)
 
 
 # ---- reduction and clustering ---------------------------------------------------------------
+
+_ROWS_PER_BLOCK = 65_536  # bounds the float32 temporaries of PCA to ~0.5 GB at 2,032 dims
+
 
 @dataclasses.dataclass
 class PCA:
@@ -147,23 +151,41 @@ class PCA:
   kept_variance: float      # sum of `explained` over the kept k
 
   def transform(self, x: np.ndarray) -> np.ndarray:
-    return (x - self.mean) @ self.components.T
+    """Scores [n, k] float32 of rows of the fitted space."""
+    components = self.components.T.astype(np.float32)
+    out = np.empty((x.shape[0], components.shape[1]), np.float32)
+    for lo in range(0, x.shape[0], _ROWS_PER_BLOCK):
+      block = (x[lo:lo + _ROWS_PER_BLOCK] - self.mean).astype(np.float32)
+      out[lo:lo + _ROWS_PER_BLOCK] = block @ components
+    return out
 
 
 def pca(x: np.ndarray, variance: float = 0.95) -> tuple[np.ndarray, PCA]:
   """Mean-centres `x` [n, d] and keeps the fewest principal components explaining `variance`.
 
-  Works on the d x d covariance (float64 eigendecomposition), so the cost grows with n only
-  through one matmul: the paper's 1.2 M tokens x 2,032 dims are fine. Returns (scores [n, k],
-  the fitted PCA).
+  Returns (scores [n, k] float32, the fit); `fit_pca` fits without computing the scores.
+  """
+  fit = fit_pca(x, variance)
+  return fit.transform(x), fit
+
+
+def fit_pca(x: np.ndarray, variance: float = 0.95) -> PCA:
+  """The PCA of `x` [n, d] that keeps the fewest components explaining `variance`.
+
+  Works on the d x d scatter matrix (accumulated in float64 over float32 blocks of rows, then a
+  float64 eigendecomposition), so the cost grows with n only through matmuls: the paper's
+  1.2 M tokens x 2,032 dims fit in memory and time.
   """
   if not 0.0 < variance <= 1.0:
     raise ValueError(f"variance must be in (0, 1], got {variance}")
   if x.ndim != 2 or x.shape[0] < 2:
     raise ValueError(f"pca needs at least 2 rows of a [n, d] matrix, got shape {x.shape}")
   mean = x.mean(axis=0, dtype=np.float64)
-  xc = (x - mean).astype(np.float64)
-  eigval, eigvec = np.linalg.eigh(xc.T @ xc)
+  scatter = np.zeros((x.shape[1], x.shape[1]))
+  for lo in range(0, x.shape[0], _ROWS_PER_BLOCK):
+    block = (x[lo:lo + _ROWS_PER_BLOCK] - mean).astype(np.float32)
+    scatter += block.T @ block
+  eigval, eigvec = np.linalg.eigh(scatter)
   order = np.argsort(eigval)[::-1]
   eigval, eigvec = np.clip(eigval[order], 0.0, None), eigvec[:, order]
   total = eigval.sum()
@@ -171,8 +193,7 @@ def pca(x: np.ndarray, variance: float = 0.95) -> tuple[np.ndarray, PCA]:
   # The fewest components reaching the target (a small tolerance absorbs rounding of sums).
   k = int(np.searchsorted(np.cumsum(explained), variance - 1e-9) + 1) if total > 0 else 1
   k = min(k, x.shape[1])
-  fit = PCA(mean, eigvec[:, :k].T.copy(), explained, float(explained[:k].sum()))
-  return (xc @ fit.components.T).astype(np.float32), fit
+  return PCA(mean, eigvec[:, :k].T.copy(), explained, float(explained[:k].sum()))
 
 
 def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
@@ -184,7 +205,7 @@ def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
 class KMeans:
   labels: np.ndarray     # [n] cluster of each row
   centroids: np.ndarray  # [k, d] unit vectors
-  objective: float       # sum over rows of the cosine similarity to their centroid (higher is better)
+  objective: float       # sum over rows of the cosine similarity to their centroid (maximised)
   iterations: int
   restart: int           # which restart won
 
@@ -231,8 +252,9 @@ def spherical_kmeans(x: np.ndarray, k: int, *, restarts: int = 5, max_iter: int 
       if objective - previous <= tol * n or it == max_iter:
         break
       previous = objective
-      sums = np.zeros_like(centroids)
-      np.add.at(sums, labels, x)
+      one_hot = np.zeros((n, k), np.float32)
+      one_hot[np.arange(n), labels] = 1.0
+      sums = one_hot.T @ x  # a matmul: np.add.at is ~100x slower at a million rows
       counts = np.bincount(labels, minlength=k)
       far = iter(np.argsort(best_sim))
       for j in np.flatnonzero(counts == 0):
@@ -257,9 +279,8 @@ def concentration(labels: np.ndarray, document: np.ndarray) -> np.ndarray:
 def _contingency(a: np.ndarray, b: np.ndarray) -> np.ndarray:
   _, ai = np.unique(a, return_inverse=True)
   _, bi = np.unique(b, return_inverse=True)
-  table = np.zeros((ai.max() + 1, bi.max() + 1), np.int64)
-  np.add.at(table, (ai, bi), 1)
-  return table
+  rows, cols = ai.max() + 1, bi.max() + 1
+  return np.bincount(ai * cols + bi, minlength=rows * cols).reshape(rows, cols)
 
 
 def purity(clusters: np.ndarray, classes: np.ndarray) -> float:
@@ -292,30 +313,38 @@ def cluster_tokens(labels: np.ndarray, token_ids: np.ndarray, k: int, *, top: in
   """Per cluster: its most frequent token ids ([id, count]) and its most enriched ones
   ([id, lift, count], lift = P(token | cluster) / P(token), among tokens seen at least
   `min_count` times in the cluster and over-represented in it, lift > 1)."""
-  overall = collections.Counter(token_ids.tolist())
-  n = len(token_ids)
+  vocab, inverse = np.unique(token_ids, return_inverse=True)
+  table = np.bincount(labels * len(vocab) + inverse,
+                      minlength=k * len(vocab)).reshape(k, len(vocab))   # [cluster, token]
+  overall = table.sum(axis=0) / max(len(token_ids), 1)
   out = []
   for c in range(k):
-    counts = collections.Counter(token_ids[labels == c].tolist())
-    size = sum(counts.values())
-    frequent = [[t, m] for t, m in counts.most_common(top)]
-    ids = [t for t, m in counts.items() if m >= min_count and m / size > overall[t] / n]
-    lifts = [(counts[t] / size) / (overall[t] / n) for t in ids]
-    order = sorted(range(len(ids)), key=lambda i: (-lifts[i], -counts[ids[i]], ids[i]))[:top]
-    out.append({"frequent": frequent,
-                "enriched": [[ids[i], round(lifts[i], 2), counts[ids[i]]] for i in order]})
+    counts, size = table[c], table[c].sum()
+    # Ties go to the smaller token id (a stable sort over ids in increasing order).
+    frequent = [i for i in np.argsort(-counts, kind="stable")[:top] if counts[i] > 0]
+    lift = np.where(counts > 0, counts / max(size, 1) / overall, 0.0)
+    eligible = np.flatnonzero((counts >= min_count) & (lift > 1.0))
+    enriched = eligible[np.lexsort((-counts[eligible], -lift[eligible]))][:top]
+    out.append({"frequent": [[int(vocab[i]), int(counts[i])] for i in frequent],
+                "enriched": [[int(vocab[i]), round(float(lift[i]), 2), int(counts[i])]
+                             for i in enriched]})
   return out
 
 
-def expert_usage(features: RoutingFeatures, token_domain: np.ndarray, num_domains: int) -> np.ndarray:
+def expert_usage(features: RoutingFeatures, token_domain: np.ndarray,
+                 num_domains: int) -> np.ndarray:
   """[layers, domains, experts]: share of a domain's tokens whose top-k routed experts (by the
   unmasked softmax, i.e. the inference routing) include the expert. Rows sum to top_k."""
   probs = features.per_layer()
-  k = min(features.top_k, features.num_experts)
-  top = np.argpartition(-probs, k - 1, axis=-1)[..., :k]           # [T, layers, k]
-  usage = np.zeros((features.num_layers, num_domains, features.num_experts))
+  E = features.num_experts
+  k = min(features.top_k, E)
+  usage = np.zeros((features.num_layers, num_domains, E))
   for layer in range(features.num_layers):
-    np.add.at(usage[layer], (np.repeat(token_domain, k), top[:, layer].reshape(-1)), 1.0)
+    for lo in range(0, probs.shape[0], _ROWS_PER_BLOCK):   # bounded temporaries
+      block = probs[lo:lo + _ROWS_PER_BLOCK, layer]
+      top = np.argpartition(block, E - k, axis=-1)[:, E - k:]    # [rows, k] the k largest
+      index = np.repeat(token_domain[lo:lo + _ROWS_PER_BLOCK], k) * E + top.reshape(-1)
+      usage[layer] += np.bincount(index, minlength=num_domains * E).reshape(num_domains, E)
   per_domain = np.bincount(token_domain, minlength=num_domains).astype(np.float64)
   return usage / np.maximum(per_domain, 1.0)[None, :, None]
 
@@ -370,17 +399,19 @@ def analyse(features: RoutingFeatures, doc_domains: Sequence[str], domains: Sequ
   labels = km.labels
   per_doc = concentration(labels, features.document)
   docs_with_tokens = np.unique(features.document)
-  table = np.zeros((clusters, len(domains)), np.int64)
-  np.add.at(table, (labels, token_domain), 1)
+  table = np.bincount(labels * len(domains) + token_domain,
+                      minlength=clusters * len(domains)).reshape(clusters, len(domains))
   usage = expert_usage(features, token_domain, len(domains))
 
   rng = np.random.default_rng(seed)
   n = len(labels)
-  index = np.sort(rng.choice(n, max_projected, replace=False)) if n > max_projected else np.arange(n)
-  sample = unit[index]
-  _, fit2 = pca(sample, 1.0) if len(index) > 2 else (None, None)
-  projection = (fit2.transform(sample)[:, :2] if fit2 is not None and fit2.components.shape[0] >= 2
-                else np.zeros((len(index), 2)))
+  index = (np.sort(rng.choice(n, max_projected, replace=False)) if n > max_projected
+           else np.arange(n))
+  projection = np.zeros((len(index), 2), np.float32)
+  if len(index) > 2:
+    plane = fit_pca(unit[index], 1.0)
+    plane = dataclasses.replace(plane, components=plane.components[:2])
+    projection[:, :plane.components.shape[0]] = plane.transform(unit[index])
 
   decode = decode or (lambda ids: " ".join(map(str, ids)))
   token_info = cluster_tokens(labels, features.token_ids, clusters, top=top_tokens)
@@ -411,6 +442,8 @@ def analyse(features: RoutingFeatures, doc_domains: Sequence[str], domains: Sequ
       "name": name,
       "concentration": float(per_doc.mean()),
       "purity": purity(labels, token_domain),
+      # Purity of putting every token in one cluster: the largest domain's share of tokens.
+      "purity_one_cluster": float(np.bincount(token_domain).max() / max(n, 1)),
       "nmi": nmi(labels, token_domain),
       "concentration_by_domain": by_domain_conc,
       "num_documents": int(len(docs_with_tokens)),

@@ -61,7 +61,8 @@ def plot_projection(results: Sequence, domains: Sequence[str], path: str | pathl
                    c=[cluster_colors[c] for c in lab])
     for c in np.unique(lab):
       cx, cy = np.median(xy[lab == c], axis=0)
-      row[1].text(cx, cy, str(c), fontsize=8, ha="center", va="center", weight="bold",
+      row[1].text(cx, cy, str(c), fontsize=8 if k <= 12 else 6, ha="center", va="center",
+                  weight="bold",
                   bbox=dict(boxstyle="round,pad=0.15", fc="white", alpha=0.7, lw=0))
     s = r.summary
     row[1].set_title(f"{r.name}: {k} clusters (purity {s['purity']:.2f}, NMI {s['nmi']:.2f})")
@@ -153,6 +154,7 @@ def plot_cluster_domains(results: Sequence, domains: Sequence[str], path: str | 
 def plot_all(results: Sequence, domains: Sequence[str], out_dir: str | pathlib.Path):
   """Every figure of the analysis into out_dir; returns the paths written."""
   out_dir = pathlib.Path(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
   out = [plot_projection(results, domains, out_dir / "projection.png"),
          plot_concentration(results, out_dir / "concentration.png"),
          plot_cluster_domains(results, domains, out_dir / "cluster_domains.png")]
@@ -186,7 +188,7 @@ def plot_training(workdirs: Mapping[str, str | pathlib.Path], path: str | pathli
     ppl_ax.plot([r["step"] for r in val], [r["val_perplexity"] for r in val], "o-",
                 color=color, label=name)
   loss_ax.set(xlabel="step", ylabel="training loss", title="training loss")
-  ppl_ax.set(xlabel="step", ylabel="perplexity", title="validation perplexity", yscale="log")
+  ppl_ax.set(xlabel="step", ylabel="perplexity", title="validation perplexity")
   for ax in (loss_ax, ppl_ax):
     ax.legend()
   return _save(fig, pathlib.Path(path))

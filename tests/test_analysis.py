@@ -37,13 +37,15 @@ def random_model(cfg: ModelConfig, seed: int = 0):
 def planted_clusters(rng, k=5, per=150, dim=24, noise=0.25):
   centres = analysis.l2_normalize(rng.normal(size=(k, dim)))
   truth = np.repeat(np.arange(k), per)
-  x = analysis.l2_normalize(centres[truth] + noise * rng.normal(size=(k * per, dim)) / math.sqrt(dim))
+  noise_vectors = noise * rng.normal(size=(k * per, dim)) / math.sqrt(dim)
+  x = analysis.l2_normalize(centres[truth] + noise_vectors)
   order = rng.permutation(len(truth))
   return x[order].astype(np.float32), truth[order]
 
 
 def test_spherical_kmeans_recovers_planted_clusters():
-  x, truth = planted_clusters(np.random.default_rng(0))
+  # Noisy enough that the k-means++ seeds alone assign only ~90 % of the points right.
+  x, truth = planted_clusters(np.random.default_rng(0), noise=0.5)
   km = analysis.spherical_kmeans(x, 5, restarts=3, seed=1)
   assert analysis.purity(km.labels, truth) == 1.0
   assert analysis.nmi(km.labels, truth) == pytest.approx(1.0)
@@ -52,16 +54,20 @@ def test_spherical_kmeans_recovers_planted_clusters():
   sims = x @ km.centroids.T
   assert km.objective == pytest.approx(float(sims[np.arange(len(x)), km.labels].sum()), rel=1e-5)
   np.testing.assert_array_equal(km.labels, sims.argmax(axis=1))
+  # Converged: each centroid is the normalised mean of its members.
+  means = analysis.l2_normalize(np.stack([x[km.labels == c].mean(0) for c in range(5)]))
+  np.testing.assert_allclose(km.centroids, means, atol=1e-5)
 
 
 def test_spherical_kmeans_is_seeded_and_keeps_the_best_restart():
   x, _ = planted_clusters(np.random.default_rng(1), k=8, per=40, noise=1.5)
-  a = analysis.spherical_kmeans(x, 8, restarts=4, seed=3)
-  b = analysis.spherical_kmeans(x, 8, restarts=4, seed=3)
+  a = analysis.spherical_kmeans(x, 8, restarts=4, seed=2)
+  b = analysis.spherical_kmeans(x, 8, restarts=4, seed=2)
   np.testing.assert_array_equal(a.labels, b.labels)
-  # Restart 0 is the same draw whatever the number of restarts, so more restarts never lose.
-  one = analysis.spherical_kmeans(x, 8, restarts=1, seed=3)
-  assert a.objective >= one.objective
+  # Restart 0 is the same draw whatever the number of restarts; on this data a later restart
+  # finds a better local optimum, and the best one is kept.
+  one = analysis.spherical_kmeans(x, 8, restarts=1, seed=2)
+  assert a.objective > one.objective + 1.0 and a.restart > 0
   every_point = analysis.spherical_kmeans(x[:12], 12, restarts=1)
   assert sorted(every_point.labels.tolist()) == list(range(12))
   assert every_point.objective == pytest.approx(12.0, rel=1e-5)
@@ -82,7 +88,7 @@ def test_pca_keeps_the_requested_variance():
     k = scores.shape[1]
     assert ratios[:k].sum() >= target - 1e-9 and ratios[:k - 1].sum() < target
     assert fit.kept_variance == pytest.approx(ratios[:k].sum(), rel=1e-6)
-    np.testing.assert_allclose(fit.explained, ratios, atol=1e-9)
+    np.testing.assert_allclose(fit.explained, ratios, atol=1e-6)  # float32 blocks
     # Scores are the centred data in orthonormal directions: same variance, mean zero.
     np.testing.assert_allclose(scores.var(axis=0), singular[:k] ** 2 / len(x), rtol=1e-4)
     np.testing.assert_allclose(scores.mean(axis=0), 0.0, atol=1e-3)
@@ -166,9 +172,9 @@ def test_routing_features_come_from_exactly_the_first_100_tokens():
   expected = np.asarray(aux["routing_probs"])[:, 0].transpose(1, 0, 2).reshape(100, -1)
   np.testing.assert_allclose(feats.features[40:], expected, rtol=1e-5, atol=1e-6)
 
-  def features_of(docs, batch_size=4):
+  def features_of(docs):
     t, n = analysis.document_windows(docs, pad_id=0)
-    return analysis.routing_features(graphdef, params, cfg, t, n, batch_size=batch_size).features
+    return analysis.routing_features(graphdef, params, cfg, t, n, batch_size=4).features
 
   changed_late = long[:100] + [(t + 1) % 250 + 2 for t in long[100:]]
   np.testing.assert_array_equal(features_of([short, changed_late]), feats.features)
@@ -178,8 +184,8 @@ def test_routing_features_come_from_exactly_the_first_100_tokens():
   moved = features_of([short, changed_early])
   assert not np.allclose(moved[40 + 50:], feats.features[40 + 50:])
   np.testing.assert_allclose(moved[:40 + 50], feats.features[:40 + 50], rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(features_of([long], batch_size=1), feats.features[40:],
-                             rtol=1e-5, atol=1e-6)
+  alone_in_other_rows = features_of([long, long[:7], changed_early])[:100]
+  np.testing.assert_allclose(alone_in_other_rows, feats.features[40:], rtol=1e-5, atol=1e-6)
 
 
 # ---- the command ------------------------------------------------------------------------------

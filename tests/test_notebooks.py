@@ -6,7 +6,6 @@ writes its runs under EMO_NOTEBOOK_WORKDIR.
 
 import importlib.util
 import json
-import os
 import pathlib
 import sys
 
@@ -21,10 +20,12 @@ pytestmark = pytest.mark.skipif(
 
 
 def _has_hf_export() -> bool:
+  """The Hugging Face export of issue 6: the library module and its command."""
   try:
-    return importlib.util.find_spec("emo_jax.convert.hf") is not None
+    library = importlib.util.find_spec("emo_jax.convert.hf") is not None
   except ModuleNotFoundError:
-    return False
+    library = False
+  return library and (ROOT / "experiments" / "convert.py").is_file()
 
 
 def _kernel_spec(tmp_path: pathlib.Path) -> str:
@@ -71,7 +72,8 @@ def test_notebooks_keep_logic_in_the_library():
             for c in nb["cells"] if c["cell_type"] == "code"]
     assert "EMO_NOTEBOOK_TINY" in code[0], f"{path.name}: the first cell must read the settings"
     assert not any(line.startswith(("def ", "class ")) for src in code
-                   for line in src.splitlines()), f"{path.name} defines functions: move them to emo_jax/"
+                   for line in src.splitlines()), \
+        f"{path.name} defines functions: move them to emo_jax/"
     assert not any(c.get("outputs") for c in nb["cells"] if c["cell_type"] == "code"), \
         f"{path.name} is saved with outputs; clear them"
 
@@ -86,8 +88,9 @@ def test_quickstart_runs(tmp_path, monkeypatch):
   assert len(images) >= 1 + len(report["plots"])  # training curves + every analysis plot
 
 
-@pytest.mark.skipif(not _has_hf_export(), reason="emo_jax.convert.hf (the Hugging Face export, "
-                    "issue 6) is not in this checkout yet; to_pytorch.ipynb needs it")
+@pytest.mark.skipif(not _has_hf_export(), reason="the Hugging Face export (emo_jax/convert/hf.py "
+                    "and experiments/convert.py, issue 6) is not in this checkout yet; "
+                    "to_pytorch.ipynb needs it")
 def test_to_pytorch_runs(tmp_path, monkeypatch):
   nb = run_notebook(NOTEBOOKS / "to_pytorch.ipynb", tmp_path, monkeypatch)
   text = outputs_text(nb)
