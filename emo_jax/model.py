@@ -90,7 +90,8 @@ class Attention(nnx.Module):
       self.q_norm = RMSNorm(H * K, cfg.norm_eps, dt)
       self.k_norm = RMSNorm(G * K, cfg.norm_eps, dt)
 
-  def __call__(self, x_BxLxD, segment_ids_BxL, positions_BxL):
+  def _project(self, x_BxLxD, positions_BxL):
+    """Queries, keys and values of the tokens: projections, optional QK-norm, RoPE."""
     cfg = self.cfg
     cdt = cfg.compute_jnp_dtype
     x = x_BxLxD.astype(cdt)
@@ -100,10 +101,13 @@ class Attention(nnx.Module):
     if cfg.qk_norm:
       q = self.q_norm(q.reshape(*q.shape[:2], -1)).reshape(q.shape)
       k = self.k_norm(k.reshape(*k.shape[:2], -1)).reshape(k.shape)
-    q = rope(q, positions_BxL, cfg.rope_theta)
-    k = rope(k, positions_BxL, cfg.rope_theta)
+    return rope(q, positions_BxL, cfg.rope_theta), rope(k, positions_BxL, cfg.rope_theta), v
+
+  def __call__(self, x_BxLxD, segment_ids_BxL, positions_BxL):
+    cfg = self.cfg
+    q, k, v = self._project(x_BxLxD, positions_BxL)
     out = dot_product_attention(q, k, v, attention_mask(segment_ids_BxL), cfg.attention_impl)
-    return jnp.einsum("blhk,hkd->bld", out, self.wo[...].astype(cdt))
+    return jnp.einsum("blhk,hkd->bld", out, self.wo[...].astype(cfg.compute_jnp_dtype))
 
   def decode(self, x_BxTxD, positions_BxT, k_BxMxGxK, v_BxMxGxK, index, valid_BxM):
     """Attention of T new tokens at cache slots index..index+T-1 over the cached keys.
@@ -116,15 +120,7 @@ class Attention(nnx.Module):
     cdt = cfg.compute_jnp_dtype
     T = x_BxTxD.shape[1]
     M = k_BxMxGxK.shape[1]
-    x = x_BxTxD.astype(cdt)
-    q = jnp.einsum("bld,dhk->blhk", x, self.wq[...].astype(cdt))
-    k = jnp.einsum("bld,dgk->blgk", x, self.wk[...].astype(cdt))
-    v = jnp.einsum("bld,dgk->blgk", x, self.wv[...].astype(cdt))
-    if cfg.qk_norm:
-      q = self.q_norm(q.reshape(*q.shape[:2], -1)).reshape(q.shape)
-      k = self.k_norm(k.reshape(*k.shape[:2], -1)).reshape(k.shape)
-    q = rope(q, positions_BxT, cfg.rope_theta)
-    k = rope(k, positions_BxT, cfg.rope_theta)
+    q, k, v = self._project(x_BxTxD, positions_BxT)
     k_cache = jax.lax.dynamic_update_slice(k_BxMxGxK, k.astype(k_BxMxGxK.dtype), (0, index, 0, 0))
     v_cache = jax.lax.dynamic_update_slice(v_BxMxGxK, v.astype(v_BxMxGxK.dtype), (0, index, 0, 0))
     query_slot_T = index + jnp.arange(T)
