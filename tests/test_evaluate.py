@@ -13,7 +13,7 @@ from emo_jax import evaluate
 from emo_jax.config import ModelConfig
 from emo_jax.data.sources import DataError
 from emo_jax.data.tokenizer import ByteTokenizer
-from emo_jax.model import Transformer
+from random_model import random_params
 
 CFG = ModelConfig(vocab_size=258, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
                   head_dim=8, num_experts=5, num_shared_experts=1, top_k=2, expert_hidden=16,
@@ -24,13 +24,8 @@ TOK = ByteTokenizer()
 
 @functools.lru_cache(maxsize=None)
 def model():
-  abstract = nnx.eval_shape(lambda: Transformer(CFG, rngs=nnx.Rngs(0)))
-  rng = np.random.default_rng(0)
-  params = jax.tree_util.tree_map_with_path(
-      lambda path, x: (np.ones(x.shape, x.dtype) if "norm" in jax.tree_util.keystr(path)
-                       else (CFG.init_std * rng.standard_normal(x.shape)).astype(x.dtype)),
-      nnx.to_pure_dict(nnx.state(abstract)))
-  return nnx.graphdef(abstract), jax.tree.map(jnp.asarray, params)
+  graphdef, params = random_params(CFG)
+  return graphdef, jax.tree.map(jnp.asarray, params)
 
 
 def reference_loglik(graphdef, params, context, continuation):

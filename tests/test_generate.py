@@ -10,7 +10,7 @@ from flax import nnx
 
 from emo_jax import generate, selective
 from emo_jax.config import ModelConfig
-from emo_jax.model import Transformer
+from random_model import random_params
 
 # capacity backend with a small factor: generation must make it dropless by itself.
 CFG = ModelConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -23,12 +23,7 @@ NEW = 7
 
 @functools.lru_cache(maxsize=None)
 def model():
-  abstract = nnx.eval_shape(lambda: Transformer(CFG, rngs=nnx.Rngs(0)))
-  rng = np.random.default_rng(0)
-  params = jax.tree_util.tree_map_with_path(
-      lambda path, x: (np.ones(x.shape, x.dtype) if "norm" in jax.tree_util.keystr(path)
-                       else (CFG.init_std * rng.standard_normal(x.shape)).astype(x.dtype)),
-      nnx.to_pure_dict(nnx.state(abstract)))
+  _, params = random_params(CFG)
   return (params,) + generate.build_model(CFG, params)
 
 
