@@ -23,6 +23,7 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 
 from emo_jax.experts import BACKENDS as EXPERT_BACKENDS
+from emo_jax.experts import RAGGED_DOT_IMPLS
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 ATTENTION_IMPLS = ("xla", "cudnn")
@@ -117,6 +118,9 @@ class ModelConfig(ConfigMixin):
   # capacity drops, which `capacity` counts.
   expert_backend: str = "capacity"
   capacity_factor: float = 1.25
+  # Grouped-matmul kernel of the ragged backend: "auto" (tokamax on GPU/TPU when installed,
+  # megablox on TPU, XLA elsewhere), "xla", "tokamax" or "megablox" (experts.grouped_matmul).
+  ragged_dot_impl: str = "auto"
   # How tokens reach experts on other devices under expert parallelism (sharding.py):
   # "all_to_all" (fixed capacity, any backend) or "ragged_all_to_all" (dropless, GPU/TPU).
   expert_transport: str = "all_to_all"
@@ -168,6 +172,8 @@ def _validate(c: ModelConfig) -> None:
     _fail("compute_dtype", c.compute_dtype, f"allowed values are {sorted(DTYPES)}")
   if c.expert_backend not in EXPERT_BACKENDS:
     _fail("expert_backend", c.expert_backend, f"allowed values are {list(EXPERT_BACKENDS)}")
+  if c.ragged_dot_impl not in RAGGED_DOT_IMPLS:
+    _fail("ragged_dot_impl", c.ragged_dot_impl, f"allowed values are {list(RAGGED_DOT_IMPLS)}")
   if c.expert_transport not in ("all_to_all", "ragged_all_to_all"):
     _fail("expert_transport", c.expert_transport,
           "allowed values are ['all_to_all', 'ragged_all_to_all']")

@@ -12,10 +12,17 @@ function with backends that agree with each other (tests compare them to ``dense
   an expert's capacity C are dropped and counted. It is split into ``capacity_dispatch``,
   ``expert_bank_swiglu`` and ``capacity_combine`` because expert parallelism sends the [E, C, D]
   buffers across devices with ``all_to_all`` between dispatch and combine.
-* ``ragged``: assignments are sorted by expert and the bank runs as a grouped matmul
-  (``jax.lax.ragged_dot``). Dropless. Exact everywhere, but on H100 XLA expands ragged_dot to a
-  dense product (~5 TFLOP/s, see GPU_NOTES.md); a real grouped kernel (tokamax, megablox) is
-  what makes this path fast.
+* ``ragged``: assignments are sorted by expert and the bank runs as a grouped matmul.
+  Dropless. ``ragged_dot_impl`` picks the kernel (``grouped_matmul``): XLA's
+  ``jax.lax.ragged_dot`` (exact everywhere, but on H100 XLA expands it to a dense product,
+  ~5 TFLOP/s, see GPU_NOTES.md), tokamax's Pallas kernels (GPU and TPU) or Pallas megablox
+  (TPU; runs interpreted elsewhere, which is how the tests check it).
+
+Moving rows between token order and expert order is the other half of the cost. Autodiff of a
+gather is a scatter-add, which serialises on GPU when K copies of a token land on one row; the
+permutations here carry custom VJPs that are gathers in both directions (``take_sorted_copies``,
+``permute_rows``, and the slot gathers of the capacity path), because every index map involved
+is a permutation or a K-to-1 map whose inverse is known.
 
 All backends take an optional token mask: padding tokens are not dispatched, take no capacity,
 output exactly zero and do not count in the dropped fraction.
@@ -31,6 +38,8 @@ import jax
 import jax.numpy as jnp
 
 BACKENDS = ("dense", "capacity", "ragged")
+# Grouped-matmul kernels of the ragged backend; "auto" resolves per platform when traced.
+RAGGED_DOT_IMPLS = ("auto", "xla", "tokamax", "megablox")
 
 
 def swiglu(x_TxD, w_gate_DxH, w_up_DxH, w_down_HxD, compute_dtype=jnp.float32):
@@ -73,6 +82,135 @@ def expert_capacity(num_tokens: int, top_k: int, num_experts: int,
   return max(1, min(num_tokens, math.ceil(capacity_factor * num_tokens * top_k / num_experts)))
 
 
+# ---- permutations with gather-only gradients ------------------------------------------------
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def take_sorted_copies(x_TxD, order_A, inverse_A, top_k: int):
+  """``x_TxD[order_A // top_k]``: the K copies of every token, in expert-sorted order.
+
+  ``order_A`` sorts the token-major assignments ``a = t * K + k`` (``inverse_A`` is its inverse
+  permutation). Autodiff would scatter-add the K copies back into x; the custom VJP instead
+  gathers each assignment's cotangent back to token-major order and sums over K.
+  """
+  return x_TxD[order_A // top_k]
+
+
+def _take_sorted_copies_fwd(x_TxD, order_A, inverse_A, top_k):
+  return take_sorted_copies(x_TxD, order_A, inverse_A, top_k), inverse_A
+
+
+def _take_sorted_copies_bwd(top_k, inverse_A, g_AxD):
+  num_tokens = inverse_A.shape[0] // top_k
+  g_TxKxD = g_AxD[inverse_A].reshape(num_tokens, top_k, -1)
+  g_TxD = jnp.sum(g_TxKxD.astype(jnp.float32), axis=1).astype(g_AxD.dtype)
+  return g_TxD, None, None
+
+
+take_sorted_copies.defvjp(_take_sorted_copies_fwd, _take_sorted_copies_bwd)
+
+
+@jax.custom_vjp
+def permute_rows(x_NxD, perm_N, inverse_N):
+  """``x_NxD[perm_N]`` for a permutation whose inverse is known; the VJP is ``g[inverse_N]``.
+
+  Autodiff would produce a scatter into zeros; a permutation's transpose is a gather by the
+  inverse permutation.
+  """
+  return x_NxD[perm_N]
+
+
+def _permute_rows_fwd(x_NxD, perm_N, inverse_N):
+  return x_NxD[perm_N], inverse_N
+
+
+def _permute_rows_bwd(inverse_N, g_NxD):
+  return g_NxD[inverse_N], None, None
+
+
+permute_rows.defvjp(_permute_rows_fwd, _permute_rows_bwd)
+
+
+def inverse_permutation(perm_N):
+  """The inverse of a permutation (an int scatter: no gradient flows through indices)."""
+  n = perm_N.shape[0]
+  return jnp.zeros_like(perm_N).at[perm_N].set(jnp.arange(n, dtype=perm_N.dtype))
+
+
+# ---- grouped matmul kernels ----------------------------------------------------------------
+def resolve_ragged_dot_impl(impl: str) -> str:
+  """"auto" -> the best kernel this platform has: tokamax on GPU/TPU when installed, megablox
+  on TPU otherwise, XLA elsewhere. Explicit choices are returned unchanged."""
+  if impl not in RAGGED_DOT_IMPLS:
+    raise ValueError(f"Unknown ragged_dot_impl {impl!r}; allowed values are "
+                     f"{list(RAGGED_DOT_IMPLS)}.")
+  if impl != "auto":
+    return impl
+  platform = jax.default_backend()
+  if platform in ("gpu", "cuda", "rocm", "tpu"):
+    try:
+      import tokamax  # noqa: F401  (optional dependency)
+      return "tokamax"
+    except ImportError:
+      pass
+  return "megablox" if platform == "tpu" else "xla"
+
+
+def _megablox_tile(dim: int) -> int:
+  """Largest of 128, 64, ..., 8 dividing dim (the kernel needs tiles that divide k and n)."""
+  for tile in (128, 64, 32, 16, 8):
+    if dim % tile == 0:
+      return tile
+  return dim
+
+
+def grouped_matmul(lhs_AxD, rhs_GxDxH, group_sizes_G, *, impl: str = "xla",
+                   preferred_element_type=None):
+  """``out[a] = lhs[a] @ rhs[g(a)]`` where rows come in consecutive groups of ``group_sizes``.
+
+  Every row must belong to a group (``sum(group_sizes) == A``): kernels leave rows past the
+  last group uninitialised (megablox returns NaN there), so callers assign padding rows to a
+  group and zero their outputs afterwards.
+  """
+  impl = resolve_ragged_dot_impl(impl)
+  out_dtype = preferred_element_type or lhs_AxD.dtype
+  if impl == "xla":
+    return jax.lax.ragged_dot(lhs_AxD, rhs_GxDxH, group_sizes_G,
+                              preferred_element_type=out_dtype)
+  if impl == "tokamax":
+    try:
+      import tokamax
+    except ImportError as e:
+      raise ImportError("ragged_dot_impl='tokamax' needs the tokamax package (pip install "
+                        "tokamax; it needs jax >= 0.11.1). Use 'auto' to fall back to XLA "
+                        "when it is missing.") from e
+    # implementation=None: tokamax picks its Mosaic/Triton kernel for the device and shape.
+    return tokamax.ragged_dot(lhs_AxD, rhs_GxDxH, group_sizes_G,
+                              preferred_element_type=out_dtype)
+  from jax.experimental.pallas.ops.tpu.megablox import gmm  # Pallas TPU grouped matmul
+  num_rows, d_in = lhs_AxD.shape
+  tile_m = min(128, -(-num_rows // 8) * 8)
+  padded_rows = -(-num_rows // tile_m) * tile_m
+  if padded_rows != num_rows:
+    # Extra zero rows join the last group, so every row still belongs to one.
+    lhs_AxD = jnp.pad(lhs_AxD, ((0, padded_rows - num_rows), (0, 0)))
+    group_sizes_G = group_sizes_G.at[-1].add(padded_rows - num_rows)
+  tiling = (tile_m, _megablox_tile(d_in), _megablox_tile(rhs_GxDxH.shape[-1]))
+  out = gmm(lhs_AxD, rhs_GxDxH, group_sizes_G.astype(jnp.int32),
+            preferred_element_type=out_dtype, tiling=tiling,
+            interpret=jax.default_backend() != "tpu")
+  return out[:num_rows]
+
+
+def grouped_swiglu(x_sorted_AxD, w_gate_ExDxH, w_up_ExDxH, w_down_ExHxD, group_sizes_E, *,
+                   impl: str, compute_dtype):
+  """The bank's SwiGLU on expert-sorted rows: three grouped matmuls."""
+  cast = lambda w: jnp.asarray(w, compute_dtype)
+  x = jnp.asarray(x_sorted_AxD, compute_dtype)
+  gate_AxH = grouped_matmul(x, cast(w_gate_ExDxH), group_sizes_E, impl=impl)
+  up_AxH = grouped_matmul(x, cast(w_up_ExDxH), group_sizes_E, impl=impl)
+  return grouped_matmul(jax.nn.silu(gate_AxH) * up_AxH, cast(w_down_ExHxD), group_sizes_E,
+                        impl=impl)
+
+
 class DispatchInfo(NamedTuple):
   """What ``capacity_combine`` needs to bring the expert outputs back to their tokens.
 
@@ -83,11 +221,13 @@ class DispatchInfo(NamedTuple):
   slot_TxK: int32, flat slot ``e * C + c`` of assignment (t, k); ``E * C`` (out of range) when
     the assignment was dropped or its token is masked.
   token_of_slot_ExC: int32, which token fills each slot; ``T`` (out of range) for empty slots.
+  choice_of_slot_ExC: int32, which of its token's K choices fills each slot (0 when empty).
   keep_TxK: bool, assignment got a slot.
   dropped_fraction: float32 scalar, dropped / dispatched (unmasked) assignments.
   """
   slot_TxK: jax.Array
   token_of_slot_ExC: jax.Array
+  choice_of_slot_ExC: jax.Array
   keep_TxK: jax.Array
   dropped_fraction: jax.Array
 
@@ -106,6 +246,61 @@ def _rank_within_expert(expert_A, num_groups):
   return jnp.zeros(num_assignments, jnp.int32).at[order_A].set(rank_sorted_A.astype(jnp.int32))
 
 
+@jax.custom_vjp
+def _gather_slots(x_TxD, token_of_slot_S, slot_TxK):
+  """``buffers[s] = x[token_of_slot[s]]`` (zeros for empty slots).
+
+  The VJP is a gather too: token t's gradient is the sum of its K slots' gradients (its
+  dropped choices read the out-of-range slot, i.e. zero). Autodiff would scatter-add instead.
+  """
+  return x_TxD.at[token_of_slot_S].get(mode="fill", fill_value=0)
+
+
+def _gather_slots_fwd(x_TxD, token_of_slot_S, slot_TxK):
+  return _gather_slots(x_TxD, token_of_slot_S, slot_TxK), slot_TxK
+
+
+def _gather_slots_bwd(slot_TxK, g_SxD):
+  g_TxKxD = g_SxD.at[slot_TxK].get(mode="fill", fill_value=0)
+  g_TxD = jnp.sum(g_TxKxD.astype(jnp.float32), axis=1).astype(g_SxD.dtype)
+  return g_TxD, None, None
+
+
+_gather_slots.defvjp(_gather_slots_fwd, _gather_slots_bwd)
+
+
+@jax.custom_vjp
+def _combine_slots(out_SxD, weights_TxK, slot_TxK, token_of_slot_S, choice_of_slot_S):
+  """``y[t] = sum_k weights[t, k] * out[slot[t, k]]`` in float32, in out's dtype.
+
+  The VJP with respect to the slots is a gather (slot s takes its token's output gradient
+  times the weight of the choice that filled it), not the scatter autodiff would emit.
+  """
+  out_TxKxD = out_SxD.at[slot_TxK].get(mode="fill", fill_value=0)
+  y_TxD = jnp.einsum("tkd,tk->td", out_TxKxD.astype(jnp.float32), weights_TxK)
+  return y_TxD.astype(out_SxD.dtype)
+
+
+def _combine_slots_fwd(out_SxD, weights_TxK, slot_TxK, token_of_slot_S, choice_of_slot_S):
+  y_TxD = _combine_slots(out_SxD, weights_TxK, slot_TxK, token_of_slot_S, choice_of_slot_S)
+  return y_TxD, (out_SxD, weights_TxK, slot_TxK, token_of_slot_S, choice_of_slot_S)
+
+
+def _combine_slots_bwd(residuals, g_TxD):
+  out_SxD, weights_TxK, slot_TxK, token_of_slot_S, choice_of_slot_S = residuals
+  g_TxD = g_TxD.astype(jnp.float32)
+  weight_of_slot_S = weights_TxK.at[token_of_slot_S, choice_of_slot_S].get(
+      mode="fill", fill_value=0)
+  g_rows_SxD = g_TxD.at[token_of_slot_S].get(mode="fill", fill_value=0)
+  g_out_SxD = (weight_of_slot_S[:, None] * g_rows_SxD).astype(out_SxD.dtype)
+  out_TxKxD = out_SxD.at[slot_TxK].get(mode="fill", fill_value=0)
+  g_weights_TxK = jnp.einsum("tkd,td->tk", out_TxKxD.astype(jnp.float32), g_TxD)
+  return g_out_SxD, g_weights_TxK.astype(weights_TxK.dtype), None, None, None
+
+
+_combine_slots.defvjp(_combine_slots_fwd, _combine_slots_bwd)
+
+
 def capacity_dispatch(x_TxD, expert_ids_TxK, num_experts: int, capacity: int,
                       token_mask_T=None):
   """Copies each token into its experts' padded buffers: returns (buffers_ExCxD, DispatchInfo).
@@ -113,8 +308,7 @@ def capacity_dispatch(x_TxD, expert_ids_TxK, num_experts: int, capacity: int,
   Priority is GShard's: every token's first choice (k=0) is placed before any second choice,
   and within one k tokens go in order, so overflow drops low-ranked choices of late tokens
   first. Masked tokens get the sentinel expert E and never take a slot. Empty slots hold zeros.
-  The buffers are built by a gather (slot -> token) so the backward pass is a scatter-add into
-  x, which handles a token appearing in K slots.
+  The buffers are built by a gather (slot -> token) whose gradient is a gather as well.
   """
   x_TxD, expert_ids_TxK = jnp.asarray(x_TxD), jnp.asarray(expert_ids_TxK)
   num_tokens, d_model = x_TxD.shape
@@ -124,23 +318,28 @@ def capacity_dispatch(x_TxD, expert_ids_TxK, num_experts: int, capacity: int,
   # k-major flattening puts assignments in priority order: a = k * T + t.
   expert_A = expert_ids_TxK.T.reshape(-1).astype(jnp.int32)
   token_A = jnp.tile(jnp.arange(num_tokens, dtype=jnp.int32), top_k)
+  choice_A = jnp.repeat(jnp.arange(top_k, dtype=jnp.int32), num_tokens)
   valid_A = jnp.tile(token_mask_T.astype(bool), top_k)
   expert_A = jnp.where(valid_A, expert_A, num_experts)
 
   pos_A = _rank_within_expert(expert_A, num_experts + 1)
   keep_A = valid_A & (pos_A < capacity)
-  slot_A = jnp.where(keep_A, expert_A * capacity + pos_A, num_experts * capacity)
+  num_slots = num_experts * capacity
+  slot_A = jnp.where(keep_A, expert_A * capacity + pos_A, num_slots)
   # Out-of-range slots (dropped, masked) are discarded by mode="drop".
-  token_of_slot_S = jnp.full((num_experts * capacity,), num_tokens, jnp.int32)
+  token_of_slot_S = jnp.full((num_slots,), num_tokens, jnp.int32)
   token_of_slot_S = token_of_slot_S.at[slot_A].set(token_A, mode="drop")
+  choice_of_slot_S = jnp.zeros((num_slots,), jnp.int32).at[slot_A].set(choice_A, mode="drop")
+  slot_TxK = slot_A.reshape(top_k, num_tokens).T
   # Empty slots point at token T, which does not exist: filled with zeros.
-  buffers_SxD = x_TxD.at[token_of_slot_S].get(mode="fill", fill_value=0)
+  buffers_SxD = _gather_slots(x_TxD, token_of_slot_S, slot_TxK)
 
   num_valid = jnp.sum(valid_A).astype(jnp.float32)
   num_dropped = jnp.sum(valid_A & ~keep_A).astype(jnp.float32)
   info = DispatchInfo(
-      slot_TxK=slot_A.reshape(top_k, num_tokens).T,
+      slot_TxK=slot_TxK,
       token_of_slot_ExC=token_of_slot_S.reshape(num_experts, capacity),
+      choice_of_slot_ExC=choice_of_slot_S.reshape(num_experts, capacity),
       keep_TxK=keep_A.reshape(top_k, num_tokens).T,
       dropped_fraction=num_dropped / jnp.maximum(num_valid, 1.0),
   )
@@ -157,10 +356,9 @@ def capacity_combine(expert_out_ExCxD, info: DispatchInfo, expert_weights_TxK):
   expert_out_ExCxD = jnp.asarray(expert_out_ExCxD)
   num_experts, capacity, d_model = expert_out_ExCxD.shape
   out_SxD = expert_out_ExCxD.reshape(num_experts * capacity, d_model)
-  out_TxKxD = out_SxD.at[info.slot_TxK].get(mode="fill", fill_value=0)
   weights_TxK = jnp.where(info.keep_TxK, expert_weights_TxK.astype(jnp.float32), 0.0)
-  y_TxD = jnp.einsum("tkd,tk->td", out_TxKxD.astype(jnp.float32), weights_TxK)
-  return y_TxD.astype(expert_out_ExCxD.dtype)
+  return _combine_slots(out_SxD, weights_TxK, info.slot_TxK, info.token_of_slot_ExC.reshape(-1),
+                        info.choice_of_slot_ExC.reshape(-1))
 
 
 def _dense(x_TxD, expert_ids_TxK, expert_weights_TxK, w_gate, w_up, w_down, token_mask_T,
@@ -186,27 +384,27 @@ def _capacity(x_TxD, expert_ids_TxK, expert_weights_TxK, w_gate, w_up, w_down, t
   num_tokens, top_k = expert_ids_TxK.shape
   num_experts = w_gate.shape[0]
   capacity = expert_capacity(num_tokens, top_k, num_experts, capacity_factor)
-  buffers_ExCxD, info = capacity_dispatch(x_TxD, expert_ids_TxK, num_experts, capacity,
-                                          token_mask_T)
+  # Cast before dispatching: the [E, C, D] buffers then move in the compute dtype (half the
+  # bytes in bfloat16), and the cast's gradient brings the result back to x's dtype.
+  buffers_ExCxD, info = capacity_dispatch(jnp.asarray(x_TxD, compute_dtype), expert_ids_TxK,
+                                          num_experts, capacity, token_mask_T)
   out_ExCxD = expert_bank_swiglu(buffers_ExCxD, w_gate, w_up, w_down, compute_dtype)
   return capacity_combine(out_ExCxD, info, expert_weights_TxK), info.dropped_fraction
 
 
 def _ragged(x_TxD, expert_ids_TxK, expert_weights_TxK, w_gate, w_up, w_down, token_mask_T,
-            compute_dtype):
-  """Sort by expert, grouped matmuls with ``jax.lax.ragged_dot``, unsort, weight. Dropless.
+            compute_dtype, ragged_dot_impl="xla"):
+  """Sort by expert, grouped SwiGLU, unsort, weight. Dropless.
 
   Masked assignments get the sentinel expert E, so the stable sort puts them after every real
-  group and ``group_sizes`` (E entries) leaves them out. ragged_dot's rows past
-  ``sum(group_sizes)`` belong to no group (XLA:CPU returns zeros; other backends need not), so
-  their outputs are replaced by zeros with ``where`` rather than trusted or multiplied, which
-  would let a NaN through.
+  group; they are then counted in the last group (kernels leave rows outside every group
+  uninitialised) with their inputs zeroed, so they compute zeros, contribute no gradient and
+  are replaced by exact zeros with ``where`` (never multiplied, which would let a NaN through).
   """
   num_tokens, top_k = expert_ids_TxK.shape
   num_experts = w_gate.shape[0]
   # Token-major flattening: a = t * K + k. Order within a group does not matter when dropless.
   expert_A = expert_ids_TxK.reshape(-1).astype(jnp.int32)
-  token_A = jnp.repeat(jnp.arange(num_tokens, dtype=jnp.int32), top_k)
   if token_mask_T is None:
     valid_A = jnp.ones_like(expert_A, bool)
   else:
@@ -214,18 +412,18 @@ def _ragged(x_TxD, expert_ids_TxK, expert_weights_TxK, w_gate, w_up, w_down, tok
   expert_A = jnp.where(valid_A, expert_A, num_experts)
 
   order_A = jnp.argsort(expert_A, stable=True)
-  group_sizes_E = jnp.bincount(expert_A, length=num_experts + 1)[:num_experts].astype(jnp.int32)
-  x_sorted_AxD = x_TxD[token_A[order_A]].astype(compute_dtype)
-  gate_AxH = jax.lax.ragged_dot(x_sorted_AxD, w_gate.astype(compute_dtype), group_sizes_E)
-  up_AxH = jax.lax.ragged_dot(x_sorted_AxD, w_up.astype(compute_dtype), group_sizes_E)
-  h_AxH = jax.nn.silu(gate_AxH) * up_AxH
-  out_sorted_AxD = jax.lax.ragged_dot(h_AxH, w_down.astype(compute_dtype), group_sizes_E)
-  out_sorted_AxD = jnp.where(valid_A[order_A][:, None], out_sorted_AxD, 0)
+  inverse_A = inverse_permutation(order_A)
+  counts = jnp.bincount(expert_A, length=num_experts + 1).astype(jnp.int32)
+  group_sizes_E = counts[:num_experts].at[-1].add(counts[num_experts])
+  valid_sorted_A = valid_A[order_A][:, None]
+  x_sorted_AxD = take_sorted_copies(jnp.asarray(x_TxD, compute_dtype), order_A, inverse_A,
+                                    top_k)
+  x_sorted_AxD = jnp.where(valid_sorted_A, x_sorted_AxD, 0)
+  out_sorted_AxD = grouped_swiglu(x_sorted_AxD, w_gate, w_up, w_down, group_sizes_E,
+                                  impl=ragged_dot_impl, compute_dtype=compute_dtype)
+  out_sorted_AxD = jnp.where(valid_sorted_A, out_sorted_AxD, 0)
 
-  # Unsort by gathering with the inverse permutation (its backward is a plain scatter).
-  inverse_A = jnp.zeros_like(order_A).at[order_A].set(jnp.arange(order_A.shape[0],
-                                                                 dtype=order_A.dtype))
-  out_TxKxD = out_sorted_AxD[inverse_A].reshape(num_tokens, top_k, -1)
+  out_TxKxD = permute_rows(out_sorted_AxD, inverse_A, order_A).reshape(num_tokens, top_k, -1)
   weights_TxK = jnp.where(valid_A.reshape(num_tokens, top_k),
                           expert_weights_TxK.astype(jnp.float32), 0.0)
   y_TxD = jnp.einsum("tkd,tk->td", out_TxKxD.astype(jnp.float32), weights_TxK)
@@ -261,7 +459,8 @@ def _check_shapes(x_TxD, expert_ids_TxK, expert_weights_TxK, w_gate_ExDxH, w_up_
 
 def routed_experts(x_TxD, expert_ids_TxK, expert_weights_TxK, w_gate_ExDxH, w_up_ExDxH,
                    w_down_ExHxD, *, backend: str, token_mask_T=None,
-                   capacity_factor: float = 1.25, compute_dtype=jnp.float32):
+                   capacity_factor: float = 1.25, compute_dtype=jnp.float32,
+                   ragged_dot_impl: str = "xla"):
   """``y[t] = sum_k w[t, k] * swiglu_{ids[t, k]}(x[t])`` over a bank of E routed experts.
 
   Args:
@@ -275,6 +474,8 @@ def routed_experts(x_TxD, expert_ids_TxK, expert_weights_TxK, w_gate_ExDxH, w_up
       outputs exactly 0, not counted in ``dropped_fraction``.
     capacity_factor: ``capacity`` backend only; see ``expert_capacity``.
     compute_dtype: dtype of the matmuls and of the result.
+    ragged_dot_impl: ``ragged`` backend only: the grouped-matmul kernel, one of
+      ``RAGGED_DOT_IMPLS`` (see ``grouped_matmul``).
 
   Returns:
     (y_TxD in compute_dtype, dropped_fraction): the float32 fraction of unmasked assignments
@@ -294,7 +495,7 @@ def routed_experts(x_TxD, expert_ids_TxK, expert_weights_TxK, w_gate_ExDxH, w_up
   elif backend == "capacity":
     y_TxD, dropped = _capacity(*args, capacity_factor, compute_dtype)
   else:
-    y_TxD, dropped = _ragged(*args, compute_dtype)
+    y_TxD, dropped = _ragged(*args, compute_dtype, ragged_dot_impl)
   if token_mask_T is not None:
     # Exact zeros even if padding rows hold inf/NaN (0 * inf would not be 0).
     y_TxD = jnp.where(token_mask_T[:, None], y_TxD, jnp.zeros((), y_TxD.dtype))

@@ -220,12 +220,14 @@ class MoE(nnx.Module):
       y_TxD, dropped = sharding.expert_parallel_ffn(
           x_TxD, ids_TxK, weights_TxK, token_mask_T, self.w_gate[...], self.w_up[...],
           self.w_down[...], mesh=mesh, capacity_factor=cfg.capacity_factor,
-          compute_dtype=cfg.compute_jnp_dtype, transport=cfg.expert_transport)
+          compute_dtype=cfg.compute_jnp_dtype, transport=cfg.expert_transport,
+          ragged_dot_impl=cfg.ragged_dot_impl)
     else:
       y_TxD, dropped = experts.routed_experts(
           x_TxD, ids_TxK, weights_TxK, self.w_gate[...][:R], self.w_up[...][:R],
           self.w_down[...][:R], backend=cfg.expert_backend, token_mask_T=token_mask_T,
-          capacity_factor=cfg.capacity_factor, compute_dtype=cfg.compute_jnp_dtype)
+          capacity_factor=cfg.capacity_factor, compute_dtype=cfg.compute_jnp_dtype,
+          ragged_dot_impl=cfg.ragged_dot_impl)
     for e in range(R, cfg.num_experts):
       y_TxD = y_TxD + experts.swiglu(x_TxD, self.w_gate[...][e], self.w_up[...][e],
                                      self.w_down[...][e], compute_dtype=cfg.compute_jnp_dtype)

@@ -211,7 +211,8 @@ TRANSPORTS = ("all_to_all", "ragged_all_to_all")
 
 def expert_parallel_ffn(x_TxD, ids_TxK, weights_TxK, token_mask_T, w_gate, w_up, w_down, *,
                         mesh: Mesh, capacity_factor: float, compute_dtype,
-                        transport: str = "all_to_all", exchange=None):
+                        transport: str = "all_to_all", exchange=None,
+                        ragged_dot_impl: str = "xla"):
   """Routed experts over a mesh: tokens go to the devices holding their experts and back.
 
   Runs as a shard_map over the whole mesh; the bank passed in is the whole bank (shared experts
@@ -222,7 +223,8 @@ def expert_parallel_ffn(x_TxD, ids_TxK, weights_TxK, token_mask_T, w_gate, w_up,
     every peer; the local slice of the bank runs as one batched matmul; a second all_to_all
     returns the rows. Static shapes everywhere (CPU, GPU, TPU); overflow is dropped and counted.
   * "ragged_all_to_all": tokens sorted by expert travel as ragged slices (only real rows move),
-    the local experts run as grouped matmuls (`ragged_dot`), and the rows travel back.
+    the local experts run as grouped matmuls (`experts.grouped_matmul` with
+    `ragged_dot_impl`), and the rows travel back.
     Dropless. GPU and TPU only: XLA:CPU does not implement ragged_all_to_all. `exchange`
     replaces the collective (tests pass `emulated_ragged_all_to_all` to run it on CPU).
 
@@ -238,11 +240,14 @@ def expert_parallel_ffn(x_TxD, ids_TxK, weights_TxK, token_mask_T, w_gate, w_up,
   def local(x, ids, weights, mask, wg, wu, wd):
     if transport == "ragged_all_to_all":
       y = _ragged_local(x, ids, weights, mask, wg, wu, wd, n=n, compute_dtype=compute_dtype,
-                        exchange=exchange or jax.lax.ragged_all_to_all)
+                        exchange=exchange or jax.lax.ragged_all_to_all,
+                        ragged_dot_impl=ragged_dot_impl)
       return y, jnp.zeros((), jnp.float32)
     T = x.shape[0]
     capacity = experts.expert_capacity(T, ids.shape[-1], E, capacity_factor)
-    buffers_ExCxD, info = experts.capacity_dispatch(x, ids, E, capacity, mask)
+    # Dispatch in the compute dtype: the buffers are what crosses the network.
+    buffers_ExCxD, info = experts.capacity_dispatch(x.astype(compute_dtype), ids, E, capacity,
+                                                    mask)
     C, D = buffers_ExCxD.shape[1:]
     # Rows j*E/n..(j+1)*E/n go to expert shard j; afterwards row block j holds peer j's tokens.
     received = jax.lax.all_to_all(buffers_ExCxD, "expert", 0, 0, tiled=True)
@@ -266,7 +271,7 @@ def _exclusive_cumsum(x):
 
 
 def _ragged_local(x_TxD, ids_TxK, weights_TxK, mask_T, wg, wu, wd, *, n, compute_dtype,
-                  exchange):
+                  exchange, ragged_dot_impl="xla"):
   """One device's side of the dropless ragged exchange (inside the shard_map)."""
   T, K = ids_TxK.shape
   D = x_TxD.shape[1]
@@ -277,9 +282,9 @@ def _ragged_local(x_TxD, ids_TxK, weights_TxK, mask_T, wg, wu, wd, *, n, compute
   # contiguous and ascending. Padding tokens get the sentinel E and sort to the end, unsent.
   valid_A = jnp.repeat(mask_T.astype(bool), K)
   expert_A = jnp.where(valid_A, ids_TxK.reshape(-1), E).astype(jnp.int32)
-  token_A = jnp.repeat(jnp.arange(T, dtype=jnp.int32), K)
   order_A = jnp.argsort(expert_A, stable=True)
-  x_sorted_AxD = x_TxD[token_A[order_A]].astype(compute_dtype)
+  inverse_A = experts.inverse_permutation(order_A)
+  x_sorted_AxD = experts.take_sorted_copies(x_TxD.astype(compute_dtype), order_A, inverse_A, K)
   counts_NxEl = jnp.bincount(expert_A, length=E + 1)[:E].reshape(n, E_local).astype(jnp.int32)
   send_sizes_N = counts_NxEl.sum(1)
   send_offsets_N = _exclusive_cumsum(send_sizes_N)
@@ -300,19 +305,23 @@ def _ragged_local(x_TxD, ids_TxK, weights_TxK, mask_T, wg, wu, wd, *, n, compute
   valid_R = rows_R < recv_sizes_N.sum()
   expert_R = jnp.where(valid_R, segment_R % E_local, E_local)
   order_R = jnp.argsort(expert_R, stable=True)
-  group_sizes = jnp.bincount(expert_R, length=E_local + 1)[:E_local].astype(jnp.int32)
-  h = received_RxD[order_R]
-  gate = jax.lax.ragged_dot(h, wg.astype(compute_dtype), group_sizes)
-  up = jax.lax.ragged_dot(h, wu.astype(compute_dtype), group_sizes)
-  out = jax.lax.ragged_dot(jax.nn.silu(gate) * up, wd.astype(compute_dtype), group_sizes)
-  out = jnp.where(valid_R[order_R][:, None], out, 0)
-  out_RxD = jnp.zeros_like(out).at[order_R].set(out)
+  inverse_R = experts.inverse_permutation(order_R)
+  # Unused rows join the last group with zero inputs: kernels leave rows outside every group
+  # uninitialised.
+  counts = jnp.bincount(expert_R, length=E_local + 1).astype(jnp.int32)
+  group_sizes = counts[:E_local].at[-1].add(counts[E_local])
+  valid_sorted_R = valid_R[order_R][:, None]
+  h = jnp.where(valid_sorted_R, experts.permute_rows(received_RxD, order_R, inverse_R), 0)
+  out = experts.grouped_swiglu(h, wg, wu, wd, group_sizes, impl=ragged_dot_impl,
+                               compute_dtype=compute_dtype)
+  out = jnp.where(valid_sorted_R, out, 0)
+  out_RxD = experts.permute_rows(out, inverse_R, order_R)
 
   # Send every row back to where it came from, into this device's sorted order.
   back_offsets_N = jax.lax.all_to_all(send_offsets_N, "expert", 0, 0, tiled=True)
   returned_AxD = exchange(out_RxD, jnp.zeros((A, D), compute_dtype), recv_offsets_N,
                           recv_sizes_N, back_offsets_N, send_sizes_N, axis_name="expert")
-  out_TxKxD = jnp.zeros_like(returned_AxD).at[order_A].set(returned_AxD).reshape(T, K, D)
+  out_TxKxD = experts.permute_rows(returned_AxD, inverse_A, order_A).reshape(T, K, D)
   weights = jnp.where(valid_A.reshape(T, K), weights_TxK.astype(jnp.float32), 0.0)
   y = jnp.einsum("tkd,tk->td", out_TxKxD.astype(jnp.float32), weights)
   return y.astype(compute_dtype)
