@@ -29,6 +29,8 @@ setup(
         "matplotlib>=3.8",
     ],
     extras_require={
+        # Grouped-matmul kernels for expert_backend="ragged" on GPU/TPU (needs jax >= 0.11.1).
+        "kernels": ["tokamax>=0.0.17"],
         "test": [
             "pytest>=8",
             # CPU build; later parity tests compare against transformers' PyTorch models.

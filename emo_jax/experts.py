@@ -179,9 +179,11 @@ def grouped_matmul(lhs_AxD, rhs_GxDxH, group_sizes_G, *, impl: str = "xla",
     try:
       import tokamax
     except ImportError as e:
-      raise ImportError("ragged_dot_impl='tokamax' needs the tokamax package (pip install "
-                        "tokamax; it needs jax >= 0.11.1). Use 'auto' to fall back to XLA "
-                        "when it is missing.") from e
+      # tokamax 0.0.17 also imports xprof at import time; a two-file stub is enough
+      # (shared GPU notes), so name the module that failed.
+      raise ImportError(f"ragged_dot_impl='tokamax' could not import tokamax ({e}); pip "
+                        "install tokamax (it needs jax >= 0.11.1), or use 'auto' to fall back "
+                        "to XLA when it is missing.") from e
     # implementation=None: tokamax picks its Mosaic/Triton kernel for the device and shape.
     return tokamax.ragged_dot(lhs_AxD, rhs_GxDxH, group_sizes_G,
                               preferred_element_type=out_dtype)
