@@ -26,7 +26,10 @@ from emo_jax.experts import BACKENDS as EXPERT_BACKENDS
 from emo_jax.experts import RAGGED_DOT_IMPLS
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-ATTENTION_IMPLS = ("xla", "cudnn")
+# Attention kernels (model.segment_attention); "auto" picks per backend at trace time.
+ATTENTION_IMPLS = ("xla", "auto", "jax_xla", "cudnn", "splash")
+# What each rematerialised block keeps for the backward pass (model.checkpoint_policy).
+REMAT_POLICIES = ("full", "dots", "save_attention_and_moe_input", "dots_and_attention", "none")
 
 
 class ConfigError(ValueError):
@@ -124,9 +127,19 @@ class ModelConfig(ConfigMixin):
   # How tokens reach experts on other devices under expert parallelism (sharding.py):
   # "all_to_all" (fixed capacity, any backend) or "ragged_all_to_all" (dropless, GPU/TPU).
   expert_transport: str = "all_to_all"
+  # Attention kernel: "xla" (the einsum reference, every backend), "jax_xla"
+  # (jax.nn.dot_product_attention on XLA), "cudnn" (flash attention over packed documents;
+  # Hopper GPU, bf16/fp16), "splash" (TPU), or "auto" (cudnn on GPU, splash on TPU, xla
+  # elsewhere). All give the reference's numbers. The default stays "xla" until the cuDNN path
+  # has been checked on an H100 (tests/test_model.py, GPU section).
   attention_impl: str = "xla"
   # Rematerialise each block in the backward pass (saves activation memory).
   remat: bool = True
+  # What a rematerialised block keeps (model.checkpoint_policy): "full" (nothing but its
+  # input), "dots" (matmuls without batch dims), "save_attention_and_moe_input",
+  # "dots_and_attention", or "none" (same as remat=False). Not architecture: free to change
+  # on resume.
+  remat_policy: str = "full"
 
   def __post_init__(self):
     _validate(self)
@@ -179,6 +192,9 @@ def _validate(c: ModelConfig) -> None:
           "allowed values are ['all_to_all', 'ragged_all_to_all']")
   if c.attention_impl not in ATTENTION_IMPLS:
     _fail("attention_impl", c.attention_impl, f"allowed values are {list(ATTENTION_IMPLS)}")
+  if c.remat_policy not in REMAT_POLICIES:
+    _fail("remat_policy", c.remat_policy, f"allowed values are {list(REMAT_POLICIES)}",
+          "remat=False alone also turns rematerialisation off")
   if not c.norm_eps > 0:
     _fail("norm_eps", c.norm_eps, "must be > 0")
   if not c.rope_theta > 0:

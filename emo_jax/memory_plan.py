@@ -6,7 +6,9 @@ come exactly from the abstract train state (`jax.eval_shape`) and the sharding r
 sharding.py over an abstract mesh (no device is needed). Activation bytes are an estimate for the
 scanned, rematerialised model: the residual stream saved at every layer boundary, the working set
 of the one layer being recomputed (attention probabilities, the MoE dispatch buffers, the MLP
-hidden units) and the float32 logits of the loss.
+hidden units) and the float32 logits of the loss. It assumes `remat_policy="full"` and the
+"xla" attention: the flash kernels ("cudnn", "splash") hold no [L, L] probabilities, and the
+saving policies ("dots", "save_attention_and_moe_input", ...) keep more of every layer.
 """
 
 from __future__ import annotations

@@ -34,6 +34,8 @@ def load_config(path):
         (dict(compute_dtype="fp8"), "compute_dtype"),
         (dict(expert_backend="megablox"), "expert_backend"),
         (dict(attention_impl="flash"), "attention_impl"),
+        (dict(remat_policy="selective"), "remat_policy"),
+        (dict(remat_policy=None), "remat_policy"),
         (dict(num_shared_experts=128), "num_shared_experts"),
         (dict(head_dim=7), "head_dim"),
         (dict(d_model=0), "d_model"),
@@ -51,6 +53,23 @@ def test_invalid_config_names_the_field(changes, field):
 def test_error_lists_allowed_values():
   with pytest.raises(ConfigError, match=r"\['dense', 'capacity', 'ragged'\]"):
     ModelConfig(expert_backend="megablox")
+
+
+def test_attention_and_remat_choices_validate_and_are_not_architecture():
+  """Every listed kernel and policy is accepted, and none of them pins a checkpoint."""
+  from emo_jax.checkpoint import ARCHITECTURE_FIELDS
+  from emo_jax.config import ATTENTION_IMPLS, REMAT_POLICIES
+  for impl in ATTENTION_IMPLS:
+    ModelConfig(attention_impl=impl)
+  for policy in REMAT_POLICIES:
+    cfg = ModelConfig(remat_policy=policy)
+    assert ModelConfig.from_dict(json.loads(cfg.to_json())) == cfg
+  with pytest.raises(ConfigError, match=r"'dots_and_attention', 'none'\]"):
+    ModelConfig(remat_policy="everything")
+  assert not {"attention_impl", "remat", "remat_policy"} & set(ARCHITECTURE_FIELDS)
+  # Configs saved before remat_policy existed still load (the field has a default).
+  saved = {k: v for k, v in ModelConfig().to_dict().items() if k != "remat_policy"}
+  assert ModelConfig.from_dict(saved).remat_policy == "full"
 
 
 def test_unknown_field_is_an_error():

@@ -1,6 +1,7 @@
 """The decoder: attention, RoPE and norms against NumPy; document isolation; pool behaviour."""
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -257,3 +258,242 @@ def test_routing_probs_and_expert_subset_mask():
   np.testing.assert_allclose(load[:, [1, 4]].sum(-1), 1.0, rtol=1e-6)  # nothing else is used
   plain, _ = forward(model, tokens, segment_ids, positions, None, False)
   np.testing.assert_allclose(np.asarray(full), np.asarray(plain), atol=1e-6)  # all kept = no mask
+
+
+# ---- attention implementations ---------------------------------------------------------------
+def random_packing(rng, B, L):
+  """Segment ids of B rows with random document lengths and one stretch of padding each.
+
+  Even rows end in padding (the packer), odd rows start with it (left-padded prompts); the last
+  row is all padding, whose tokens must still get finite outputs.
+  """
+  segment_ids = np.zeros((B, L), np.int32)
+  for b in range(B - 1):
+    pos = int(rng.integers(1, L // 4)) if b % 2 else 0
+    doc = 0
+    while pos < L:
+      n = min(int(rng.integers(1, L // 3)), L - pos)
+      doc += 1
+      segment_ids[b, pos:pos + n] = doc
+      pos += n
+      if b % 2 == 0 and rng.random() < 0.3:
+        break
+  return segment_ids
+
+
+def attention_and_grads(fn, q, k, v, cotangent):
+  out, vjp = jax.vjp(fn, q, k, v)
+  return (out, *vjp(cotangent.astype(out.dtype)))
+
+
+def assert_close(got, want, tol):
+  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+  assert np.all(np.isfinite(got))
+  err = np.linalg.norm(got - want) / np.linalg.norm(want)
+  assert err < tol, f"relative error {err:.2e} >= {tol}"
+
+
+@jax.jit
+def reference_and_grads(q, k, v, cotangent, segment_ids):
+  """The float32 reference output and gradients (one compiled call: eager ops compile each)."""
+  mask = model_lib.attention_mask(segment_ids)
+  return attention_and_grads(lambda q, k, v: model_lib.dot_product_attention(q, k, v, mask),
+                             *(x.astype(jnp.float32) for x in (q, k, v, cotangent)))
+
+
+def qkv_and_reference(B, L, H, G, K, dtype, seed):
+  """Random q, k, v and cotangent in `dtype`, a packing, and the reference."""
+  rng = np.random.default_rng(seed)
+  segment_ids = random_packing(rng, B, L)
+  args = tuple(jnp.asarray(rng.normal(size=(B, L, n, K)), dtype) for n in (H, G, G, H))
+  return args, segment_ids, reference_and_grads(*args, segment_ids)
+
+
+def test_segment_runs_cover_every_token():
+  segment_ids = np.array([[1, 1, 2, 2, 2, 0, 0], [0, 0, 1, 1, 1, 1, 1], [3, 0, 0, 0, 0, 0, 0]])
+  runs = jax.jit(model_lib.segment_runs, static_argnums=1)
+  starts, lengths = runs(segment_ids, 3)
+  np.testing.assert_array_equal(starts, [[0, 2, 5], [0, 2, -1], [0, 1, -1]])
+  np.testing.assert_array_equal(lengths, [[2, 3, 2], [2, 5, -1], [1, 6, -1]])
+  # More runs than slots: the surplus joins the last run, so no token is left out.
+  starts, lengths = runs(segment_ids[:1], 2)
+  np.testing.assert_array_equal(lengths, [[2, 5]])
+
+
+# splash needs rows of a multiple of 128 tokens; it runs in Pallas interpret mode on CPU (a few
+# seconds, hence float32 only: its bfloat16 numerics are the TPU's business), on a 2 x 2 mesh
+# of rows and heads as in a sharded run.
+@pytest.mark.parametrize("impl, dtype, tol", [("jax_xla", "float32", 1e-5),
+                                              ("jax_xla", "bfloat16", 2e-2),
+                                              ("splash", "float32", 1e-5)])
+def test_attention_impls_equal_the_reference(impl, dtype, tol):
+  args, segment_ids, want = qkv_and_reference(4, 128, 4, 2, 8, jnp.dtype(dtype), seed=13)
+  mesh = None
+  if impl == "splash":
+    from emo_jax.sharding import MeshConfig, make_mesh
+    mesh = make_mesh(MeshConfig(data=2, tensor=2), jax.devices()[:4])
+  fn = lambda q, k, v: model_lib.segment_attention(q, k, v, segment_ids, impl, mesh=mesh,
+                                                   interpret=True)
+  got = jax.jit(lambda *a: attention_and_grads(fn, *a))(*args)
+  assert got[0].dtype == jnp.dtype(dtype)
+  for g, w in zip(got, want):  # output, dq, dk, dv
+    assert_close(g, w, tol)
+
+
+def emulate_cudnn_packed(q, k, v, seqlens, q_offsets, kv_offsets):
+  """cuDNN's packed-layout attention in NumPy, from the flat arguments its kernel receives.
+
+  Sequence s starts at element q_offsets[s] of the flattened BTNH query (kv_offsets[s] of the
+  keys) and spans seqlens[s] tokens; a padding-causal mask applies inside it. Outputs outside
+  every sequence stay NaN, so a token left out shows up.
+  """
+  B, L, H, K = q.shape
+  G = k.shape[2]
+  q_flat, k_flat, v_flat = (np.asarray(x, np.float64).reshape(-1) for x in (q, k, v))
+  out = np.full(q.size, np.nan)
+  for n, qo, ko in zip(seqlens, q_offsets, kv_offsets):
+    if n <= 0:
+      continue
+    qs = q_flat[qo:qo + n * H * K].reshape(n, H, K)
+    ks = k_flat[ko:ko + n * G * K].reshape(n, G, K)
+    vs = v_flat[ko:ko + n * G * K].reshape(n, G, K)
+    for h in range(H):
+      logits = qs[:, h] @ ks[:, h // (H // G)].T / np.sqrt(K)
+      logits = np.where(np.tril(np.ones((n, n), bool)), logits, -np.inf)
+      p = np.exp(logits - logits.max(-1, keepdims=True))
+      o = (p / p.sum(-1, keepdims=True)) @ vs[:, h // (H // G)]
+      for i in range(n):
+        start = qo + (i * H + h) * K
+        out[start:start + K] = o[i]
+  return out.reshape(q.shape)
+
+
+def test_cudnn_packed_layout_equals_the_reference():
+  """Our runs, through jax's own offset conversion, give the reference under cuDNN's rules."""
+  from jax._src.cudnn import fused_attention_stablehlo as cudnn_fa
+  (q, k, v, _), segment_ids, want = qkv_and_reference(4, 32, 4, 2, 8, jnp.float32, seed=14)
+
+  @jax.jit
+  def cudnn_arguments(q, k, v, segment_ids):
+    q, k, v, seqlens, offsets = model_lib.cudnn_packed_arguments(q, k, v, segment_ids, 12)
+    seqlens, _, q_offsets, kv_offsets = cudnn_fa._fix_seqlen_offsets(seqlens, seqlens, offsets,
+                                                                     offsets, q, k)
+    return q, k, v, seqlens, q_offsets, kv_offsets
+
+  q, k, v, seqlens, q_offsets, kv_offsets = cudnn_arguments(q, k, v, segment_ids)
+  flat = lambda x: np.asarray(x).reshape(-1)
+  got = emulate_cudnn_packed(q, k, v, flat(seqlens), flat(q_offsets), flat(kv_offsets))
+  np.testing.assert_allclose(got, np.asarray(want[0]), atol=1e-5)
+
+
+def test_fast_paths_off_their_hardware_are_clear_errors():
+  q = jnp.zeros((1, 128, 2, 8), jnp.bfloat16)
+  segment_ids = jnp.ones((1, 128), jnp.int32)
+  if jax.default_backend() != "gpu":
+    with pytest.raises(ValueError, match=re.escape(
+        "attention_impl='cudnn' needs an NVIDIA GPU with cuDNN; use 'xla' or 'auto'")):
+      model_lib.segment_attention(q, q, q, segment_ids, "cudnn")
+  if jax.default_backend() != "tpu":
+    with pytest.raises(ValueError, match=r"attention_impl='splash' needs a TPU"):
+      model_lib.segment_attention(q, q, q, segment_ids, "splash")
+  if jax.default_backend() == "cpu":
+    assert model_lib.resolve_attention_impl("auto", jnp.bfloat16, 128, 4096) == "xla"
+
+
+def test_cudnn_path_lowers_for_gpu_without_a_mask(monkeypatch):
+  """The whole model's gradient lowers to cuDNN flash attention for a CUDA target, from CPU.
+
+  No bias operand (no [B, 1, L, L] mask in memory), the padding-causal mask over packed
+  sequences, and remat policies that keep the attention kernel's outputs run it once.
+  """
+  from jax._src.cudnn import fused_attention_stablehlo as cudnn_fa
+  monkeypatch.setattr(cudnn_fa, "check_cudnn_version", lambda: 91000)
+  monkeypatch.setattr(cudnn_fa, "check_compute_capability", lambda capability: True)
+  monkeypatch.setattr(model_lib, "_cudnn_problem", lambda dtype, head_dim: None)
+  rng = np.random.default_rng(15)
+  tokens, segment_ids, positions = packed_batch(rng, [9, 5], 16, TINY.vocab_size)
+  params = nnx.state(make_model(TINY))
+  for policy, forward_calls in (("full", 2), ("save_attention_and_moe_input", 1)):
+    cfg = TINY.replace(compute_dtype="bfloat16", attention_impl="cudnn", remat_policy=policy)
+    graphdef = abstract_graphdef(cfg)
+
+    def loss(params):
+      logits, aux = nnx.merge(graphdef, params)(tokens, segment_ids, positions, train=True,
+                                                rng=jax.random.key(0))
+      return jnp.mean(logits) + aux["aux_loss"]
+
+    hlo = jax.jit(jax.grad(loss)).trace(params).lower(lowering_platforms=("cuda",)).as_text()
+    assert hlo.count("custom_call @__cudnn$fmhaSoftmax(") == forward_calls, policy
+    assert hlo.count("custom_call @__cudnn$fmhaSoftmaxBackward(") == 1
+    assert "Bias" not in hlo and "PADDING_CAUSAL" in hlo
+
+
+# ---- rematerialisation ---------------------------------------------------------------------
+def abstract_graphdef(cfg: ModelConfig):
+  """The graph of a model with `cfg`, from shapes only (no initialisation)."""
+  return nnx.graphdef(nnx.eval_shape(lambda: model_lib.Transformer(cfg, rngs=nnx.Rngs(0))))
+
+
+def test_remat_policies_equal_no_remat():
+  """Loss and gradients of every policy equal remat=False (float32, tight tolerance).
+
+  All variants run in one compiled program at XLA optimisation level 0: compiling five
+  gradients one by one would take most of a minute on two cores.
+  """
+  rng = np.random.default_rng(16)
+  tokens, segment_ids, positions = packed_batch(rng, [9, 7], 16, TINY.vocab_size)
+  params = nnx.state(make_model(TINY))
+  policies = ("full", "dots", "save_attention_and_moe_input", "dots_and_attention", "none")
+  graphdefs = [abstract_graphdef(TINY.replace(remat=False))]
+  graphdefs += [abstract_graphdef(TINY.replace(remat_policy=p)) for p in policies]
+
+  def all_losses_and_grads(params):
+    results = []
+    for graphdef in graphdefs:
+      def loss_fn(params):
+        logits, aux = nnx.merge(graphdef, params)(tokens, segment_ids, positions, train=True,
+                                                  rng=jax.random.key(4))
+        return jnp.mean(logits * jnp.cos(logits)) + aux["aux_loss"]
+      results.append(jax.value_and_grad(loss_fn)(params))
+    return results
+
+  compiled = jax.jit(all_losses_and_grads).trace(params).lower().compile(
+      compiler_options={"xla_backend_optimization_level": 0})
+  (want_loss, want_grads), *results = compiled(params)
+  for policy, (loss, grads) in zip(policies, results):
+    np.testing.assert_allclose(float(loss), float(want_loss), rtol=1e-6, err_msg=policy)
+    for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
+      np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-7,
+                                 err_msg=policy)
+
+
+# ---- GPU checks (skipped elsewhere): run `python -m pytest tests/test_model.py -k gpu` -------
+on_gpu = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
+
+
+@on_gpu
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_cudnn_equals_the_reference_on_gpu(kv_heads):
+  args, segment_ids, want = qkv_and_reference(2, 1024, 4, kv_heads, 128, jnp.bfloat16, seed=17)
+  fn = lambda q, k, v: model_lib.segment_attention(q, k, v, segment_ids, "cudnn", max_runs=64)
+  got = jax.jit(lambda *a: attention_and_grads(fn, *a))(*args)
+  for g, w in zip(got, want):
+    assert_close(g, w, 2e-2)
+
+
+@on_gpu
+def test_cudnn_model_equals_xla_on_gpu():
+  rng = np.random.default_rng(18)
+  tokens, segment_ids, positions = packed_batch(rng, [40, 30, 20], 128, TINY.vocab_size)
+  cfg = TINY.replace(compute_dtype="bfloat16", head_dim=64, remat_policy="dots_and_attention")
+  results = []
+  for impl in ("xla", "auto", "cudnn"):
+    model = make_model(cfg.replace(attention_impl=impl))
+    if results:
+      nnx.update(model, nnx.state(make_model(cfg.replace(attention_impl="xla"))))
+    results.append(nnx.jit(nnx.value_and_grad(lambda m: jnp.mean(
+        m(tokens, segment_ids, positions, train=True, rng=jax.random.key(0))[0])))(model))
+  for loss, grads in results[1:]:
+    np.testing.assert_allclose(float(loss), float(results[0][0]), rtol=2e-2)
+    for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(results[0][1])):
+      assert_close(g, w, 5e-2)
