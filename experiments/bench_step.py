@@ -1,0 +1,617 @@
+"""Training-step throughput of emo_jax next to its PyTorch peer, measured side by side in one run.
+
+  python -m experiments.bench_step --config configs/tiny.py --json_out /tmp/bench_tiny.json
+  python -m experiments.bench_step --config configs/demo.py --steps 10
+  # the issue's H100 comparison: EMO width, 4 layers, batch 2 x 4096, bf16 weights on both sides
+  python -m experiments.bench_step --config configs/emo_1b14b.py --layers 4 --batch 2 \
+      --seq_len 4096 --param_dtype bfloat16
+
+One run measures, each in its own subprocess unless --noisolate (so every peak-memory figure
+belongs to one measurement, and JAX's GPU preallocation cannot starve PyTorch):
+* a dense matmul in the model's compute dtype: this chip's practical ceiling, in this run;
+* emo_jax's real training step (`emo_jax.train.init_state` / `train_step`, jitted with the
+  state donated) for each expert backend, on a random batch in the data pipeline's layout (a few
+  documents per row, positions restarting per document) so the document pool does real work;
+* the PyTorch peer: transformers' `Qwen2MoeForCausalLM` of the same shape (routed experts +
+  shared expert, top-k, load-balancing loss), AdamW with the same hyper-parameters.
+Both sides count every position of the batch as a token and use one FLOP count
+(`emo_jax.metrics.flops_per_token`), so tokens/s, MFU and the ratio compare like with like. Both
+use a constant learning rate and no gradient accumulation: speed, not the schedule, is measured.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import importlib.metadata
+import importlib.util
+import json
+import os
+import pathlib
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Mapping, Sequence
+
+# Read when a JAX backend starts: without it the first JAX process on a GPU takes 75 % of its
+# memory and PyTorch, measured later, would run out. An explicit user setting wins.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from emo_jax import experts as experts_lib  # noqa: E402
+from emo_jax import metrics as metrics_lib  # noqa: E402
+from emo_jax import train as train_lib  # noqa: E402
+from emo_jax.config import DTYPES, ModelConfig, model_config_from  # noqa: E402
+from emo_jax.model import count_params  # noqa: E402
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+# Every expert on every token: the correctness reference, measured only when asked for.
+REFERENCE_BACKEND = "dense"
+DOCUMENTS_PER_ROW = 3
+
+
+def _log(message: str) -> None:
+  """One progress line per phase on stderr (children inherit it, so their lines show too)."""
+  print(f"[bench_step {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+# ---- what to measure ------------------------------------------------------------------------
+def load_config(path: str | os.PathLike):
+  """The experiment config (ml_collections) of a config file, as --config would load it."""
+  spec = importlib.util.spec_from_file_location(f"_bench_config_{pathlib.Path(path).stem}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def parse_backends(names: Sequence[str] | None, cfg: ModelConfig) -> list[tuple[str, dict]]:
+  """(label, ModelConfig changes) per requested backend, `name` or `name:ragged_dot_impl`.
+
+  The allowed names are read from `emo_jax.experts.BACKENDS` at call time so that a backend
+  added there is benchmarkable without touching this file. By default: the config's own
+  backend, then every other one except the dense reference.
+  """
+  backends = tuple(experts_lib.BACKENDS)
+  if not names:
+    names = [cfg.expert_backend] + [b for b in backends
+                                    if b not in (REFERENCE_BACKEND, cfg.expert_backend)]
+  fields = {f.name for f in dataclasses.fields(ModelConfig)}
+  parsed, seen = [], set()
+  for entry in names:
+    entry = entry.strip()
+    name, has_impl, impl = entry.partition(":")
+    if name not in backends:
+      raise ValueError(f"--backends: unknown expert backend {name!r} in {entry!r}; allowed names "
+                       f"are {list(backends)} (emo_jax.experts.BACKENDS), each optionally as "
+                       "name:ragged_dot_impl")
+    changes = {"expert_backend": name}
+    if has_impl:
+      if "ragged_dot_impl" not in fields:
+        raise ValueError(f"--backends: {entry!r} selects a ragged_dot implementation, but this "
+                         "emo_jax's ModelConfig has no field 'ragged_dot_impl'; pass the plain "
+                         f"backend name {name!r}")
+      if not impl:
+        raise ValueError(f"--backends: {entry!r} has an empty implementation after ':'")
+      changes["ragged_dot_impl"] = impl
+    if entry not in seen:
+      seen.add(entry)
+      parsed.append((entry, changes))
+  return parsed
+
+
+def random_batch(cfg: ModelConfig, batch: int, seq_len: int, seed: int = 0) -> dict:
+  """A packed batch in the data pipeline's layout (emo_jax/data/pipeline.py), random tokens.
+
+  Each row holds a few documents of random lengths, so attention masks and the document pool
+  see several segments; targets are the next token of the same document and the last token of
+  each document has no target, as the packer writes them.
+  """
+  rng = np.random.default_rng(seed)
+  docs = max(1, min(DOCUMENTS_PER_ROW, cfg.max_segments, seq_len))
+  tokens = rng.integers(0, cfg.vocab_size, (batch, seq_len), dtype=np.int32)
+  segment_ids = np.zeros((batch, seq_len), np.int32)
+  positions = np.zeros((batch, seq_len), np.int32)
+  for row in range(batch):
+    cuts = np.sort(rng.choice(np.arange(1, seq_len), docs - 1, replace=False)) if docs > 1 else []
+    for segment, (start, stop) in enumerate(zip([0, *cuts], [*cuts, seq_len]), start=1):
+      segment_ids[row, start:stop] = segment
+      positions[row, start:stop] = np.arange(stop - start)
+  same_next = np.zeros((batch, seq_len), bool)
+  same_next[:, :-1] = segment_ids[:, 1:] == segment_ids[:, :-1]
+  targets = np.where(same_next, np.roll(tokens, -1, axis=1), 0).astype(np.int32)
+  return {"tokens": tokens, "targets": targets, "segment_ids": segment_ids,
+          "positions": positions, "loss_mask": same_next.astype(np.float32)}
+
+
+def bench_train_config(train: Mapping[str, Any] | None) -> train_lib.TrainConfig:
+  """The experiment's optimiser at a constant learning rate, one micro-batch per step.
+
+  Warm-up would make the first steps' updates near zero and accumulation would change what a
+  "step" is; the PyTorch peer gets exactly these hyper-parameters.
+  """
+  tc = train_lib.TrainConfig.from_dict(train or {})
+  return tc.replace(schedule="constant", warmup_steps=0, grad_accum_steps=1)
+
+
+# ---- measurements (each runs in-process, or in a child with --isolate) ------------------------
+def device_info() -> dict:
+  """The first JAX device and the host, as a reader of the JSON needs to trust a figure."""
+  device = jax.devices()[0]
+  cpu = platform.processor() or platform.machine()
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+      cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), cpu)
+  except OSError:
+    pass
+  return {"platform": device.platform, "device_kind": device.device_kind, "cpu": cpu,
+          "cpu_count": os.cpu_count(), "peak_bf16_flops": metrics_lib.device_peak_flops() or None}
+
+
+def _max_rss_bytes() -> int:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _peak_device_bytes(device) -> int | None:
+  stats = device.memory_stats()  # None on CPU
+  return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
+
+
+def measure_matmul(size: int | None, dtype: str, min_seconds: float = 0.5) -> dict:
+  """FLOP/s of one dense size^3 matmul in `dtype` on the first device: the run's ceiling.
+
+  `size` None picks 8192 on accelerators and 1024 on CPU (where 8192^3 takes seconds).
+  """
+  device = jax.devices()[0]
+  size = size or (1024 if device.platform == "cpu" else 8192)
+  _log(f"matmul ceiling: {size}^3 {dtype} on {device.device_kind}")
+  keys = jax.random.split(jax.random.key(0))
+  a, b = (jax.device_put(jax.random.normal(k, (size, size), DTYPES[dtype]), device) for k in keys)
+  matmul = jax.jit(jnp.matmul)
+  matmul(a, b).block_until_ready()
+  reps, start = 0, time.perf_counter()
+  while reps < 3 or time.perf_counter() - start < min_seconds:
+    out = matmul(a, b)
+    reps += 1
+  out.block_until_ready()
+  seconds = (time.perf_counter() - start) / reps
+  return {"size": size, "dtype": dtype, "seconds": seconds, "flops_per_s": 2 * size**3 / seconds,
+          "device": device_info()}
+
+
+def measure_emo_jax(cfg: ModelConfig, tc: train_lib.TrainConfig, batch: int, seq_len: int, *,
+                    steps: int, warmup: int, seed: int = 0) -> dict:
+  """emo_jax's training step on one device: compile, `warmup` steps, then `steps` timed."""
+  device = jax.devices()[0]
+  name = f"emo_jax[{cfg.expert_backend}]"
+  _log(f"{name}: init and compile ({batch} x {seq_len}, {cfg.num_layers} layers)")
+  data = jax.device_put(random_batch(cfg, batch, seq_len, seed), device)
+  graphdef, optimizer, state = train_lib.init_state(cfg, tc)
+  step_fn = jax.jit(lambda s, b: train_lib.train_step(s, b, graphdef=graphdef,
+                                                      optimizer=optimizer, cfg=cfg, tc=tc),
+                    donate_argnums=0)
+  start = time.perf_counter()
+  compiled = step_fn.lower(state, data).compile()
+  compile_s = time.perf_counter() - start
+  _log(f"{name}: compiled in {compile_s:.1f} s; {warmup} warm-up + {steps} timed steps")
+  stats = None
+  for _ in range(warmup):
+    state, stats = compiled(state, data)
+  jax.block_until_ready((state, stats))
+  start = time.perf_counter()
+  for _ in range(steps):
+    state, stats = compiled(state, data)
+  jax.block_until_ready((state, stats))
+  seconds = time.perf_counter() - start
+  stats = jax.device_get(stats)
+  dropped = stats.get("dropped_fraction")
+  return {"implementation": "emo_jax", "step_s": seconds / steps,
+          "tokens_per_s": batch * seq_len * steps / seconds, "compile_s": compile_s,
+          "loss": float(stats["loss"]), "total_loss": float(stats["total_loss"]),
+          "dropped_fraction": None if dropped is None else float(np.mean(dropped)),
+          "peak_device_bytes": _peak_device_bytes(device), "max_rss_bytes": _max_rss_bytes(),
+          "device": device_info()}
+
+
+def torch_available() -> bool:
+  """Whether the peer can run, without importing torch (the parent of isolated runs never does)."""
+  return all(importlib.util.find_spec(m) is not None for m in ("torch", "transformers"))
+
+
+def _import_torch():
+  """(torch, transformers, OpenMP wait policy in effect).
+
+  PyTorch's CPU kernels use OpenMP, whose threads spin at every barrier by default. On a CPU
+  shared with other work (the 2-core machines this project tests on) a spinning thread waits
+  for a descheduled sibling and steps slow down 10-100x at random (measured here: 25 ms to 5 s
+  per step for the tiny model). Passive waiting removes that and costs little, so it is the
+  default unless the user set OMP_WAIT_POLICY; it only takes effect if torch is not yet loaded.
+  """
+  preloaded = "torch" in sys.modules
+  if not preloaded:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+  import torch
+  import transformers
+  policy = os.environ.get("OMP_WAIT_POLICY", "default")
+  return torch, transformers, policy + (" (torch was already loaded)" if preloaded else "")
+
+
+def torch_peer_config(cfg: ModelConfig) -> dict:
+  """Qwen2MoeConfig keyword arguments of the peer: our qwen2_moe export, trained with aux loss.
+
+  The export (emo_jax.convert.configs.hf_config) is the same architecture EMO's inference
+  reduces to; the peer adds the load-balancing loss at our weight and drops the KV cache.
+  """
+  from emo_jax.convert.configs import hf_config  # the converter needs nothing from torch
+  values = hf_config(cfg, "qwen2_moe")
+  for key in ("architectures", "model_type", "torch_dtype"):
+    values.pop(key, None)
+  values.update(output_router_logits=True, router_aux_loss_coef=cfg.lb_loss_weight,
+                use_cache=False)
+  return values
+
+
+def _grouped_mm_kernel(torch, device, dtype) -> str:
+  """Which kernel transformers' grouped_mm experts call on this device and dtype."""
+  try:
+    from transformers.integrations import moe as hf_moe
+    x = torch.zeros(4, 16, device=device, dtype=dtype)
+    w = torch.zeros(2, 16, 16, device=device, dtype=dtype)
+    offs = torch.tensor([2, 4], device=device, dtype=torch.int32)
+    if not hf_moe._can_use_grouped_mm(x, w, offs):
+      return "transformers grouped_mm_fallback"
+  except Exception:  # a private helper: its absence must not break the benchmark
+    return "unknown"
+  if hasattr(torch.nn.functional, "grouped_mm"):
+    return "torch.nn.functional.grouped_mm"
+  return "torch._grouped_mm"
+
+
+def measure_torch(cfg: ModelConfig, tc: train_lib.TrainConfig, batch: int, seq_len: int, *,
+                  steps: int, warmup: int, seed: int = 0) -> dict:
+  """The PyTorch peer's training step: Qwen2MoeForCausalLM, AdamW, same batch shape.
+
+  Weights in bf16 when emo_jax's are; otherwise float32 master weights, under bf16 autocast when
+  emo_jax computes in bf16. Experts run through transformers' grouped_mm implementation where
+  the model accepts it (recorded, with the kernel it reaches), else its default.
+  """
+  if not torch_available():
+    raise ImportError("torch and transformers are needed for the PyTorch peer")
+  torch, transformers, omp_policy = _import_torch()
+  device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+  if device.type == "cpu":
+    torch.set_num_threads(os.cpu_count())
+  else:
+    torch.cuda.reset_peak_memory_stats(device)
+  torch.manual_seed(seed)
+  _log(f"torch: building Qwen2MoeForCausalLM on {device.type} ({batch} x {seq_len})")
+  values = torch_peer_config(cfg)
+  with torch.device(device):
+    try:
+      model = transformers.Qwen2MoeForCausalLM(
+          transformers.Qwen2MoeConfig(**values, experts_implementation="grouped_mm"))
+    except (ValueError, ImportError) as e:
+      _log(f"torch: grouped_mm experts refused ({e}); using transformers' default")
+      model = transformers.Qwen2MoeForCausalLM(transformers.Qwen2MoeConfig(**values))
+  weights_bf16 = cfg.param_dtype == "bfloat16"
+  if weights_bf16:
+    model.to(torch.bfloat16)
+  autocast = not weights_bf16 and cfg.compute_dtype == "bfloat16"
+  weight_dtype = torch.bfloat16 if weights_bf16 else torch.float32
+  experts_impl = model.config._experts_implementation
+  kernel = _grouped_mm_kernel(torch, device, weight_dtype) if experts_impl == "grouped_mm" else None
+  model.train()
+
+  # emo_jax decays every weight but the embedding and the norm scales (train.decay_mask).
+  decay, no_decay = [], []
+  for name, p in model.named_parameters():
+    (no_decay if "embed_tokens" in name or "norm" in name or name.endswith(".bias")
+     else decay).append(p)
+  fused = device.type == "cuda"
+  optimizer = torch.optim.AdamW(
+      [{"params": decay, "weight_decay": tc.weight_decay},
+       {"params": no_decay, "weight_decay": 0.0}],
+      lr=tc.learning_rate, betas=(tc.b1, tc.b2), eps=tc.eps, fused=fused or None)
+  generator = torch.Generator().manual_seed(seed)
+  ids = torch.randint(0, cfg.vocab_size, (batch, seq_len), generator=generator).to(device)
+
+  def step():
+    optimizer.zero_grad(set_to_none=True)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+      out = model(input_ids=ids, labels=ids)  # the model shifts labels itself
+    out.loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+    optimizer.step()
+    return out.loss
+
+  def sync():
+    if device.type == "cuda":
+      torch.cuda.synchronize(device)
+
+  _log(f"torch: experts_implementation={experts_impl} ({kernel}); {max(warmup, 1)} warm-up + "
+       f"{steps} timed steps")
+  start = time.perf_counter()
+  for _ in range(max(warmup, 1)):  # the first step allocates optimiser state: never timed
+    loss = step()
+  sync()
+  first_steps_s = time.perf_counter() - start
+  start = time.perf_counter()
+  for _ in range(steps):
+    loss = step()
+  sync()
+  seconds = time.perf_counter() - start
+  return {"implementation": "torch", "step_s": seconds / steps,
+          "tokens_per_s": batch * seq_len * steps / seconds, "warmup_s": first_steps_s,
+          "loss": float(loss.item()), "dropped_fraction": 0.0,  # grouped / eager experts: dropless
+          "peak_device_bytes": (int(torch.cuda.max_memory_allocated(device))
+                                if device.type == "cuda" else None),
+          "max_rss_bytes": _max_rss_bytes(),
+          "experts_implementation": experts_impl, "grouped_mm_kernel": kernel,
+          "attn_implementation": model.config._attn_implementation,
+          "weights": "bfloat16" if weights_bf16 else "float32",
+          "autocast_bf16": autocast, "optimizer": "AdamW(fused)" if fused else "AdamW(foreach)",
+          "omp_wait_policy": omp_policy,
+          "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                     else f"cpu, {torch.get_num_threads()} threads")}
+
+
+def measure(spec: Mapping[str, Any]) -> dict:
+  """Runs the one measurement a spec describes (the unit a child process runs)."""
+  if spec["what"] == "matmul":
+    return measure_matmul(spec["size"], spec["dtype"])
+  cfg = ModelConfig.from_dict(spec["model"])
+  tc = train_lib.TrainConfig.from_dict(spec["train"])
+  fn = measure_emo_jax if spec["what"] == "emo_jax" else measure_torch
+  return fn(cfg, tc, spec["batch"], spec["seq_len"], steps=spec["steps"], warmup=spec["warmup"],
+            seed=spec.get("seed", 0))
+
+
+def child_main(spec_path: str, out_path: str) -> None:
+  """Entry point of an isolated measurement: spec JSON in, result (or its error) JSON out."""
+  spec = json.loads(pathlib.Path(spec_path).read_text())
+  try:
+    result = measure(spec)
+  except Exception as e:  # reported in the parent's table, not lost in a traceback
+    import traceback
+    traceback.print_exc()
+    result = {"error": f"{type(e).__name__}: {e}"}
+  pathlib.Path(out_path).write_text(json.dumps(result))
+
+
+def measure_isolated(spec: Mapping[str, Any]) -> dict:
+  """`measure(spec)` in a fresh Python process: its own peak memory, its own device memory."""
+  with tempfile.TemporaryDirectory(prefix="bench_step_") as tmp:
+    spec_path, out_path = pathlib.Path(tmp, "spec.json"), pathlib.Path(tmp, "out.json")
+    spec_path.write_text(json.dumps(spec))
+    env = dict(os.environ)  # XLA_PYTHON_CLIENT_PREALLOCATE included (set at import)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    code = ("import sys; from experiments.bench_step import child_main; "
+            "child_main(sys.argv[1], sys.argv[2])")
+    proc = subprocess.run([sys.executable, "-c", code, str(spec_path), str(out_path)],
+                          cwd=REPO_ROOT, env=env, check=False)
+    if out_path.exists():
+      return json.loads(out_path.read_text())
+    return {"error": f"the measurement process exited with code {proc.returncode} and no result "
+                     "(killed for memory?); its log is above"}
+
+
+def _guarded(spec: Mapping[str, Any], isolate: bool) -> dict:
+  if isolate:
+    return measure_isolated(spec)
+  try:
+    return measure(spec)
+  except Exception as e:  # one failing backend must not lose the others' figures
+    _log(f"{spec['what']} failed: {type(e).__name__}: {e}")
+    return {"error": f"{type(e).__name__}: {e}"}
+
+
+# ---- the whole comparison ---------------------------------------------------------------------
+def git_commit() -> str | None:
+  """The checkout's commit (with "+dirty" for local changes): the code moves under a benchmark."""
+  try:
+    def git(*args):
+      return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True,
+                            check=True).stdout.strip()
+    return git("rev-parse", "--short", "HEAD") + ("+dirty" if git("status", "--porcelain",
+                                                                   "--untracked-files=no") else "")
+  except (OSError, subprocess.CalledProcessError):
+    return None
+
+
+def versions() -> dict:
+  """Installed versions, read from package metadata so that nothing is imported for them."""
+  found = {}
+  for name in ("jax", "jaxlib", "flax", "optax", "torch", "transformers"):
+    try:
+      found[name] = importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+      found[name] = None
+  return found
+
+
+def _add_rates(row: dict, flops_per_token: float, peak: float | None, ceiling: float | None,
+               torch_tps: float | None) -> None:
+  """Model FLOP/s, MFU against the bf16 peak and the measured matmul, and the ratio to torch."""
+  if "tokens_per_s" not in row:
+    return
+  achieved = row["tokens_per_s"] * flops_per_token
+  row["model_flops_per_s"] = achieved
+  row["mfu_vs_peak"] = achieved / peak if peak else None
+  row["mfu_vs_matmul"] = achieved / ceiling if ceiling else None
+  row["ratio_vs_torch"] = row["tokens_per_s"] / torch_tps if torch_tps else None
+
+
+def run(config, *, batch: int | None = None, seq_len: int | None = None,
+        layers: int | None = None, param_dtype: str | None = None,
+        backends: Sequence[str] | None = None, steps: int = 20, warmup: int = 3,
+        torch: bool = True, isolate: bool = True, matmul_size: int | None = None,
+        seed: int = 0) -> dict:
+  """Measures the matmul ceiling, emo_jax per backend and the PyTorch peer; returns the JSON.
+
+  `config` is an experiment config (ml_collections, with `.model` and optionally `.data`,
+  `.train`); only the model's shape and the optimiser are used, never the corpus.
+  """
+  if steps < 1 or warmup < 0:
+    raise ValueError(f"steps={steps} must be >= 1 and warmup={warmup} >= 0")
+  cfg = model_config_from(config)
+  data = config.get("data", None) or {}
+  batch = batch or data.get("batch_size", 8)
+  seq_len = seq_len or data.get("seq_len", 256)
+  changes = {}
+  if layers:
+    changes["num_layers"] = layers
+  if param_dtype:
+    changes["param_dtype"] = param_dtype
+  if seq_len > cfg.max_seq_len:
+    changes["max_seq_len"] = seq_len  # RoPE has no table to outgrow; the field only validates
+  cfg = cfg.replace(**changes)
+  tc = bench_train_config(config.get("train", None))
+  # Validate every backend (and its config) before spending minutes on the first.
+  variants = [(label, cfg.replace(**c)) for label, c in parse_backends(backends, cfg)]
+  counts = count_params(cfg)
+  flops_per_token = metrics_lib.flops_per_token(cfg, counts, seq_len)
+  common = {"train": tc.to_dict(), "batch": batch, "seq_len": seq_len, "steps": steps,
+            "warmup": warmup, "seed": seed}
+
+  matmul = _guarded({"what": "matmul", "size": matmul_size, "dtype": cfg.compute_dtype}, isolate)
+  device = matmul.pop("device", None) or {}
+  rows = []
+  for label, variant in variants:
+    row = _guarded({"what": "emo_jax", "model": variant.to_dict(), **common}, isolate)
+    device = device or row.get("device", {})
+    row.pop("device", None)
+    rows.append({"backend": label, **row})
+  torch_row, torch_skipped = None, None
+  if not torch:
+    torch_skipped = "--notorch"
+  elif not torch_available():
+    torch_skipped = "torch or transformers is not installed"
+    _log(f"torch: skipped ({torch_skipped}); pip install torch transformers to compare")
+  else:
+    torch_row = _guarded({"what": "torch", "model": cfg.to_dict(), **common}, isolate)
+
+  torch_tps = (torch_row or {}).get("tokens_per_s")
+  for row in [*rows, *([torch_row] if torch_row else [])]:
+    _add_rates(row, flops_per_token, device.get("peak_bf16_flops"), matmul.get("flops_per_s"),
+               torch_tps)
+  best = max((r for r in rows if "tokens_per_s" in r), key=lambda r: r["tokens_per_s"],
+             default=None)
+  emo_tps = best["tokens_per_s"] if best else None
+  ratio = emo_tps / torch_tps if emo_tps and torch_tps else None
+  return {
+      "config": config.get("name", None), "date": datetime.date.today().isoformat(),
+      "device": device, "versions": versions(), "git_commit": git_commit(), "isolate": isolate,
+      "shapes": {"batch": batch, "seq_len": seq_len, "tokens_per_step": batch * seq_len,
+                 "num_layers": cfg.num_layers, "d_model": cfg.d_model,
+                 "num_heads": cfg.num_heads, "num_experts": cfg.num_experts,
+                 "num_shared_experts": cfg.num_shared_experts, "top_k": cfg.top_k,
+                 "expert_hidden": cfg.expert_hidden, "vocab_size": cfg.vocab_size,
+                 "param_dtype": cfg.param_dtype, "compute_dtype": cfg.compute_dtype,
+                 "total_params": counts["total_params"], "active_params": counts["active_params"],
+                 "flops_per_token": flops_per_token},
+      "model": cfg.to_dict(), "steps": steps, "warmup": warmup, "matmul": matmul,
+      "emo_jax": rows, "torch": torch_row, "torch_skipped": torch_skipped,
+      "emo_jax_tokens_per_s": emo_tps, "emo_jax_backend": best["backend"] if best else None,
+      "torch_tokens_per_s": torch_tps, "ratio": ratio,
+  }
+
+
+# ---- the table ---------------------------------------------------------------------------------
+def _fmt(value, spec: str, scale: float = 1.0, suffix: str = "") -> str:
+  return "-" if value is None else f"{value * scale:{spec}}{suffix}"
+
+
+def _memory(row: Mapping[str, Any]) -> str:
+  if row.get("peak_device_bytes") is not None:
+    return f"{row['peak_device_bytes'] / 2**30:.2f} GiB"
+  if row.get("max_rss_bytes") is not None:
+    return f"{row['max_rss_bytes'] / 2**30:.2f} GiB RSS"
+  return "-"
+
+
+def format_table(result: Mapping[str, Any]) -> str:
+  """One row per implementation: tokens/s, step time, MFU (peak, matmul), memory, vs torch."""
+  s = result["shapes"]
+  matmul = result["matmul"]
+  lines = [f"{result['config']}: {s['num_layers']} layers, d={s['d_model']}, "
+           f"{s['num_experts']} experts (top-{s['top_k']}), batch {s['batch']} x {s['seq_len']}, "
+           f"weights {s['param_dtype']}, compute {s['compute_dtype']} on "
+           f"{result['device'].get('device_kind', '?')}",
+           f"matmul ceiling {matmul.get('size', '?')}^3 {matmul.get('dtype', '?')}: "
+           + (f"{matmul['flops_per_s'] / 1e12:.3f} TFLOP/s" if "flops_per_s" in matmul
+              else matmul.get("error", "-"))]
+  header = (f"{'implementation':<26}{'tokens/s':>12}{'step ms':>10}{'MFU peak':>10}"
+            f"{'MFU mm':>9}{'peak memory':>16}{'dropped':>9}{'loss':>8}{'vs torch':>10}")
+  lines += [header, "-" * len(header)]
+  rows = [(f"emo_jax {r['backend']}", r) for r in result["emo_jax"]]
+  if result["torch"]:
+    t = result["torch"]
+    rows.append((f"torch {t.get('experts_implementation', '')}", t))
+  for name, r in rows:
+    if "error" in r:
+      lines.append(f"{name:<26}  failed: {r['error'][:120]}")
+      continue
+    lines.append(f"{name:<26}{r['tokens_per_s']:>12,.0f}{r['step_s'] * 1e3:>10.1f}"
+                 f"{_fmt(r.get('mfu_vs_peak'), '.1%'):>10}{_fmt(r.get('mfu_vs_matmul'), '.1%'):>9}"
+                 f"{_memory(r):>16}{_fmt(r.get('dropped_fraction'), '.3f'):>9}"
+                 f"{r['loss']:>8.3f}{_fmt(r.get('ratio_vs_torch'), '.2f', suffix='x'):>10}")
+  if result["torch_skipped"]:
+    lines.append(f"torch: skipped ({result['torch_skipped']})")
+  lines.append(f"emo_jax ({result['emo_jax_backend']}) / torch: "
+               + (f"{result['ratio']:.2f}x" if result["ratio"] else "-"))
+  return "\n".join(lines)
+
+
+# ---- the command line --------------------------------------------------------------------------
+def _define_flags():
+  """Flags are defined only when run as a command: importing this module (tests, children)
+  must not register a second `--config` next to another entry point's."""
+  from absl import flags
+  from ml_collections import config_flags
+  config_flags.DEFINE_config_file("config", None, "Experiment config file (its .model shape and "
+                                  ".train optimiser are used; no data).")
+  flags.DEFINE_integer("batch", None, "Rows per step (default: the config's data.batch_size).")
+  flags.DEFINE_integer("seq_len", None, "Tokens per row (default: the config's data.seq_len).")
+  flags.DEFINE_integer("layers", None, "Override model.num_layers (e.g. 4 or 2 at EMO width).")
+  flags.DEFINE_enum("param_dtype", None, ["float32", "bfloat16"],
+                    "Override the weights' dtype on both sides (bfloat16: bf16 weights, as the "
+                    "PyTorch peer's in the issue's comparison).")
+  flags.DEFINE_list("backends", None, "Expert backends to measure, each `name` (from "
+                    "emo_jax.experts.BACKENDS) or `name:ragged_dot_impl`; default: the config's "
+                    "own, then every other but the dense reference.")
+  flags.DEFINE_integer("steps", 20, "Timed training steps per measurement.")
+  flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")
+  flags.DEFINE_bool("torch", True, "Measure the PyTorch peer (skipped if not installed).")
+  flags.DEFINE_bool("isolate", True, "Each measurement in its own process (per-measurement "
+                    "peak memory; JAX cannot hold GPU memory PyTorch needs).")
+  flags.DEFINE_string("json_out", None, "Where to write the JSON results.")
+  flags.DEFINE_integer("matmul_size", None, "Side of the ceiling matmul (default 8192 on "
+                       "accelerators, 1024 on CPU).")
+  flags.mark_flags_as_required(["config"])
+
+
+def main(argv):
+  from absl import app, flags
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  f = flags.FLAGS
+  result = run(f.config, batch=f.batch, seq_len=f.seq_len, layers=f.layers,
+               param_dtype=f.param_dtype, backends=f.backends, steps=f.steps, warmup=f.warmup,
+               torch=f.torch, isolate=f.isolate, matmul_size=f.matmul_size)
+  print(format_table(result))
+  if f.json_out:
+    pathlib.Path(f.json_out).write_text(json.dumps(result, indent=1))
+    _log(f"wrote {f.json_out}")
+  if any("error" in r for r in [*result["emo_jax"], result["torch"] or {}]):
+    sys.exit(1)  # after writing: the JSON keeps the figures that were measured
+
+
+if __name__ == "__main__":
+  from absl import app
+  _define_flags()
+  app.run(main)
