@@ -37,6 +37,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from emo_jax.matmul import flat_matmul
+
 BACKENDS = ("dense", "capacity", "ragged")
 # Grouped-matmul kernels of the ragged backend; "auto" resolves per platform when traced.
 RAGGED_DOT_IMPLS = ("auto", "xla", "tokamax", "megablox")
@@ -51,9 +53,9 @@ def swiglu(x_TxD, w_gate_DxH, w_up_DxH, w_down_HxD, compute_dtype=jnp.float32):
   # jnp.asarray, not .astype: NumPy inputs would otherwise do the matmuls in NumPy, which
   # promotes bfloat16 to float32.
   x_TxD = jnp.asarray(x_TxD, compute_dtype)
-  gate_TxH = x_TxD @ jnp.asarray(w_gate_DxH, compute_dtype)
-  up_TxH = x_TxD @ jnp.asarray(w_up_DxH, compute_dtype)
-  return (jax.nn.silu(gate_TxH) * up_TxH) @ jnp.asarray(w_down_HxD, compute_dtype)
+  gate_TxH = flat_matmul(x_TxD, jnp.asarray(w_gate_DxH, compute_dtype))
+  up_TxH = flat_matmul(x_TxD, jnp.asarray(w_up_DxH, compute_dtype))
+  return flat_matmul(jax.nn.silu(gate_TxH) * up_TxH, jnp.asarray(w_down_HxD, compute_dtype))
 
 
 def expert_bank_swiglu(x_ExNxD, w_gate_ExDxH, w_up_ExDxH, w_down_ExHxD,

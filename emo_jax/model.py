@@ -22,6 +22,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from emo_jax.config import ModelConfig
+from emo_jax.matmul import flat_matmul
 from emo_jax.moe import MLP, MoE, init_normal
 
 
@@ -67,16 +68,25 @@ def dot_product_attention(q_BxLxHxK, k_BxMxGxK, v_BxMxGxK, mask_Bx1xLxM):
 
   Logits and softmax in float32. Every fast path of `segment_attention` is tested against it,
   and KV-cache decoding uses it directly (its [B, 1, T, M] cache mask is no segment pattern).
+  Heads are moved in front of the sequence axes so both products are plain batched matmuls
+  over [B, G] with the R query heads of a group stacked along the rows (on XLA:CPU ~30 %
+  faster forward+backward than the equivalent einsums, whose layouts force copies), and the
+  mask enters as an additive bias (-1e30: exp underflows to exactly 0; no row is ever fully
+  masked, see `attention_mask`).
   """
   B, L, H, K = q_BxLxHxK.shape
-  G = k_BxMxGxK.shape[2]
-  q_BxLxGxRxK = q_BxLxHxK.reshape(B, L, G, H // G, K)
-  logits = jnp.einsum("blgrk,bmgk->bgrlm", q_BxLxGxRxK, k_BxMxGxK,
-                      preferred_element_type=jnp.float32) * (K ** -0.5)
-  logits = jnp.where(mask_Bx1xLxM[:, :, None], logits, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(logits, axis=-1).astype(v_BxMxGxK.dtype)
-  out = jnp.einsum("bgrlm,bmgk->blgrk", probs, v_BxMxGxK)
-  return out.reshape(B, L, H, K)
+  M, G = k_BxMxGxK.shape[1], k_BxMxGxK.shape[2]
+  R = H // G
+  q_BxGxRLxK = (q_BxLxHxK * jnp.asarray(K ** -0.5, q_BxLxHxK.dtype)).reshape(
+      B, L, G, R, K).transpose(0, 2, 3, 1, 4).reshape(B, G, R * L, K)
+  k_BxGxKxM = k_BxMxGxK.transpose(0, 2, 3, 1)
+  v_BxGxMxK = v_BxMxGxK.transpose(0, 2, 1, 3)
+  logits = jnp.matmul(q_BxGxRLxK, k_BxGxKxM, preferred_element_type=jnp.float32)
+  bias_Bx1x1xLxM = jnp.where(mask_Bx1xLxM, 0.0, -1e30).astype(jnp.float32)[:, :, None]
+  logits_BxGxRxLxM = logits.reshape(B, G, R, L, M) + bias_Bx1x1xLxM
+  probs = jax.nn.softmax(logits_BxGxRxLxM, axis=-1).astype(v_BxMxGxK.dtype)
+  out_BxGxRLxK = jnp.matmul(probs.reshape(B, G, R * L, M), v_BxGxMxK)
+  return out_BxGxRLxK.reshape(B, G, R, L, K).transpose(0, 3, 1, 2, 4).reshape(B, L, H, K)
 
 
 # ---- fast paths: the same segment-confined causal attention, per accelerator ------------------
@@ -345,9 +355,9 @@ class Attention(nnx.Module):
     cfg = self.cfg
     cdt = cfg.compute_jnp_dtype
     x = x_BxLxD.astype(cdt)
-    q = jnp.einsum("bld,dhk->blhk", x, self.wq[...].astype(cdt))
-    k = jnp.einsum("bld,dgk->blgk", x, self.wk[...].astype(cdt))
-    v = jnp.einsum("bld,dgk->blgk", x, self.wv[...].astype(cdt))
+    q = flat_matmul(x, self.wq[...].astype(cdt))
+    k = flat_matmul(x, self.wk[...].astype(cdt))
+    v = flat_matmul(x, self.wv[...].astype(cdt))
     if cfg.qk_norm:
       q = self.q_norm(q.reshape(*q.shape[:2], -1)).reshape(q.shape)
       k = self.k_norm(k.reshape(*k.shape[:2], -1)).reshape(k.shape)
@@ -360,7 +370,7 @@ class Attention(nnx.Module):
     out = segment_attention(q, k, v, segment_ids_BxL, cfg.attention_impl,
                             max_runs=cfg.max_segments + 1, mesh=mesh)
     out = checkpoint_name(out, ATTENTION_OUT)
-    return jnp.einsum("blhk,hkd->bld", out, self.wo[...].astype(cfg.compute_jnp_dtype))
+    return flat_matmul(out, self.wo[...].astype(cfg.compute_jnp_dtype), contract=2)
 
   def decode(self, x_BxTxD, positions_BxT, k_BxMxGxK, v_BxMxGxK, index, valid_BxM):
     """Attention of T new tokens at cache slots index..index+T-1 over the cached keys.
@@ -380,7 +390,7 @@ class Attention(nnx.Module):
     causal_TxM = jnp.arange(M)[None, :] <= query_slot_T[:, None]
     mask_Bx1xTxM = (causal_TxM[None] & valid_BxM[:, None, :])[:, None]
     out = dot_product_attention(q, k_cache.astype(cdt), v_cache.astype(cdt), mask_Bx1xTxM)
-    return jnp.einsum("blhk,hkd->bld", out, self.wo[...].astype(cdt)), k_cache, v_cache
+    return flat_matmul(out, self.wo[...].astype(cdt), contract=2), k_cache, v_cache
 
 
 class Block(nnx.Module):
@@ -502,8 +512,8 @@ class Transformer(nnx.Module):
 
     x = self.final_norm(x)
     head = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
-    logits = jnp.einsum("bld,dv->blv", x, head.astype(cfg.compute_jnp_dtype),
-                        preferred_element_type=jnp.float32)
+    logits = flat_matmul(x, head.astype(cfg.compute_jnp_dtype),
+                         preferred_element_type=jnp.float32)
     aux = dict(aux)
     if cfg.is_moe:
       aux["aux_loss"] = (cfg.lb_loss_weight * jnp.mean(aux["lb_loss"])
@@ -557,8 +567,8 @@ class Transformer(nnx.Module):
     x, (k, v) = jax.lax.scan(one_block, x, (block_state, cache["k"], cache["v"], keep))
     x = self.final_norm(x)
     head = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
-    logits = jnp.einsum("bld,dv->blv", x, head.astype(cfg.compute_jnp_dtype),
-                        preferred_element_type=jnp.float32)
+    logits = flat_matmul(x, head.astype(cfg.compute_jnp_dtype),
+                         preferred_element_type=jnp.float32)
     new_cache = {"k": k, "v": v, "valid": valid_keys,
                  "index": index + tokens_BxT.shape[1]}
     return logits, new_cache

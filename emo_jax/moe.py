@@ -22,6 +22,7 @@ from flax import nnx
 
 from emo_jax import experts
 from emo_jax.config import ModelConfig
+from emo_jax.matmul import flat_matmul
 
 NEG_INF = -jnp.inf
 
@@ -197,8 +198,8 @@ class MoE(nnx.Module):
     cfg = self.cfg
     B, L, D = x_BxLxD.shape
     R = cfg.num_routed_experts
-    logits_BxLxE = jnp.einsum("bld,de->ble", x_BxLxD.astype(jnp.float32),
-                              self.router[...][:, :R], precision=jax.lax.Precision.HIGHEST)
+    logits_BxLxE = flat_matmul(x_BxLxD.astype(jnp.float32), self.router[...][:, :R],
+                               precision=jax.lax.Precision.HIGHEST)
     pool_sizes_BxS = self.pool_sizes(B, pool_rng=pool_rng, train=train)
     keep_BxLxE = None
     if pool_sizes_BxS is not None:
