@@ -151,8 +151,17 @@ def measure_shape(name: str, tokens: int, backends: list[str], dtype, capacity_f
   print(f"[{name}] dense SwiGLU ceiling: {flops / dense_seconds / 1e12:.3f} TFLOP/s", flush=True)
   for backend in backends:
     step = expert_step(backend, capacity_factor, dtype)
-    (_, dropped), _ = step(inp)
-    seconds = time_fn(step, (inp,), steps)
+    try:
+      (_, dropped), _ = step(inp)
+      seconds = time_fn(step, (inp,), steps)
+    except jax.errors.JaxRuntimeError as e:
+      if "RESOURCE_EXHAUSTED" not in str(e):
+        raise
+      # XLA expands jax.lax.ragged_dot to a dense [rows, experts, ...] product, which runs out
+      # of memory at EMO shapes: reported as a row, the other backends still run.
+      result["backends"].append({"backend": backend, "error": "out of memory"})
+      print(f"[{name}] {backend:<16} out of memory", flush=True)
+      continue
     tflops = flops / seconds / 1e12
     row = {"backend": backend, "seconds": seconds, "tflops": tflops,
            "fraction_of_matmul": tflops * 1e12 / matmul_flops,
@@ -209,6 +218,9 @@ def print_table(report: dict) -> None:
     print(f"{r['shape']:<6} {r['tokens']:>7} {'dense_swiglu':<16} {d['seconds'] * 1e3:>9.2f} "
           f"{d['tflops']:>9.3f} {d['tflops'] / report['matmul']['tflops']:>8.1%} {'':>7} {'':>8}")
     for b in r["backends"]:
+      if "error" in b:
+        print(f"{'':<6} {'':>7} {b['backend']:<16} {b['error']}")
+        continue
       print(f"{'':<6} {'':>7} {b['backend']:<16} {b['seconds'] * 1e3:>9.2f} {b['tflops']:>9.3f} "
             f"{b['fraction_of_matmul']:>8.1%} {b['fraction_of_dense_swiglu']:>7.1%} "
             f"{b['dropped_fraction']:>8.2%}")
