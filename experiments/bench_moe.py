@@ -41,20 +41,6 @@ SHAPES = {
     "tiny": dict(d_model=64, expert_hidden=32, num_experts=7, top_k=2),
 }
 
-_SHAPES = flags.DEFINE_list("shapes", ["demo", "emo"], f"Shape presets: {sorted(SHAPES)}.")
-_TOKENS = flags.DEFINE_integer("tokens", 0, "Tokens per step (0: 16384 on GPU/TPU, 2048 on "
-                               "CPU).")
-_BACKENDS = flags.DEFINE_list("backends", [], "Backends as name or name:ragged_dot_impl "
-                              "(default: capacity and ragged with every kernel available).")
-_DTYPE = flags.DEFINE_enum("dtype", "", ["", "float32", "bfloat16"],
-                           "Compute dtype (default: bfloat16 on GPU/TPU, float32 on CPU).")
-_CAPACITY = flags.DEFINE_float("capacity_factor", 1.25, "Capacity factor of `capacity`.")
-_STEPS = flags.DEFINE_integer("steps", 5, "Timed steps per measurement (after a warm-up).")
-_MATMUL = flags.DEFINE_integer("matmul_size", 0, "Square matmul ceiling size (0: 8192 on "
-                               "GPU/TPU, 1024 on CPU).")
-_JSON = flags.DEFINE_string("json_out", "bench_moe.json", "Where to write the results.")
-
-
 def on_accelerator() -> bool:
   return jax.default_backend() != "cpu"
 
@@ -226,15 +212,33 @@ def print_table(report: dict) -> None:
             f"{b['dropped_fraction']:>8.2%}")
 
 
+def _define_flags():
+  """Flags exist only when this runs as a command: importing the module (tests) must not
+  register `--steps` next to another entry point's."""
+  flags.DEFINE_list("shapes", ["demo", "emo"], f"Shape presets: {sorted(SHAPES)}.")
+  flags.DEFINE_integer("tokens", 0, "Tokens per step (0: 16384 on GPU/TPU, 2048 on CPU).")
+  flags.DEFINE_list("backends", [], "Backends as name or name:ragged_dot_impl (default: "
+                    "capacity and ragged with every kernel available).")
+  flags.DEFINE_enum("dtype", "", ["", "float32", "bfloat16"],
+                    "Compute dtype (default: bfloat16 on GPU/TPU, float32 on CPU).")
+  flags.DEFINE_float("capacity_factor", 1.25, "Capacity factor of `capacity`.")
+  flags.DEFINE_integer("steps", 5, "Timed steps per measurement (after a warm-up).")
+  flags.DEFINE_integer("matmul_size", 0, "Square matmul ceiling size (0: 8192 on GPU/TPU, "
+                       "1024 on CPU).")
+  flags.DEFINE_string("json_out", "bench_moe.json", "Where to write the results.")
+
+
 def main(argv):
   del argv
-  report = run(_SHAPES.value, _TOKENS.value, _BACKENDS.value, _DTYPE.value, _CAPACITY.value,
-               _STEPS.value, _MATMUL.value)
+  f = flags.FLAGS
+  report = run(f.shapes, f.tokens, f.backends, f.dtype, f.capacity_factor, f.steps,
+               f.matmul_size)
   print_table(report)
-  with open(_JSON.value, "w") as f:
-    json.dump(report, f, indent=2)
-  print(f"wrote {_JSON.value}")
+  with open(f.json_out, "w") as out:
+    json.dump(report, out, indent=2)
+  print(f"wrote {f.json_out}")
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)
