@@ -31,6 +31,7 @@ output exactly zero and do not count in the dropped fraction.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 from typing import NamedTuple
 
@@ -153,7 +154,21 @@ def resolve_ragged_dot_impl(impl: str) -> str:
       return "tokamax"
     except ImportError:
       pass
-  return "megablox" if platform == "tpu" else "xla"
+  if platform == "tpu":
+    return "megablox"
+  if platform != "cpu":
+    _warn_slow_ragged_dot(platform)
+  return "xla"
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_slow_ragged_dot(platform: str) -> None:
+  """Once per process: XLA's ragged_dot on a GPU is a dense expansion (~5 TFLOP/s on H100,
+  out of memory at EMO shapes), so falling back to it silently would hide a 100x slowdown."""
+  logging.getLogger(__name__).warning(
+      "expert_backend='ragged' on %s without tokamax falls back to jax.lax.ragged_dot, which "
+      "XLA expands to a dense product (slow, memory-hungry at EMO shapes): pip install tokamax "
+      "(jax >= 0.11.1) or use expert_backend='capacity'.", platform)
 
 
 def _megablox_tile(dim: int) -> int:
