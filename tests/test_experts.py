@@ -330,3 +330,16 @@ def test_bfloat16_eager_numpy_inputs(backend):
   assert y.dtype == jnp.bfloat16 and dropped.dtype == jnp.float32
   np.testing.assert_allclose(np.asarray(y, np.float32), _numpy_reference(inp, True),
                              rtol=0.05, atol=0.05)
+
+
+def test_auto_on_a_gpu_without_tokamax_warns_about_the_xla_fallback(monkeypatch, caplog):
+  try:
+    import tokamax  # noqa: F401
+    pytest.skip("tokamax is installed: auto picks it")
+  except ImportError:
+    pass
+  monkeypatch.setattr(experts.jax, "default_backend", lambda: "gpu")
+  experts._warn_slow_ragged_dot.cache_clear()
+  with caplog.at_level("WARNING"):
+    assert experts.resolve_ragged_dot_impl("auto") == "xla"
+  assert "pip install tokamax" in caplog.text and "capacity" in caplog.text
