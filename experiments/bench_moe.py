@@ -30,6 +30,7 @@ import numpy as np
 from absl import app, flags
 
 from emo_jax import experts
+from experiments.bench_step import measure_matmul
 
 # Routed experts only (the shared expert is a plain dense SwiGLU, not part of this kernel).
 SHAPES = {
@@ -62,14 +63,6 @@ def time_fn(fn: Callable, args, steps: int) -> float:
     out = fn(*args)
   jax.block_until_ready(out)
   return (time.perf_counter() - start) / steps
-
-
-def matmul_ceiling(size: int, dtype, steps: int) -> float:
-  """FLOP/s of one square matmul in `dtype`."""
-  a = jax.random.normal(jax.random.key(0), (size, size), dtype)
-  b = jax.random.normal(jax.random.key(1), (size, size), dtype)
-  seconds = time_fn(jax.jit(lambda a, b: a @ b), (a, b), steps)
-  return 2 * size**3 / seconds
 
 
 def random_routing(tokens: int, num_experts: int, top_k: int, seed: int = 0):
@@ -179,8 +172,8 @@ def run(shapes: list[str], tokens: int = 0, backends: list[str] | None = None,
   dtype_name = dtype_name or ("bfloat16" if accel else "float32")
   dtype = jnp.dtype(dtype_name)
   tokens = tokens or (16384 if accel else 2048)
-  matmul_size = matmul_size or (8192 if accel else 1024)
-  matmul_flops = matmul_ceiling(matmul_size, dtype, steps)
+  matmul = measure_matmul(matmul_size or None, dtype_name)
+  matmul_size, matmul_flops = matmul["size"], matmul["flops_per_s"]
   print(f"device {jax.devices()[0].device_kind}: {matmul_size}^3 matmul "
         f"{matmul_flops / 1e12:.3f} TFLOP/s ({dtype_name})", flush=True)
   results = [measure_shape(s, tokens, backends, dtype, capacity_factor, steps, matmul_flops)
