@@ -84,9 +84,15 @@ def dot_product_attention(q_BxLxHxK, k_BxMxGxK, v_BxMxGxK, mask_Bx1xLxM):
   logits = jnp.matmul(q_BxGxRLxK, k_BxGxKxM, preferred_element_type=jnp.float32)
   bias_Bx1x1xLxM = jnp.where(mask_Bx1xLxM, 0.0, -1e30).astype(jnp.float32)[:, :, None]
   logits_BxGxRxLxM = logits.reshape(B, G, R, L, M) + bias_Bx1x1xLxM
-  probs = jax.nn.softmax(logits_BxGxRxLxM, axis=-1).astype(v_BxMxGxK.dtype)
-  out_BxGxRLxK = jnp.matmul(probs.reshape(B, G, R * L, M), v_BxGxMxK)
-  return out_BxGxRLxK.reshape(B, G, R, L, K).transpose(0, 3, 1, 2, 4).reshape(B, L, H, K)
+  # Softmax with the normalisation applied after the value product ([.., L, K] divides
+  # instead of [.., L, M]): the same result, one pass less over the L x M probabilities.
+  shift = jax.lax.stop_gradient(jnp.max(logits_BxGxRxLxM, axis=-1, keepdims=True))
+  unnormalised = jnp.exp(logits_BxGxRxLxM - shift)
+  denominator_BxGxRxLx1 = jnp.sum(unnormalised, axis=-1, keepdims=True)
+  out = jnp.matmul(unnormalised.astype(v_BxMxGxK.dtype).reshape(B, G, R * L, M), v_BxGxMxK,
+                   preferred_element_type=jnp.float32).reshape(B, G, R, L, K)
+  out = (out / denominator_BxGxRxLx1).astype(v_BxMxGxK.dtype)
+  return out.transpose(0, 3, 1, 2, 4).reshape(B, L, H, K)
 
 
 # ---- fast paths: the same segment-confined causal attention, per accelerator ------------------
