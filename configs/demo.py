@@ -1,4 +1,4 @@
-"""The demo: a small EMO trained on the built-in multi-domain corpus, about 10 minutes on a
+"""The demo: a small EMO trained on the built-in multi-domain corpus, about 7 minutes on a
 2-core CPU (more data and steps on a GPU: raise train.steps and data.batch_size).
 
   python -m experiments.train --config configs/demo.py --workdir workdirs/demo
