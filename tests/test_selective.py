@@ -11,22 +11,12 @@ from flax import nnx
 from emo_jax import selective
 from emo_jax.config import ConfigError, ModelConfig
 from emo_jax.model import Transformer, count_params
+from random_model import random_params
 
 CFG = ModelConfig(vocab_size=64, d_model=32, num_layers=3, num_heads=4, num_kv_heads=2,
                   head_dim=8, num_experts=8, num_shared_experts=1, top_k=3, expert_hidden=16,
                   pool_min=3, pool_max=8, max_segments=4, compute_dtype="float32",
                   expert_backend="dense", init_std=0.2)
-
-
-def random_params(cfg, seed=0):
-  """(graphdef, NumPy params) of a random model; eager nnx init is slow on a loaded CPU."""
-  abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
-  rng = np.random.default_rng(seed)
-  params = jax.tree_util.tree_map_with_path(
-      lambda path, x: (np.ones(x.shape, x.dtype) if "norm" in jax.tree_util.keystr(path)
-                       else (cfg.init_std * rng.standard_normal(x.shape)).astype(x.dtype)),
-      nnx.to_pure_dict(nnx.state(abstract)))
-  return nnx.graphdef(abstract), params
 
 
 @functools.lru_cache(maxsize=None)
