@@ -22,12 +22,12 @@ them plus the PCA scores; 1,000 documents need under 1 GB.
 """
 
 import json
-import logging as std_logging
 import time
 
 from absl import app, flags, logging
 
 from emo_jax import analysis
+from experiments import cli
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training workdir or parameter checkpoint "
                                   "of the model to analyse.")
@@ -54,10 +54,7 @@ _OUT = flags.DEFINE_string("out", None, "Output folder.")
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.set_verbosity(logging.WARNING)
-  std_logging.getLogger("emo_jax").setLevel(std_logging.INFO)
+  cli.start(argv)
   start = time.time()
   checkpoints = [_CHECKPOINT.value] + ([_BASELINE.value] if _BASELINE.value else [])
   if _NAMES.value is not None and len(_NAMES.value) != len(checkpoints):

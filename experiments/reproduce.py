@@ -16,12 +16,13 @@ domain) and reproduce.md (the table), and prints the table. Training resumes if 
 import importlib.util
 import itertools
 import json
-import logging as std_logging
 import pathlib
 import time
 
 import numpy as np
 from absl import app, flags, logging
+
+from experiments import cli
 
 _WORKDIR = flags.DEFINE_string("workdir", "workdirs/reproduce", "Output folder.")
 _QUICK = flags.DEFINE_bool("quick", False, "A few-minute version (fewer steps and batches).")
@@ -162,10 +163,7 @@ def plot(results, num_experts, path):
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.set_verbosity(logging.WARNING)
-  std_logging.getLogger("emo_jax").setLevel(std_logging.INFO)
+  cli.start(argv)
   from emo_jax.train import train_and_evaluate  # pylint: disable=import-outside-toplevel
   quick = _QUICK.value
   steps = _STEPS.value or (60 if quick else 600)

@@ -8,13 +8,12 @@ run the same command on every host with --distributed (cluster from the environm
 SLURM) or with --coordinator_address/--num_processes/--process_id.
 """
 
-import logging as std_logging
-
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from emo_jax.sharding import initialize_distributed
 from emo_jax.train import train_and_evaluate
+from experiments import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
@@ -26,11 +25,7 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  # Our progress at INFO; the libraries' (Orbax logs every file it renames) at WARNING.
-  logging.set_verbosity(logging.WARNING)
-  std_logging.getLogger("emo_jax").setLevel(std_logging.INFO)
+  cli.start(argv)
   if _DISTRIBUTED.value or _COORDINATOR.value:
     initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   train_and_evaluate(_CONFIG.value, _WORKDIR.value)
