@@ -9,15 +9,20 @@ folders of text (emo_jax/data/sources.py), split by document id. Either way OUT 
 {train,validation,test}.jsonl and tokenizer.model, and the last stdout line is one JSON object:
 domains (domain -> documents, bytes), total_bytes, tokenizer, vocab_size, skipped, splits.
 
-Re-running with the same settings reuses what is there (pass --force to rebuild).
+Re-running with the same settings reuses what is there (pass --force to rebuild). Nothing is
+written to OUT until the whole input has been read and the tokenizer trained: bad input (a bad
+JSONL line, a binary file; --on_error=skip skips and counts them, named under "skipped") or a
+--vocab_size larger than the corpus can fill stops with one line and leaves OUT as it was.
 """
 
 import json
 
 from absl import app, flags
 
+from emo_jax.data import corpus as corpus_lib
 from emo_jax.data import demo_corpus, sources
 from emo_jax.data.corpus import prepare_corpus
+from emo_jax.data.tokenizer import TokenizerError
 
 _CORPUS = flags.DEFINE_string("corpus", None, "'demo', or a path / glob / comma-separated list "
                               "of .jsonl, .array_record, text files or folders.")
@@ -33,7 +38,8 @@ _TEST = flags.DEFINE_float("test", 0.02, "Share of documents in test.")
 _DOMAIN = flags.DEFINE_string("domain", None, "Own corpus: domain for documents without one "
                               "(for a folder of text: instead of the subfolder names).")
 _ON_ERROR = flags.DEFINE_enum("on_error", "raise", ["raise", "skip"],
-                              "Own corpus: stop at a bad JSONL line, or skip and count it.")
+                              "Own corpus: stop at a bad JSONL line or binary file, or skip "
+                              "and count it (the printed JSON's `skipped` names them).")
 _TOKENIZER_BYTES = flags.DEFINE_integer(
     "tokenizer_bytes", 20_000_000, "Text the tokenizer learns from, shared evenly by the "
     "domains of the train split (bounds the training time: ~minutes on 2 cores for 20 MB).")
@@ -50,8 +56,13 @@ def main(argv):
         test=_TEST.value, domain=_DOMAIN.value, on_error=_ON_ERROR.value,
         tokenizer_bytes=_TOKENIZER_BYTES.value, skip_tokenizer=_SKIP_TOKENIZER.value,
         force=_FORCE.value)
+  except corpus_lib.OutputFolderError as e:
+    raise SystemExit(f"prepare_data: {e}") from None
   except sources.DataError as e:
     raise SystemExit(f"prepare_data: bad corpus: {e}") from None
+  except TokenizerError as e:
+    kept = "" if _CORPUS.value == "demo" else f" Nothing was written to {_OUT.value}."
+    raise SystemExit(f"prepare_data: {e}{kept}") from None
   print(json.dumps(result), flush=True)
 
 

@@ -17,7 +17,10 @@ import hashlib
 import itertools
 import json
 import logging
+import os
 import pathlib
+import shutil
+import tempfile
 import time
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
@@ -126,17 +129,79 @@ def default_data_dir(dc: DataConfig) -> pathlib.Path:
 RESULT_FILE = "prepare_data.json"
 
 
-def tokenizer_sample(train_path: pathlib.Path, domains: Iterable[str],
-                     budget: int) -> Iterator[str]:
-  """Train texts in file order, at most budget / len(domains) bytes from each domain."""
+def tokenizer_sample(train_path: pathlib.Path, domains: Iterable[str], budget: int,
+                     stats: dict | None = None) -> Iterator[str]:
+  """Train texts in file order, at most budget / len(domains) bytes from each domain.
+
+  A document larger than what is left of its domain's share is cut at a line boundary to fit
+  (never dropped whole, so one huge document still teaches the tokenizer), and `stats`
+  counts the documents taken whole, cut and left out once the share was full.
+  """
   domains = list(domains)
   per_domain = budget // max(1, len(domains))
   used = dict.fromkeys(domains, 0)
+  if stats is None:
+    stats = {}
+  stats.update(documents=0, cut=0, left_out=0, bytes=0)
   for doc in sources.read_jsonl(train_path):
-    n = len(doc["text"].encode("utf-8"))
-    if used.get(doc["domain"], 0) + n <= per_domain:
-      used[doc["domain"]] = used.get(doc["domain"], 0) + n
-      yield doc["text"]
+    left = per_domain - used.get(doc["domain"], 0)
+    text = doc["text"]
+    n = len(text.encode("utf-8"))
+    if n > left:
+      text = _prefix_of_lines(text, left)
+      if not text:
+        stats["left_out"] += 1
+        continue
+      stats["cut"] += 1
+      n = len(text.encode("utf-8"))
+    else:
+      stats["documents"] += 1
+    used[doc["domain"]] = used.get(doc["domain"], 0) + n
+    stats["bytes"] += n
+    yield text
+
+
+def _prefix_of_lines(text: str, max_bytes: int) -> str:
+  """The longest run of whole lines of `text` within max_bytes (a cut line when the first
+  line alone is longer)."""
+  if max_bytes <= 0:
+    return ""
+  out, size = [], 0
+  for line in text.splitlines(keepends=True):
+    n = len(line.encode("utf-8"))
+    if size + n > max_bytes:
+      if not out:  # one over-long line: keep its first max_bytes bytes
+        return line.encode("utf-8")[:max_bytes].decode("utf-8", errors="ignore")
+      break
+    out.append(line)
+    size += n
+  return "".join(out)
+
+
+class OutputFolderError(sources.DataError):
+  """The output folder cannot be used (a file, not writable, under a read-only tree)."""
+
+
+def _usable_output_folder(out: pathlib.Path, what: str = "--out") -> bool:
+  """Creates `out` when missing; returns whether it was created here. One-line errors."""
+  if out.exists() and not out.is_dir():
+    raise OutputFolderError(f"{what} {out} is a file, not a folder; pass a folder path")
+  for parent in out.parents:
+    if parent.exists():
+      if not parent.is_dir():
+        raise OutputFolderError(f"{what} {out}: {parent} is a file, so no folder can be made "
+                                "under it; pass another path")
+      break
+  created = not out.exists()
+  try:
+    out.mkdir(parents=True, exist_ok=True)
+    probe = out / f".write-test-{os.getpid()}"
+    probe.write_bytes(b"")
+    probe.unlink()
+  except OSError as e:
+    raise OutputFolderError(f"{what} {out} cannot be written ({e.strerror or e}); pass a "
+                            "folder you can write to") from None
+  return created
 
 
 def _previous_result(out: pathlib.Path, settings: Mapping[str, Any] | None) -> dict | None:
@@ -171,7 +236,12 @@ def prepare_corpus(corpus: str, out: str | pathlib.Path, *, vocab_size: int = 81
   file), else a SentencePiece model trained on a domain-balanced sample of the train split.
   Re-running with the same settings reuses the result (`out/prepare_data.json`) unless `force`.
   The summary has `domains` (domain -> documents and bytes), `total_bytes`, `splits`,
-  `tokenizer`, `vocab_size`, `skipped`, `out`, `seconds` and `settings`.
+  `tokenizer`, `vocab_size`, `skipped` (input -> count and first message, for on_error="skip";
+  demo sources that could not be had), `tokenizer_sample`, `out`, `seconds` and `settings`.
+
+  Everything is built in a staging folder inside `out` and moved into place only when the
+  input has been read through and the tokenizer trained, so a failure (bad input, a
+  vocabulary the corpus cannot fill) leaves `out` as it was.
   """
   out = pathlib.Path(out)
   settings = {"corpus": corpus, "vocab_size": vocab_size, "tokenizer": tokenizer,
@@ -181,40 +251,81 @@ def prepare_corpus(corpus: str, out: str | pathlib.Path, *, vocab_size: int = 81
   if not force and (previous := _previous_result(out, settings)) is not None:
     log.info("reusing %s (force=True rebuilds)", out / RESULT_FILE)
     return previous
+  if corpus == "demo":
+    # The demo build writes through temporary names itself and is reused from there.
+    _usable_output_folder(out)
+    return _finish(corpus, out, out, settings, cache_dir=cache_dir, force=force)
+  created = _usable_output_folder(out)
+  staging = pathlib.Path(tempfile.mkdtemp(prefix=".staging-", dir=out))
+  try:
+    result = _finish(corpus, out, staging, settings, cache_dir=cache_dir, force=force)
+    for name in [f"{s}.jsonl" for s in sources.SPLITS] + ["tokenizer.model", RESULT_FILE]:
+      if (staging / name).exists():
+        os.replace(staging / name, out / name)
+    return result
+  except BaseException:
+    shutil.rmtree(staging, ignore_errors=True)
+    if created and not any(out.iterdir()):
+      out.rmdir()
+    raise
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def _finish(corpus: str, out: pathlib.Path, build: pathlib.Path, settings: Mapping[str, Any],
+            *, cache_dir: str | None, force: bool) -> dict[str, Any]:
+  """The corpus and tokenizer of `prepare_corpus`, written into `build`; paths name `out`."""
   start = time.time()
   if corpus == "demo":
     built = demo_corpus.build_demo_corpus(
-        out, cache_dir=cache_dir, max_bytes_per_domain=max_bytes_per_domain,
-        validation=validation, test=test, force=force)
+        build, cache_dir=cache_dir, max_bytes_per_domain=settings["max_bytes_per_domain"],
+        validation=settings["validation"], test=settings["test"], force=force)
   else:
     spec = [p for p in corpus.split(",") if p]
-    docs = sources.iter_documents(spec, domain=domain, on_error=on_error)
-    written = sources.write_splits(docs, out, validation=validation, test=test)
+    skipped: dict[str, dict] = {}
+    docs = sources.iter_documents(spec, domain=settings["domain"],
+                                  on_error=settings["on_error"], skipped=skipped)
+    written = sources.write_splits(docs, build, validation=settings["validation"],
+                                   test=settings["test"])
     if not any(written["splits"].values()):
-      raise sources.DataError(f"the corpus {corpus!r} holds no documents")
-    built = {**written, "skipped": {},
+      raise sources.DataError(f"the corpus {corpus!r} holds no documents"
+                              + (f" (skipped: {skipped})" if skipped else ""))
+    if not written["splits"]["train"]:
+      raise sources.DataError(
+          f"all {sum(written['splits'].values())} documents of {corpus!r} fell into validation "
+          "or test, none into train; add documents or lower --validation / --test")
+    built = {**written, "skipped": skipped,
              "total_bytes": sum(d["bytes"] for d in written["domains"].values())}
   corpus_seconds = time.time() - start
   start = time.time()
-  tokenizer_path, size = None, None
+  tokenizer, vocab_size = settings["tokenizer"], settings["vocab_size"]
+  tokenizer_path, size, sample = None, None, None
   if tokenizer == "bytes":
     tokenizer_path, size = "bytes", tokenizer_lib.ByteTokenizer().vocab_size
   elif tokenizer:
     tokenizer_path = str(pathlib.Path(tokenizer).absolute())
     size = tokenizer_lib.load_tokenizer(tokenizer_path).vocab_size
-  elif not skip_tokenizer:
-    log.info("training a %d-piece SentencePiece tokenizer on %s", vocab_size, out)
-    texts = tokenizer_sample(out / "train.jsonl", built["domains"], tokenizer_bytes)
-    tok = tokenizer_lib.train_sentencepiece(texts, out / "tokenizer", vocab_size=vocab_size,
-                                            max_input_bytes=tokenizer_bytes)
+  elif not settings["skip_tokenizer"]:
+    budget = settings["tokenizer_bytes"]
+    sample = {}
+    texts = tokenizer_sample(build / "train.jsonl", built["domains"], budget, sample)
+    per_domain = budget // max(1, len(built["domains"]))
+    expected = sum(min(d["bytes"], per_domain) for d in built["domains"].values())
+    tok = tokenizer_lib.train_sentencepiece(texts, build / "tokenizer", vocab_size=vocab_size,
+                                            max_input_bytes=budget, expected_bytes=expected)
+    if sample["cut"] or sample["left_out"]:
+      log.info("tokenizer sample: %d documents whole, %d cut to fit the per-domain share of "
+               "tokenizer_bytes, %d left out once the share was full", sample["documents"],
+               sample["cut"], sample["left_out"])
     tokenizer_path, size = str((out / "tokenizer.model").absolute()), int(tok.vocab_size)
   result = {"domains": built["domains"], "total_bytes": built["total_bytes"],
             "splits": built["splits"], "tokenizer": tokenizer_path, "vocab_size": size,
-            "skipped": built["skipped"], "out": str(out.absolute()),
+            "skipped": built["skipped"], "tokenizer_sample": sample,
+            "out": str(out.absolute()),
             "seconds": {"corpus": round(corpus_seconds, 1),
                         "tokenizer": round(time.time() - start, 1)},
-            "settings": settings}
-  (out / RESULT_FILE).write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+            "settings": dict(settings)}
+  (build / RESULT_FILE).write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
   return result
 
 

@@ -38,6 +38,8 @@ SPLITS = ("train", "validation", "test")
 # One record per group: each read decodes one record, which is what random access wants.
 _ARRAY_RECORD_WRITER_OPTIONS = "group_size:1"
 _MAX_ERRORS_KEPT = 20
+# How to opt out of a stop at bad input, for the command line and for Python callers.
+SKIP_HINT = "pass --on_error=skip (on_error='skip' in Python)"
 
 
 class DataError(ValueError):
@@ -96,7 +98,7 @@ class JsonlReader:
       raise DataError(f"{self.path}: the file is empty. A JSONL corpus needs one JSON object "
                       'per line, e.g. {"text": "...", "domain": "news"}.')
     if self.skipped:
-      logging.warning("%s: skipped %d bad line(s) of %d (on_error='skip'); first: %s",
+      logging.warning("%s: skipped %d bad line(s) of %d (on_error=skip); first: %s",
                       self.path, self.skipped, self.skipped + self.documents, self.errors[0])
 
   def _parse(self, raw: bytes, lineno: int) -> Doc:
@@ -105,13 +107,19 @@ class JsonlReader:
       line = raw.decode("utf-8")
     except UnicodeDecodeError as e:
       raise DataError(f"{where}: invalid UTF-8 (byte {e.start} of the line). Re-encode the "
-                      "file as UTF-8, or pass on_error='skip' to skip such lines.") from None
+                      f"file as UTF-8, or {SKIP_HINT} to skip such lines.") from None
+    line = line.rstrip("\r\n")
     try:
       obj = json.loads(line)
     except json.JSONDecodeError as e:
-      raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno}). Each line must "
-                      'be one JSON object like {"text": "..."}; fix the line or pass '
-                      "on_error='skip'.") from None
+      msg = e.msg if e.msg.endswith(" at") else f"{e.msg} at"
+      if e.pos >= len(line.rstrip()) or e.msg.startswith("Unterminated"):
+        problem = (f"the line ends before its JSON object does ({msg} column {e.colno} of "
+                   f"{len(line)}; was it cut short?)")
+      else:
+        problem = f"{msg} column {e.colno}"
+      raise DataError(f"{where}: not valid JSON: {problem}. Each line must be one JSON object "
+                      f'like {{"text": "..."}}; fix the line or {SKIP_HINT}.') from None
     return make_doc(obj, where=where, default_domain=self.default_domain,
                     default_id=f"{self.path.stem}:{lineno}")
 
@@ -172,13 +180,18 @@ def write_jsonl(docs: Iterable[Doc], path: PathLike) -> int:
 
 
 def _read_utf8(path: Path) -> str:
+  """The text of a file; binary or non-UTF-8 content is a DataError naming the file."""
   data = path.read_bytes()
+  nul = data.find(b"\0", 0, 1 << 16)
+  if nul >= 0:
+    raise DataError(f"{path}: a binary file (NUL byte at offset {nul}), not text. Move it out "
+                    f"of the corpus, or {SKIP_HINT} to skip such files.")
   try:
     return data.decode("utf-8")
   except UnicodeDecodeError as e:
     raise DataError(f"{path}: invalid UTF-8 at byte {e.start}. Text documents must be UTF-8: "
-                    "re-encode the file (e.g. iconv -t UTF-8), or move binary files out of the "
-                    "folder, or pass `suffixes` to read only text extensions.") from None
+                    "re-encode the file (e.g. iconv -t UTF-8) or move it out of the corpus, or "
+                    f"{SKIP_HINT} to skip such files.") from None
 
 
 def _text_files(root: Path, suffixes: Sequence[str] | None) -> list[Path]:
@@ -195,38 +208,55 @@ def _text_files(root: Path, suffixes: Sequence[str] | None) -> list[Path]:
 
 
 def read_text(path: PathLike, *, domain: str | None = None,
-              suffixes: Sequence[str] | None = None) -> Iterator[Doc]:
+              suffixes: Sequence[str] | None = None, on_error: str = "raise",
+              skipped: dict | None = None) -> Iterator[Doc]:
   """Documents from a text file (one document) or a folder (one document per file).
 
   In a folder, files are read sorted and recursively (hidden files and folders skipped; only
   names ending in one of `suffixes` when given). The domain is `domain` if given, else the
   first subfolder under the root (root/news/2004/a.txt -> "news"), else the root's own name
   for files directly in it. Ids are paths relative to the root. Empty files are skipped.
+  A binary or non-UTF-8 file stops the read (on_error="raise") or is skipped and counted in
+  `skipped[str(path)]` as {"files": n, "first": message} (on_error="skip").
   """
+  _check_on_error(on_error)
   path = Path(path)
   if path.is_file():
-    text = _read_utf8(path)
-    if not text.strip():
-      raise DataError(f"{path}: the file is empty; a text document needs some text.")
-    yield {"text": text, "domain": domain or UNKNOWN_DOMAIN, "id": path.name}
-    return
-  if not path.is_dir():
+    files, root = [path], path.parent
+  elif path.is_dir():
+    files, root = _text_files(path, suffixes), path
+    if not files:
+      raise DataError(f"{path}: the folder holds no text files"
+                      + (f" ending in {list(suffixes)}" if suffixes else "") + ".")
+  else:
     raise DataError(f"{path}: no such file or folder.")
-  files = _text_files(path, suffixes)
-  if not files:
-    raise DataError(f"{path}: the folder holds no text files"
-                    + (f" ending in {list(suffixes)}" if suffixes else "") + ".")
-  empty = 0
+  empty = bad = 0
   for file in files:
-    rel = file.relative_to(path)
-    text = _read_utf8(file)
+    try:
+      text = _read_utf8(file)
+    except DataError as e:
+      if on_error == "raise":
+        raise
+      bad += 1
+      if skipped is not None:
+        entry = skipped.setdefault(str(path), {"files": 0, "first": str(e)})
+        entry["files"] += 1
+      continue
     if not text.strip():
+      if path.is_file():
+        raise DataError(f"{path}: the file is empty; a text document needs some text.")
       empty += 1
       continue
+    if path.is_file():
+      yield {"text": text, "domain": domain or UNKNOWN_DOMAIN, "id": path.name}
+      continue
+    rel = file.relative_to(root)
     file_domain = domain or (rel.parts[0] if len(rel.parts) > 1 else path.resolve().name)
     yield {"text": text, "domain": file_domain, "id": rel.as_posix()}
   if empty:
     logging.warning("%s: skipped %d empty file(s)", path, empty)
+  if bad:
+    logging.warning("%s: skipped %d binary or non-UTF-8 file(s) (on_error=skip)", path, bad)
 
 
 # --------------------------------------------------------------------------------------------
@@ -326,16 +356,24 @@ def _expand(path_or_spec: PathLike | Sequence[PathLike]) -> list[Path]:
 
 
 def iter_documents(path_or_spec: PathLike | Sequence[PathLike], *, domain: str | None = None,
-                   on_error: str = "raise") -> Iterator[Doc]:
-  """Streams the documents at a path, glob or list of them (see `load_documents`)."""
+                   on_error: str = "raise", skipped: dict | None = None) -> Iterator[Doc]:
+  """Streams the documents at a path, glob or list of them (see `load_documents`).
+
+  With on_error="skip", `skipped` (when given) receives what was left out, per input:
+  {path: {"lines": n, "first": message}} for JSONL, {path: {"files": n, "first": ...}} for
+  text files and folders.
+  """
   for p in _expand(path_or_spec):
     if p.is_file() and p.name.endswith(ARRAY_RECORD_SUFFIXES):
       source = ArrayRecordDocuments(p)
       yield from (source[i] for i in range(len(source)))
     elif p.is_file() and p.suffix == ".jsonl":
-      yield from read_jsonl(p, on_error=on_error, default_domain=domain)
+      reader = read_jsonl(p, on_error=on_error, default_domain=domain)
+      yield from reader
+      if reader.skipped and skipped is not None:
+        skipped[str(p)] = {"lines": reader.skipped, "first": reader.errors[0]}
     else:
-      yield from read_text(p, domain=domain)
+      yield from read_text(p, domain=domain, on_error=on_error, skipped=skipped)
 
 
 def load_documents(path_or_spec: PathLike | Sequence[PathLike], *, domain: str | None = None,

@@ -41,10 +41,15 @@ import json
 import logging
 import os
 import pathlib
+import re
 import time
 from typing import Iterable, Iterator, Protocol, Sequence, runtime_checkable
 
 import sentencepiece as spm
+
+from emo_jax.data import progress as progress_lib
+
+log = logging.getLogger(__name__)
 
 # The dolma2 tokenizer of the released EMO / OLMo 2 checkpoints.
 DOLMA2_VOCAB_SIZE = 100_278
@@ -69,7 +74,15 @@ ACCEPTED_KINDS = (
 
 
 class TokenizerError(ValueError):
-  """A tokenizer cannot be loaded or trained as asked; the message says why and how to fix it."""
+  """A tokenizer cannot be loaded or trained as asked; the message says why and how to fix it.
+
+  `max_vocab_size` is set when the training text cannot fill the asked vocabulary: the
+  largest vocab_size that works on it.
+  """
+
+  def __init__(self, message: str, *, max_vocab_size: int | None = None):
+    super().__init__(message)
+    self.max_vocab_size = max_vocab_size
 
 
 @runtime_checkable
@@ -338,7 +351,7 @@ def _cut(line: str, max_bytes: int) -> Iterator[str]:
 
 
 def _sentences(texts: Iterable[str], max_sentence_bytes: int, max_input_bytes: int,
-               stats: dict) -> Iterator[str]:
+               stats: dict, progress: progress_lib.ProgressLog | None = None) -> Iterator[str]:
   """Training sentences: runs of whole lines (newlines kept), each <= max_sentence_bytes.
 
   Over-long lines are cut (see `_cut`), so the trainer never silently drops a sentence.
@@ -346,6 +359,8 @@ def _sentences(texts: Iterable[str], max_sentence_bytes: int, max_input_bytes: i
   """
   total = 0
   for text in texts:
+    if progress is not None:
+      progress.update(total - progress.bytes, 1)
     if not isinstance(text, str):
       raise TokenizerError(
           f"train_sentencepiece wants an iterable of str, got an item of type "
@@ -378,7 +393,8 @@ def train_sentencepiece(texts: Iterable[str], model_prefix: str | os.PathLike,
                         max_input_bytes: int = 100_000_000, num_threads: int = 2,
                         character_coverage: float = 0.9995,
                         user_defined_symbols: Sequence[str] = (),
-                        max_piece_length: int = 16) -> SentencePieceTokenizer:
+                        max_piece_length: int = 16,
+                        expected_bytes: int | None = None) -> SentencePieceTokenizer:
   """Trains a BPE SentencePiece model on `texts` and writes `{model_prefix}.model`.
 
   Args:
@@ -394,6 +410,8 @@ def train_sentencepiece(texts: Iterable[str], model_prefix: str | os.PathLike,
       spelled with byte pieces. Lower it if a tiny vocab_size has no room for every character.
     user_defined_symbols: strings always kept as one piece (never merged or split).
     max_piece_length: longest piece, in characters (bounds whitespace runs too).
+    expected_bytes: how much text `texts` holds, when the caller knows; only for the ETA of
+      the progress lines.
 
   Returns:
     The trained tokenizer, loaded from the written file.
@@ -412,9 +430,22 @@ def train_sentencepiece(texts: Iterable[str], model_prefix: str | os.PathLike,
   stats = {"bytes": 0, "documents": 0, "truncated": False}
   writer = io.BytesIO()
   start = time.perf_counter()
+  progress = progress_lib.ProgressLog(
+      log, "tokenizer: reading text",
+      total_bytes=min(expected_bytes or max_input_bytes, max_input_bytes))
+  log.info("training a %d-piece SentencePiece BPE tokenizer (reads up to %s, then learns its "
+           "merges without further progress lines)", vocab_size, progress_lib.size(progress.total))
+
+  def sentences_then_report():
+    yield from _sentences(texts, max_sentence_bytes, max_input_bytes, stats, progress)
+    progress.bytes = stats["bytes"]
+    progress.done()
+    log.info("tokenizer: learning %d pieces from %s", vocab_size,
+             progress_lib.size(stats["bytes"]))
+
   try:
     spm.SentencePieceTrainer.train(
-        sentence_iterator=_sentences(texts, max_sentence_bytes, max_input_bytes, stats),
+        sentence_iterator=sentences_then_report(),
         model_writer=writer,
         model_type="bpe",
         vocab_size=vocab_size,
@@ -443,24 +474,31 @@ def train_sentencepiece(texts: Iterable[str], model_prefix: str | os.PathLike,
           "train_sentencepiece got no text (the iterable was empty or held only empty "
           "strings); pass the documents to learn from."
       ) from e
-    detail = msg.split("] ")[-1]
+    detail = " ".join(msg.split("] ")[-1].split())
     if "Vocabulary size too high" in msg:
+      largest = re.search(r"<=\s*(\d+)", detail)
+      if largest:
+        n = int(largest.group(1))
+        raise TokenizerError(
+            f"vocab_size={vocab_size} is more than this text can fill: SentencePiece can make "
+            f"at most {n} pieces from its {stats['bytes']:,} bytes ({stats['documents']} "
+            f"document{'' if stats['documents'] == 1 else 's'}). Use vocab_size={n} or less (--vocab_size {n}), or train on more "
+            f"text.", max_vocab_size=n) from e
       raise TokenizerError(
-          f"SentencePiece cannot make {vocab_size} pieces from this text ({stats['bytes']} "
-          f"bytes): {detail} Use a smaller vocab_size or train on more text."
-      ) from e
+          f"SentencePiece cannot make {vocab_size} pieces from this text ({stats['bytes']:,} "
+          f"bytes): {detail} Use a smaller vocab_size or train on more text.") from e
     if "Vocabulary size is smaller than required_chars" in msg:
       raise TokenizerError(
           f"vocab_size={vocab_size} has no room for every character of this text: {detail} "
           f"Use a larger vocab_size or a lower character_coverage (now {character_coverage}); "
           f"characters left out are spelled with byte pieces."
       ) from e
-    raise TokenizerError(f"SentencePiece training failed: {msg}") from e
+    raise TokenizerError(f"SentencePiece training failed: {' '.join(msg.split())}") from e
   # Write through a temporary name so a crash never leaves a half-written model behind.
   tmp = out.with_name(out.name + ".tmp")
   tmp.write_bytes(writer.getvalue())
   os.replace(tmp, out)
-  logging.info(
+  log.info(
       "trained SentencePiece BPE vocab %d on %d bytes from %d documents%s in %.1f s -> %s",
       vocab_size, stats["bytes"], stats["documents"],
       " (truncated at max_input_bytes)" if stats["truncated"] else "",
