@@ -88,13 +88,19 @@ def unigram_baseline(corpus, dc, max_segments: int, eval_batches: int,
     mask = batch["loss_mask"] > 0
     counts += np.bincount(batch["targets"][mask], minlength=vocab)[:vocab]
   log_p = np.log(counts / counts.sum())
-  nll = tokens = 0.0
+  num_domains = len(corpus.domains)
+  nll_d, tokens_d = np.zeros(num_domains + 1), np.zeros(num_domains + 1)  # last: no domain
   for batch in corpus.eval_batches(dc, max_segments, eval_batches):
     mask = batch["loss_mask"] > 0
-    nll -= float(log_p[batch["targets"][mask]].sum())
-    tokens += float(mask.sum())
-  loss = nll / max(tokens, 1.0)
-  return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+    domain = np.where(batch["domain_ids"] >= 0, batch["domain_ids"], num_domains)[mask]
+    nll_d -= np.bincount(domain, log_p[batch["targets"][mask]], minlength=num_domains + 1)
+    tokens_d += np.bincount(domain, minlength=num_domains + 1)
+  loss = float(nll_d.sum()) / max(float(tokens_d.sum()), 1.0)
+  out = {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+  for i, name in enumerate(corpus.domains):  # the same keys as `perplexity` writes
+    if tokens_d[i] > 0:
+      out[f"perplexity/{name}"] = math.exp(min(nll_d[i] / tokens_d[i], 50.0))
+  return out
 
 
 # ---- multiple choice ----------------------------------------------------------------------------

@@ -1,7 +1,9 @@
 """Training metrics: per-layer routing summaries, throughput, MFU, and where they are written.
 
-Every logged step goes three places: a console line a person can follow (step, loss, tokens/s,
-ETA), `metrics.jsonl` (one JSON object per logged step, for scripts and plots) and TensorBoard
+Every logged step goes three places: a console line a person can follow (step, the last batch's
+loss and the mean since the previous line, tokens/s, ETA; at an evaluation a table of the
+perplexity per domain beside the unigram baseline and the change since the last one),
+`metrics.jsonl` (one JSON object per logged step, for scripts and plots) and TensorBoard
 event files. On resume, JSONL rows past the restored step are dropped so the file reads as one
 uninterrupted run.
 """
@@ -13,7 +15,7 @@ import logging
 import math
 import pathlib
 import time
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -55,8 +57,13 @@ def flops_per_token(cfg: ModelConfig, counts: Mapping[str, int], seq_len: int) -
   return 6.0 * matmul_params + attention
 
 
-def summarize(stats: Mapping[str, Any], cfg: ModelConfig) -> dict[str, float]:
-  """Flattens one step's statistics into scalars (per-layer routing figures included)."""
+def summarize(stats: Mapping[str, Any], cfg: ModelConfig,
+              window: Sequence[tuple[int, Mapping[str, Any]]] = ()) -> dict[str, float]:
+  """Flattens one step's statistics into scalars (per-layer routing figures included).
+
+  `loss` is that one step's batch loss, which jumps with the batch's mix of domains; with
+  `window` (the (step, stats) since the last logged line) `loss_mean` is the mean over them.
+  """
   row = {
       "loss": float(stats["loss"]),
       "perplexity": float(math.exp(min(float(stats["loss"]), 50.0))),
@@ -65,6 +72,8 @@ def summarize(stats: Mapping[str, Any], cfg: ModelConfig) -> dict[str, float]:
       "grad_norm": float(stats["grad_norm"]),
       "learning_rate": float(stats["learning_rate"]),
   }
+  if window:
+    row["loss_mean"] = float(np.mean([float(w["loss"]) for _, w in window]))
   if "expert_load" in stats:
     load = np.asarray(stats["expert_load"], np.float64)  # [layers, routed experts]
     E = load.shape[-1]
@@ -111,8 +120,17 @@ def _duration(seconds: float) -> str:
   return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+def baseline_fields(baseline: Mapping[str, float], prefix: str = "unigram_val_") -> dict:
+  """The unigram baseline's perplexities (overall and per domain) as logged row fields."""
+  return {f"{prefix}{k}": float(v) for k, v in baseline.items() if k.startswith("perplexity")}
+
+
 def console_line(step: int, total: int, row: Mapping[str, float]) -> str:
+  """One line per logged step. `loss` is the last step's batch; `mean` averages the steps
+  since the previous line, which is the figure to follow."""
   parts = [f"step {step}/{total}", f"loss {row['loss']:.4f}"]
+  if "loss_mean" in row:
+    parts[-1] += f" (mean {row['loss_mean']:.4f})"
   if "lb_loss" in row:
     parts.append(f"lb {row['lb_loss']:.3f}")
   if "val_perplexity" in row:
@@ -126,6 +144,36 @@ def console_line(step: int, total: int, row: Mapping[str, float]) -> str:
   return " | ".join(parts)
 
 
+def evaluation_table(row: Mapping[str, float], previous: Mapping[str, float] | None = None,
+                     previous_step: int | None = None, prefix: str = "val_") -> str:
+  """The evaluation of a logged row as a small table: one line per domain and one for all.
+
+  Columns: the model's perplexity, the unigram baseline's (the bar of token frequencies
+  alone), and the change since the previous evaluation (`previous`, an earlier row).
+  """
+  key = f"{prefix}perplexity"
+  domains = sorted(k.split("/", 1)[1] for k in row if k.startswith(key + "/"))
+  names = ["all"] + domains
+  since = f"change since step {previous_step}" if previous is not None else "change"
+  width = max(len(n) for n in names + ["domain"])
+  lines = [f"  {'domain':<{width}}  {'perplexity':>10}  {'unigram':>9}  {since}"]
+  for name in names:
+    field = key if name == "all" else f"{key}/{name}"
+    value = row.get(field)
+    if value is None:
+      continue
+    unigram = row.get(f"unigram_{field}")
+    cells = [f"  {name:<{width}}", f"{value:>10.2f}",
+             f"{unigram:>9.2f}" if unigram is not None else f"{'-':>9}"]
+    if previous is not None and previous.get(field):
+      before = previous[field]
+      cells.append(f"{value - before:+.2f} ({100 * (value - before) / before:+.1f}%)")
+    else:
+      cells.append("-")
+    lines.append("  ".join(cells))
+  return "\n".join(lines)
+
+
 class MetricsWriter:
   """Console + `metrics.jsonl` + TensorBoard events in the workdir."""
 
@@ -136,6 +184,8 @@ class MetricsWriter:
     # In a multi-host run every host computes the same (global) metrics; host 0 writes them.
     self.enabled = jax.process_index() == 0
     self._file = self._tb = None
+    # The last evaluation written (step, row), for the change column of the next one.
+    self._last_eval: tuple[int, dict] | None = None
     if not self.enabled:
       return
     self._truncate_after(resume_step)
@@ -153,9 +203,12 @@ class MetricsWriter:
     kept = []
     for line in self.path.read_text(encoding="utf-8").splitlines():
       try:
-        if json.loads(line)["step"] <= step:
+        record = json.loads(line)
+        if record["step"] <= step:
           kept.append(line)
-      except (ValueError, KeyError):
+          if "val_perplexity" in record:
+            self._last_eval = (record["step"], record)
+      except (ValueError, KeyError, TypeError):
         continue  # a line cut short by a kill
     self.path.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
 
@@ -169,6 +222,11 @@ class MetricsWriter:
       for key, value in row.items():
         self._tb.add_scalar(key, float(value), step)
     print(console_line(step, self.total, row), flush=True)
+    if "val_perplexity" in row:
+      before = self._last_eval
+      print(evaluation_table(row, before[1] if before else None,
+                             before[0] if before else None), flush=True)
+      self._last_eval = (int(step), dict(row))
 
   def close(self) -> None:
     if self._file is not None:

@@ -299,7 +299,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         pending = []
       if wants_log:
         tokens = float(np.sum([s["tokens"] for _, s in checked]))
-        row = metrics_lib.summarize(checked[-1][1], cfg)
+        row = metrics_lib.summarize(checked[-1][1], cfg, window=checked)
         checked = []
         row.update(progress.update(step, tokens))
         if flops_per_token and peak:
@@ -307,7 +307,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         if wants_eval:
           row.update(evaluate.perplexity(graphdef, state.params, eval_data, corpus.domains,
                                          prefix="val_", mesh=mesh))
-          row["unigram_val_perplexity"] = baseline["perplexity"]
+          row.update(metrics_lib.baseline_fields(baseline))
         writer.write(step, row)
         last = row
       if stop_requested:
