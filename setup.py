@@ -35,7 +35,7 @@ setup(
             "pytest>=8",
             # CPU build; later parity tests compare against transformers' PyTorch models.
             "torch==2.13.0",
-            "transformers>=5.0",
+            "transformers>=5.5,<6",
             # tests/test_notebooks.py runs colab/*.ipynb headless.
             "nbclient>=0.10",
             "nbformat>=5.10",

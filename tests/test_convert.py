@@ -189,6 +189,17 @@ def test_release_config_keys_load(moe, tmp_path):
   jax.tree.map(np.testing.assert_array_equal, params, moe["params"])
 
 
+TRANSFORMERS = f"transformers {transformers.__version__}"  # named in every generation failure
+
+
+def hf_greedy(model, prompt_ids, steps, *, attention_mask=None, use_cache=True):
+  with torch.no_grad():
+    out = model.generate(torch.tensor(prompt_ids), attention_mask=attention_mask,
+                         max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+                         pad_token_id=0, use_cache=use_cache)
+  return out.tolist()
+
+
 def test_greedy_tokens_match(moe):
   prompt, steps = TOKENS[:1, :5], 20
   forward = moe["forward"]
@@ -197,10 +208,40 @@ def test_greedy_tokens_match(moe):
   for n in range(prompt.shape[1], tokens.shape[1]):  # fixed shape: one compile, causal model
     tokens[0, n] = forward(tokens)[0, n - 1].argmax()
   for layout, model in moe["models"].items():
-    with torch.no_grad():
-      out = model.generate(torch.tensor(prompt), max_new_tokens=steps, min_new_tokens=steps,
-                           do_sample=False, pad_token_id=0)
-    assert out[0].tolist() == tokens[0].tolist(), layout
+    assert hf_greedy(model, prompt, steps)[0] == tokens[0].tolist(), f"{layout}, {TRANSFORMERS}"
+
+
+@pytest.mark.parametrize("layout", hf.LAYOUTS)
+def test_generate_with_and_without_cache_batched_left_padded(moe, layout):
+  """The KV cache changes nothing, and a left-padded row decodes as it would alone."""
+  model, steps = moe["models"][layout], 12
+  prompts = [TOKENS[0, :7].tolist(), TOKENS[1, :3].tolist()]
+  width = max(map(len, prompts))
+  ids = np.array([[0] * (width - len(p)) + p for p in prompts])
+  mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+  cached = hf_greedy(model, ids, steps, attention_mask=mask)
+  uncached = hf_greedy(model, ids, steps, attention_mask=mask, use_cache=False)
+  assert cached == uncached, f"{layout}: the KV cache changes greedy tokens under {TRANSFORMERS}"
+  for row, prompt in enumerate(prompts):
+    alone = hf_greedy(model, [prompt], steps)[0]
+    assert cached[row][width - len(prompt):] == alone, f"{layout} row {row}, {TRANSFORMERS}"
+
+
+def test_emo_cache_is_returned_under_the_installed_name(moe):
+  """forward hands the cache back where `generate` looks for it, under either input name."""
+  model = moe["models"]["emo"]
+  with torch.no_grad():
+    first = model(torch.tensor(TOKENS[:1, :4]), use_cache=True)
+  name = "cache" if "cache" in first.keys() else "past_key_values"
+  cache = first[name]
+  assert cache is not None and cache.get_seq_length() == 4, TRANSFORMERS
+  with torch.no_grad():
+    step = model(torch.tensor(TOKENS[:1, 4:5]), use_cache=True, **{name: cache})
+    full = model(torch.tensor(TOKENS[:1, :5]), use_cache=False)
+  np.testing.assert_allclose(step.logits[0, -1].numpy(), full.logits[0, -1].numpy(), atol=1e-5,
+                             err_msg=TRANSFORMERS)
+  with pytest.raises(ValueError, match="not both"):
+    model(torch.tensor(TOKENS[:1, :2]), cache=cache, past_key_values=cache)
 
 
 # ---- round trips ------------------------------------------------------------------------------
@@ -350,6 +391,15 @@ def test_dense_tied_model_exports_both_layouts(tmp_path):
 
 # ---- tokenizers -------------------------------------------------------------------------------
 TEXTS = [*tokenizer_hf.SAMPLE_TEXTS, "", "x", "\n\n\tindented\n", "1/2 + 3.5e-7 = ?"]
+
+
+@pytest.mark.parametrize("trust", [True, False])
+def test_emo_export_tokenizer_needs_no_custom_code(moe, trust):
+  """The tokenizer files name a stock class; only config.json points at our modeling code."""
+  directory = moe["root"] / "emo"
+  assert "auto_map" not in json.loads((directory / "tokenizer_config.json").read_text())
+  tok = transformers.AutoTokenizer.from_pretrained(directory, trust_remote_code=trust)
+  assert tok("hi")["input_ids"] == tokenizer_lib.ByteTokenizer().encode("hi")
 
 
 def test_byte_tokenizer_loads_in_auto_tokenizer(moe):

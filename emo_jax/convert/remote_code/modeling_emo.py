@@ -15,7 +15,14 @@ without renormalisation, and every shared expert (the last rows of the bank) add
 exactly 1.0; no document pool. The router runs in float32 whatever the model dtype, as in
 training. Attention is plain causal (left padding through `attention_mask`), eager, with
 logits and softmax in float32, so results do not depend on an attention backend.
+
+The key/value cache follows whichever cache API the installed transformers speaks: releases up to
+5.23 pass and return it as `past_key_values`, 5.24 and later as `cache` (the old name still
+accepted with a deprecation warning). `forward` takes either and returns it under the name the
+installed output classes declare, so `generate` carries the cache from step to step on both.
 """
+
+import dataclasses
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +33,17 @@ from transformers.cache_utils import DynamicCache
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 
 from .configuration_emo import EmoConfig
+
+# The output field that carries the KV cache in the installed transformers ("cache" from 5.24).
+_CACHE_FIELD = ("cache" if "cache" in {f.name for f in dataclasses.fields(MoeCausalLMOutputWithPast)}
+                else "past_key_values")
+
+
+def _one_cache(cache, past_key_values):
+  """The cache passed under either name; both at once is ambiguous and refused."""
+  if cache is not None and past_key_values is not None:
+    raise ValueError("pass the KV cache as `cache` or as `past_key_values`, not both")
+  return cache if cache is not None else past_key_values
 
 # Keys of the reference's experimental code paths, with the value that means "off". Any other
 # value changes the computation in ways this file does not implement, so it is refused.
@@ -220,7 +238,7 @@ class EmoPreTrainedModel(PreTrainedModel):
   base_model_prefix = "model"
   supports_gradient_checkpointing = False
   _no_split_modules = ["EmoDecoderLayer"]
-  _skip_keys_device_placement = ["past_key_values"]
+  _skip_keys_device_placement = ["past_key_values", "cache"]
 
   @torch.no_grad()
   def _init_weights(self, module):
@@ -288,7 +306,8 @@ class EmoModel(EmoPreTrainedModel):
     self.embed_tokens = value
 
   def forward(self, input_ids=None, attention_mask=None, position_ids=None,
-              past_key_values=None, inputs_embeds=None, use_cache=None, **kwargs):
+              past_key_values=None, inputs_embeds=None, use_cache=None, cache=None, **kwargs):
+    past_key_values = _one_cache(cache, past_key_values)
     if (input_ids is None) == (inputs_embeds is None):
       raise ValueError("pass exactly one of input_ids or inputs_embeds")
     if inputs_embeds is None:
@@ -307,8 +326,8 @@ class EmoModel(EmoPreTrainedModel):
       x, logits = layer(x, cos, sin, mask, past_key_values)
       router_logits.append(logits)
     return MoeModelOutputWithPast(last_hidden_state=self.norm(x),
-                                  past_key_values=past_key_values if use_cache else None,
-                                  router_logits=tuple(router_logits))
+                                  router_logits=tuple(router_logits),
+                                  **{_CACHE_FIELD: past_key_values if use_cache else None})
 
 
 def load_balancing_loss(router_logits, num_shared, top_k):
@@ -347,7 +366,8 @@ class EmoForCausalLM(EmoPreTrainedModel, GenerationMixin):
 
   def forward(self, input_ids=None, attention_mask=None, position_ids=None,
               past_key_values=None, inputs_embeds=None, labels=None, use_cache=None,
-              output_router_logits=None, logits_to_keep=0, **kwargs):
+              output_router_logits=None, logits_to_keep=0, cache=None, **kwargs):
+    past_key_values = _one_cache(cache, past_key_values)
     out = self.model(input_ids=input_ids, attention_mask=attention_mask,
                      position_ids=position_ids, past_key_values=past_key_values,
                      inputs_embeds=inputs_embeds, use_cache=use_cache)
@@ -369,8 +389,9 @@ class EmoForCausalLM(EmoPreTrainedModel, GenerationMixin):
       if loss is not None and aux_loss is not None:
         loss = loss + self.config.router_aux_loss_coef * aux_loss
     return MoeCausalLMOutputWithPast(
-        loss=loss, aux_loss=aux_loss, logits=logits, past_key_values=out.past_key_values,
-        router_logits=out.router_logits if output_router_logits else None)
+        loss=loss, aux_loss=aux_loss, logits=logits,
+        router_logits=out.router_logits if output_router_logits else None,
+        **{_CACHE_FIELD: getattr(out, _CACHE_FIELD)})
 
 
 __all__ = ["EmoForCausalLM", "EmoModel", "EmoPreTrainedModel"]
