@@ -427,6 +427,24 @@ class Block(nnx.Module):
     return h + y, k_cache, v_cache
 
 
+def layer_major_keep(keep_experts, cfg: ModelConfig, batch: int) -> jax.Array:
+  """The routing mask as the layer scan reads it: [layers, routed] or [layers, B, routed].
+
+  `keep_experts` is None (a placeholder [layers] is scanned over and ignored), one subset for
+  every row [layers, routed], or one subset per row [B, layers, routed].
+  """
+  if keep_experts is None:
+    return jnp.zeros((cfg.num_layers,), bool)
+  L, R = cfg.num_layers, cfg.num_routed_experts
+  if keep_experts.shape == (L, R):
+    return keep_experts
+  if keep_experts.shape == (batch, L, R):
+    return jnp.swapaxes(keep_experts, 0, 1)
+  raise ValueError(f"keep_experts must be bool [num_layers, routed experts] = {(L, R)} or "
+                   f"[batch, num_layers, routed experts] = {(batch, L, R)}, got "
+                   f"{keep_experts.shape}")
+
+
 class Transformer(nnx.Module):
   """The whole decoder. Call: `logits_BxLxV, aux = model(tokens_BxL, segment_ids, positions)`.
 
@@ -468,6 +486,7 @@ class Transformer(nnx.Module):
         shard_map); empty for a single replica.
       keep_experts: optional bool [layers, routed experts]: route only into the experts marked
         True in each layer (selective use of a subset without pruning the weights).
+        [batch, layers, routed experts] gives every row its own subset.
       collect_routing: also return aux["routing_probs"] [layers, B, L, routed experts], the
         unmasked routed softmax of every layer.
       mesh: the device mesh of a sharded run (sharding.make_mesh): activations are kept
@@ -496,11 +515,7 @@ class Transformer(nnx.Module):
                   else jnp.zeros((cfg.num_layers,), jnp.uint32))
     graphdef, block_state = nnx.split(self.blocks)
 
-    if keep_experts is not None and keep_experts.shape != (cfg.num_layers, cfg.num_routed_experts):
-      raise ValueError(f"keep_experts must be bool [num_layers, routed experts] = "
-                       f"{(cfg.num_layers, cfg.num_routed_experts)}, got {keep_experts.shape}")
-    keep = (keep_experts if keep_experts is not None
-            else jnp.zeros((cfg.num_layers,), bool))  # a placeholder to scan over
+    keep = layer_major_keep(keep_experts, cfg, B)
 
     def one_block(x, layer):
       state, key, keep_E = layer
@@ -552,15 +567,12 @@ class Transformer(nnx.Module):
     `keep_experts` is the routing mask of `__call__`.
     """
     cfg = self.cfg
-    if keep_experts is not None and keep_experts.shape != (cfg.num_layers, cfg.num_routed_experts):
-      raise ValueError(f"keep_experts must be bool [num_layers, routed experts] = "
-                       f"{(cfg.num_layers, cfg.num_routed_experts)}, got {keep_experts.shape}")
+    keep = layer_major_keep(keep_experts, cfg, tokens_BxT.shape[0])
     index = cache["index"]
     valid_keys = jax.lax.dynamic_update_slice(cache["valid"], valid_BxT.astype(bool), (0, index))
     valid = {"keys": valid_keys, "tokens": valid_BxT}
     x = jnp.take(self.embed[...], tokens_BxT, axis=0).astype(cfg.compute_jnp_dtype)
     graphdef, block_state = nnx.split(self.blocks)
-    keep = (keep_experts if keep_experts is not None else jnp.zeros((cfg.num_layers,), bool))
 
     def one_block(x, layer):
       state, k_cache, v_cache, keep_E = layer

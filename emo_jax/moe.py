@@ -192,6 +192,7 @@ class MoE(nnx.Module):
 
     keep_experts_E: optional bool [routed experts]; experts marked False are never routed to
       (a subset of the experts applied as a routing mask, as when deploying EMO selectively).
+      [B, routed experts] gives each row its own subset.
     collect_routing: also return aux["routing_probs"] [B, L, routed experts], the unmasked
       routed softmax (what expert selection and the clustering analysis read).
     """
@@ -208,7 +209,10 @@ class MoE(nnx.Module):
       keep_BxLxE = keep_BxLxE.reshape(B * L, R)
 
     if keep_experts_E is not None:
-      subset_TxE = jnp.broadcast_to(keep_experts_E.astype(bool), (B * L, R))
+      keep = keep_experts_E.astype(bool)  # [R], or [B, R]: one subset per row
+      if keep.ndim == 2:
+        keep = keep[:, None, :]
+      subset_TxE = jnp.broadcast_to(keep, (B, L, R)).reshape(B * L, R)
       keep_BxLxE = subset_TxE if keep_BxLxE is None else keep_BxLxE & subset_TxE
 
     token_mask_T = (segment_ids_BxL > 0).reshape(B * L)

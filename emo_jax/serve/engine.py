@@ -1,0 +1,549 @@
+"""Continuous batching over fixed decode slots, every row on its own expert subset.
+
+The engine owns one KV cache of `slots` rows and runs one compiled decode step for all of them,
+whatever subsets the rows use: each row's routing mask ([slots, layers, C] over the bank's
+slots, see `bank`) is an input of the step, not part of the compiled program. Requests join at
+step boundaries and leave when done:
+
+* prefill: the prompt runs alone (batch 1), left-padded to the next length bucket (powers of
+  two up to the context), so prefills compile once per bucket;
+* insert: its keys and values are copied into a free row so that the prompt ends just before
+  the cache's write column `index`, the column every row writes next. The model's cache has
+  one write column for all rows (`Transformer.init_cache`); a row's tokens keep their own RoPE
+  positions and its other columns are marked empty, which is exactly the left-padded layout of
+  `generate.generate_ids`, so a row decodes as it would alone;
+* generate: one step for every row; finished, cancelled and timed-out rows free their slot.
+
+The write column starts at the context length and grows by one per step; when it reaches the
+cache's end (context + `shift_every` columns), the cache is shifted left by `shift_every`
+columns. Every live row's tokens lie in its last `context` columns (prompt + max_tokens never
+exceed the context), so nothing live is dropped, and one compiled shift serves every time.
+
+All JAX work happens on the engine thread; other threads submit requests and bank changes and
+receive events through each request's `on_event` callback.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import functools
+import itertools
+import logging
+import threading
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from emo_jax import generate
+from emo_jax.serve import bank as bank_lib
+
+log = logging.getLogger(__name__)
+TOP_LOGPROBS = 5  # the most alternatives a request may ask for (as OpenAI's completions API)
+
+
+class QueueFull(RuntimeError):
+  """The pending queue is at its bound; the client should retry later."""
+
+
+class ShuttingDown(RuntimeError):
+  """The engine is stopping and takes no new requests."""
+
+
+@dataclasses.dataclass
+class Request:
+  """One generation: the prompt's token ids, its routing mask and how to sample.
+
+  on_event receives dicts from the engine thread: {"type": "delta", "text", "tokens",
+  "logprobs", "top_logprobs"} as text becomes final, then one {"type": "done", "finish_reason"
+  ("stop", "length", "cancelled", "timeout", "error"), "error", "prompt_tokens",
+  "completion_tokens"}.
+  """
+  prompt_ids: Sequence[int]
+  mask_LxR: np.ndarray
+  max_tokens: int
+  on_event: Callable[[dict], None]
+  temperature: float = 0.0
+  top_p: float = 1.0
+  seed: int = 0
+  stop: tuple[str, ...] = ()
+  logprobs: int = 0
+  deadline: float | None = None  # time.monotonic() after which the request is abandoned
+  subsets: tuple[str, ...] = ()
+  cancelled: bool = False
+  # Filled in by the engine.
+  generated: list[int] = dataclasses.field(default_factory=list)
+  emitted_chars: int = 0
+  emitted_tokens: int = 0
+  token_logprobs: list[float] = dataclasses.field(default_factory=list)
+  top: list[dict[int, float]] = dataclasses.field(default_factory=list)
+  done: bool = False
+
+  def cancel(self) -> None:
+    self.cancelled = True
+
+
+# ---- compiled pieces ------------------------------------------------------------------------
+@functools.partial(jax.jit, static_argnums=(0,))
+def _prefill(graphdef, params, tokens_1xT, positions_1xT, valid_1xT, keep_1xLxC):
+  model = nnx.merge(graphdef, params)
+  cache = model.init_cache(1, tokens_1xT.shape[1])
+  logits, cache = model.decode(tokens_1xT, positions_1xT, valid_1xT, cache,
+                               keep_experts=keep_1xLxC)
+  return logits[:, -1], cache["k"], cache["v"]
+
+
+@functools.partial(jax.jit, donate_argnums=(0,))
+def _insert(cache, k_Lx1xTxGxK, v_Lx1xTxGxK, valid_1xT, row):
+  T = k_Lx1xTxGxK.shape[2]
+  M = cache["valid"].shape[1]
+  start = cache["index"] - T
+  k = jax.lax.dynamic_update_slice(cache["k"], k_Lx1xTxGxK.astype(cache["k"].dtype),
+                                   (0, row, start, 0, 0))
+  v = jax.lax.dynamic_update_slice(cache["v"], v_Lx1xTxGxK.astype(cache["v"].dtype),
+                                   (0, row, start, 0, 0))
+  valid_row = jax.lax.dynamic_update_slice(jnp.zeros((1, M), bool), valid_1xT, (0, start))
+  valid = jax.lax.dynamic_update_slice(cache["valid"], valid_row, (row, 0))
+  return {"k": k, "v": v, "valid": valid, "index": cache["index"]}
+
+
+@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(4,))
+def _step(graphdef, params, token_S, position_S, cache, keep_SxLxC):
+  model = nnx.merge(graphdef, params)
+  S = token_S.shape[0]
+  logits, cache = model.decode(token_S[:, None], position_S[:, None], jnp.ones((S, 1), bool),
+                               cache, keep_experts=keep_SxLxC)
+  return logits[:, 0], cache
+
+
+@functools.partial(jax.jit, static_argnums=(1,), donate_argnums=(0,))
+def _shift(cache, amount: int):
+  def left(x, axis):
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, amount)
+    return jnp.pad(jax.lax.slice_in_dim(x, amount, x.shape[axis], axis=axis), pad)
+  return {"k": left(cache["k"], 2), "v": left(cache["v"], 2), "valid": left(cache["valid"], 1),
+          "index": cache["index"] - amount}
+
+
+def _sample_one(logits_V, key, temperature, top_p):
+  key, sub = jax.random.split(key)
+  greedy = jnp.argmax(logits_V).astype(jnp.int32)
+  scaled = logits_V.astype(jnp.float32) / jnp.where(temperature > 0, temperature, 1.0)
+  order_V = jnp.argsort(-scaled)
+  sorted_V = scaled[order_V]
+  probs = jax.nn.softmax(sorted_V)
+  mass_before = jnp.cumsum(probs) - probs  # the smallest prefix reaching top_p is kept
+  sorted_V = jnp.where(mass_before < top_p, sorted_V, -jnp.inf)
+  sampled = order_V[jax.random.categorical(sub, sorted_V)].astype(jnp.int32)
+  return jnp.where(temperature > 0, sampled, greedy), key
+
+
+@jax.jit
+def _sample_rows(logits_SxV, keys_S, temperature_S, top_p_S):
+  """Per-row sampling: argmax where temperature is 0, else top-p at the row's temperature.
+
+  Each row draws from its own key (seeded by its request), so a sampled request is
+  reproducible whatever else shares the batch. Log-probabilities are of the model's
+  distribution (before temperature), as OpenAI's API reports them.
+  """
+  tokens_S, keys_S = jax.vmap(_sample_one)(logits_SxV, keys_S, temperature_S, top_p_S)
+  logprobs_SxV = jax.nn.log_softmax(logits_SxV.astype(jnp.float32), axis=-1)
+  chosen_S = jnp.take_along_axis(logprobs_SxV, tokens_S[:, None], axis=1)[:, 0]
+  top_lp, top_ids = jax.lax.top_k(logprobs_SxV, TOP_LOGPROBS)
+  return tokens_S, chosen_S, top_ids, top_lp, keys_S
+
+
+def length_buckets(context: int, smallest: int = 16) -> list[int]:
+  """Prefill lengths: powers of two from `smallest` up to the context (which is always one)."""
+  out, n = [], smallest
+  while n < context:
+    out.append(n)
+    n *= 2
+  return out + [context]
+
+
+# ---- the engine ---------------------------------------------------------------------------------
+class Engine:
+  """Fixed decode slots over one KV cache, fed by a bounded queue; see the module docstring."""
+
+  def __init__(self, bank: bank_lib.ExpertBank, tokenizer, *, slots: int = 4,
+               max_queue: int = 64, shift_every: int | None = None):
+    if slots < 1:
+      raise ValueError(f"slots={slots} must be >= 1")
+    if max_queue < 0:
+      raise ValueError(f"max_queue={max_queue} must be >= 0")
+    self.bank = bank
+    self.tokenizer = tokenizer
+    self.slots = slots
+    self.max_queue = max_queue
+    self.context = bank.cfg.max_seq_len
+    self.shift_every = shift_every or max(16, self.context // 2)
+    self.cache_len = self.context + self.shift_every
+    self.buckets = length_buckets(self.context)
+    self._cv = threading.Condition()
+    self._pending: collections.deque[Request] = collections.deque()
+    self._controls: collections.deque = collections.deque()
+    self._admin_lock = threading.Lock()
+    self._rows: list[Request | None] = [None] * slots
+    self._thread: threading.Thread | None = None
+    self._stopping = False
+    self._accepting = True
+    self._ids = itertools.count()
+    self.stats = collections.Counter()
+    self._recent = collections.deque()  # (time, tokens) of the last steps, for tokens/s
+    self._graphdefs: dict[int, Any] = {}
+    self._refresh_model()
+    self._reset_cache()
+
+  # ---- state on the device --------------------------------------------------------------------
+  def _refresh_model(self) -> None:
+    cfg = self.bank.compact_config()
+    params = self.bank.compact_params()
+    width = self.bank.width
+    if width not in self._graphdefs:
+      self._graphdefs[width] = generate.build_model(cfg, {})[0]
+    self._graphdef, self._params = self._graphdefs[width], params
+    occupied = np.zeros((self.bank.cfg.num_layers, width), bool)
+    for layer, ids in enumerate(self.bank.slots):
+      occupied[layer, :len(ids)] = True
+    self._idle_mask = occupied  # idle rows route somewhere valid (an all-False row is NaN)
+    self._masks = np.stack([self._row_mask(r) for r in self._rows])
+
+  def _row_mask(self, req: Request | None) -> np.ndarray:
+    return self._idle_mask if req is None else self.bank.slot_mask(req.mask_LxR)
+
+  def _reset_cache(self) -> None:
+    model = nnx.merge(self._graphdef, self._params)
+    cache = model.init_cache(self.slots, self.cache_len)
+    cache["index"] = jnp.asarray(self.context, jnp.int32)
+    self._cache = cache
+    self._index = self.context
+    self._tokens = np.zeros(self.slots, np.int32)
+    self._positions = np.zeros(self.slots, np.int32)
+    self._temperature = np.zeros(self.slots, np.float32)
+    self._top_p = np.ones(self.slots, np.float32)
+    self._keys = jax.random.split(jax.random.key(0), self.slots)
+
+  def warmup(self) -> float:
+    """Compiles every prefill bucket, insert, step, shift and sampler before serving (call it
+    before `start`); returns the seconds it took. The cache is reset afterwards."""
+    start = time.perf_counter()
+    mask = jnp.asarray(self._idle_mask[None])
+    for T in self.buckets:
+      ones = jnp.ones((1, T), bool)
+      logits, k, v = _prefill(self._graphdef, self._params, jnp.zeros((1, T), jnp.int32),
+                              jnp.zeros((1, T), jnp.int32), ones, mask)
+      self._cache = _insert(self._cache, k, v, ones, jnp.int32(0))
+      _sample_rows(logits, self._keys[:1], jnp.zeros(1), jnp.ones(1))
+    logits, self._cache = _step(self._graphdef, self._params, jnp.asarray(self._tokens),
+                                jnp.asarray(self._positions), self._cache,
+                                jnp.asarray(self._masks))
+    _sample_rows(logits, self._keys, jnp.asarray(self._temperature), jnp.asarray(self._top_p))
+    jax.block_until_ready(_shift(self._cache, self.shift_every))
+    self._reset_cache()
+    return time.perf_counter() - start
+
+  # ---- threads -------------------------------------------------------------------------------
+  def start(self) -> "Engine":
+    self._thread = threading.Thread(target=self._loop, name="emo-engine", daemon=True)
+    self._thread.start()
+    return self
+
+  def stop(self, *, drain_seconds: float = 0.0) -> None:
+    """Stops taking requests, lets running ones finish for up to drain_seconds, cancels the
+    rest (they receive finish_reason "cancelled") and ends the engine thread."""
+    with self._cv:
+      self._accepting = False
+      self._cv.notify_all()
+    end = time.monotonic() + drain_seconds
+    while time.monotonic() < end and (self.active() or self.queue_depth()):
+      time.sleep(0.02)
+    with self._cv:
+      self._stopping = True
+      self._cv.notify_all()
+    if self._thread is not None:
+      self._thread.join(timeout=30)
+    for req in list(self._pending) + [r for r in self._rows if r is not None]:
+      self._finish(req, "cancelled")
+    self._pending.clear()
+
+  def submit(self, req: Request) -> None:
+    """Queues a request (raises QueueFull at the bound, ShuttingDown when stopping)."""
+    if len(req.prompt_ids) == 0:
+      raise ValueError("the prompt is empty; generation needs at least one prompt token")
+    if len(req.prompt_ids) + req.max_tokens > self.context:
+      raise ValueError(f"prompt ({len(req.prompt_ids)} tokens) + max_tokens "
+                       f"({req.max_tokens}) exceeds the context of {self.context} tokens")
+    with self._cv:
+      if not self._accepting:
+        raise ShuttingDown("the server is shutting down")
+      free = sum(r is None for r in self._rows)
+      if len(self._pending) >= self.max_queue + max(free - len(self._pending), 0):
+        raise QueueFull(f"{len(self._pending)} requests are waiting (the bound is "
+                        f"{self.max_queue}); retry shortly")
+      self._pending.append(req)
+      self.stats["requests_submitted"] += 1
+      self._cv.notify_all()
+
+  def call(self, fn: Callable[[], Any]) -> Any:
+    """Runs fn on the engine thread between two steps and returns its result."""
+    if self._thread is None or not self._thread.is_alive():
+      return fn()
+    future: concurrent.futures.Future = concurrent.futures.Future()
+    with self._cv:
+      self._controls.append((fn, future))
+      self._cv.notify_all()
+    return future.result()
+
+  def queue_depth(self) -> int:
+    return len(self._pending)
+
+  def active(self) -> int:
+    return sum(r is not None for r in self._rows)
+
+  def tokens_per_second(self, window: float = 10.0) -> float:
+    now = time.monotonic()
+    recent = [(t, n) for t, n in list(self._recent) if now - t <= window]
+    if not recent:
+      return 0.0
+    span = max(now - recent[0][0], 1e-3)
+    return sum(n for _, n in recent) / span
+
+  # ---- subsets ------------------------------------------------------------------------------
+  def register(self, subset: bank_lib.Subset) -> dict:
+    """Adds (or replaces) a subset: reads its missing experts, then re-lays the bank."""
+    with self._admin_lock:
+      subsets = dict(self.bank.subsets)
+      subsets[subset.name] = subset
+      layout = self.bank.prepare(subsets)
+      self.call(lambda: self._commit(layout, subsets))
+      return self.bank.memory()
+
+  def delete(self, name: str) -> dict:
+    """Drops a subset and frees the experts no other subset uses (refused while in use)."""
+    with self._admin_lock:
+      if name not in self.bank.subsets:
+        raise bank_lib.SubsetError(f"no subset named {name!r}; registered: "
+                                   f"{sorted(self.bank.subsets)}")
+      subsets = {k: v for k, v in self.bank.subsets.items() if k != name}
+      layout = self.bank.prepare(subsets)
+
+      def commit():
+        users = [r for r in list(self._pending) + self._rows
+                 if r is not None and name in r.subsets]
+        if users:
+          raise bank_lib.SubsetError(f"subset {name!r} is in use by {len(users)} running or "
+                                     "queued requests; delete it when they are done")
+        self._commit(layout, subsets)
+      self.call(commit)
+      return self.bank.memory()
+
+  def _commit(self, layout, subsets) -> None:
+    self.bank.commit(layout, subsets)
+    self._refresh_model()
+
+  # ---- the loop ------------------------------------------------------------------------------
+  def _loop(self) -> None:
+    while True:
+      with self._cv:
+        while not (self._stopping or self._pending or self._controls or self.active()):
+          self._cv.wait(timeout=0.5)
+        if self._stopping:
+          break
+        controls = list(self._controls)
+        self._controls.clear()
+      for fn, future in controls:
+        try:
+          future.set_result(fn())
+        except Exception as e:  # pylint: disable=broad-except
+          future.set_exception(e)
+      self._admit()
+      if self.active():
+        try:
+          self._decode_step()
+        except Exception as e:  # pylint: disable=broad-except
+          log.exception("decode step failed; failing the running requests")
+          for row, req in enumerate(self._rows):
+            if req is not None:
+              self._finish(req, "error", error=f"decode step failed: {type(e).__name__}: {e}")
+              self._rows[row] = None
+          self._reset_cache()
+          self._masks = np.stack([self._row_mask(None)] * self.slots)
+
+  def _expired(self, req: Request) -> str | None:
+    if req.cancelled:
+      return "cancelled"
+    if req.deadline is not None and time.monotonic() > req.deadline:
+      return "timeout"
+    return None
+
+  def _admit(self) -> None:
+    for row in range(self.slots):
+      if self._rows[row] is not None:
+        continue
+      while True:
+        with self._cv:
+          req = self._pending.popleft() if self._pending else None
+        if req is None:
+          return
+        reason = self._expired(req)
+        if reason:
+          self._finish(req, reason)
+          continue
+        try:
+          self._prefill_into(row, req)
+        except Exception as e:  # pylint: disable=broad-except
+          log.exception("prefill failed")
+          self._finish(req, "error", error=f"prefill failed: {type(e).__name__}: {e}")
+          continue
+        break
+
+  def _prefill_into(self, row: int, req: Request) -> None:
+    n = len(req.prompt_ids)
+    T = next(b for b in self.buckets if b >= n)
+    tokens, positions, valid = generate.left_pad([req.prompt_ids], self.tokenizer.pad_id)
+    pad = T - n
+    tokens = np.pad(tokens, ((0, 0), (pad, 0)), constant_values=self.tokenizer.pad_id)
+    positions = np.pad(positions, ((0, 0), (pad, 0)))
+    valid = np.pad(valid, ((0, 0), (pad, 0)))
+    mask = self._row_mask(req)
+    logits, k, v = _prefill(self._graphdef, self._params, jnp.asarray(tokens),
+                            jnp.asarray(positions), jnp.asarray(valid), jnp.asarray(mask[None]))
+    self._cache = _insert(self._cache, k, v, jnp.asarray(valid), jnp.int32(row))
+    self._keys = self._keys.at[row].set(jax.random.key(req.seed))
+    self._temperature[row] = req.temperature
+    self._top_p[row] = req.top_p
+    self._rows[row] = req
+    self._masks[row] = mask
+    self.stats["prompt_tokens"] += n
+    tokens_1, lp, top_ids, top_lp, keys = _sample_rows(
+        logits, self._keys[row:row + 1], jnp.asarray(self._temperature[row:row + 1]),
+        jnp.asarray(self._top_p[row:row + 1]))
+    self._keys = self._keys.at[row].set(keys[0])
+    self._positions[row] = n
+    self._accept(row, int(tokens_1[0]), float(lp[0]), np.asarray(top_ids[0]),
+                 np.asarray(top_lp[0]))
+
+  def _decode_step(self) -> None:
+    for row, req in enumerate(self._rows):
+      if req is not None:
+        reason = self._expired(req)
+        if reason:
+          self._release(row, reason)
+    if not self.active():
+      return
+    if self._index >= self.cache_len:
+      self._cache = _shift(self._cache, self.shift_every)
+      self._index -= self.shift_every
+    logits, self._cache = _step(self._graphdef, self._params, jnp.asarray(self._tokens),
+                                jnp.asarray(self._positions), self._cache,
+                                jnp.asarray(self._masks))
+    self._index += 1
+    self._positions += 1
+    tokens, lp, top_ids, top_lp, self._keys = _sample_rows(
+        logits, self._keys, jnp.asarray(self._temperature), jnp.asarray(self._top_p))
+    tokens, lp, top_ids, top_lp = (np.asarray(x) for x in (tokens, lp, top_ids, top_lp))
+    produced = 0
+    for row, req in enumerate(self._rows):
+      if req is not None:
+        self._accept(row, int(tokens[row]), float(lp[row]), top_ids[row], top_lp[row])
+        produced += 1
+    self.stats["steps"] += 1
+    now = time.monotonic()
+    self._recent.append((now, produced))
+    while self._recent and now - self._recent[0][0] > 60:
+      self._recent.popleft()
+
+  def _accept(self, row: int, token: int, logprob: float, top_ids, top_lp) -> None:
+    """Appends a sampled token to the row's request; finishes it on EOS, stop or length."""
+    req = self._rows[row]
+    self._tokens[row] = token
+    req.generated.append(token)
+    req.token_logprobs.append(logprob)
+    if req.logprobs:
+      req.top.append({int(i): float(p) for i, p in zip(top_ids[:req.logprobs],
+                                                       top_lp[:req.logprobs])})
+    self.stats["generation_tokens"] += 1
+    eos = self.tokenizer.eos_id
+    reason = None
+    if token == eos:
+      reason = "stop"
+    elif len(req.generated) >= req.max_tokens:
+      reason = "length"
+    text = self._text(req)
+    if req.stop and reason != "stop":
+      hits = [i for i in (text.find(s) for s in req.stop) if i >= 0]
+      if hits:
+        text = text[:min(hits)]
+        reason = "stop"
+    self._emit(req, text, final=reason is not None)
+    if reason:
+      self._release(row, reason)
+
+  def _text(self, req: Request) -> str:
+    return self.tokenizer.decode([t for t in req.generated if t != self.tokenizer.eos_id])
+
+  def _emit(self, req: Request, text: str, *, final: bool) -> None:
+    """Sends the text that can no longer change (no partial character, no partial stop)."""
+    stable = len(text)
+    if not final:
+      while stable > req.emitted_chars and text[stable - 1] == "\ufffd":
+        stable -= 1
+      if req.stop:
+        stable = max(req.emitted_chars, min(stable, len(text) - max(map(len, req.stop)) + 1))
+    tokens = req.generated[req.emitted_tokens:]
+    if stable <= req.emitted_chars and not (final and tokens):
+      return
+    delta = {"type": "delta", "text": text[req.emitted_chars:stable], "tokens": tokens,
+             "logprobs": req.token_logprobs[req.emitted_tokens:],
+             "top_logprobs": req.top[req.emitted_tokens:] if req.logprobs else None}
+    req.emitted_chars = stable
+    req.emitted_tokens = len(req.generated)
+    self._send(req, delta)
+
+  def _send(self, req: Request, event: dict) -> None:
+    try:
+      req.on_event(event)
+    except Exception:  # pylint: disable=broad-except
+      log.exception("a request's event callback failed; cancelling it")
+      req.cancelled = True
+
+  def _release(self, row: int, reason: str) -> None:
+    req = self._rows[row]
+    self._rows[row] = None
+    self._masks[row] = self._idle_mask
+    self._temperature[row] = 0.0
+    self._finish(req, reason)
+
+  def _finish(self, req: Request, reason: str, *, error: str | None = None) -> None:
+    if req.done:
+      return
+    req.done = True
+    self.stats[f"finished_{reason}"] += 1
+    self._send(req, {"type": "done", "finish_reason": reason, "error": error,
+                     "prompt_tokens": len(req.prompt_ids),
+                     "completion_tokens": len(req.generated)})
+
+
+def run_sync(engine: Engine, prompt_ids: Sequence[int], mask_LxR: np.ndarray, *,
+             max_tokens: int, timeout: float | None = None, **sampling) -> dict:
+  """Submits one request and waits for it: {"tokens", "text", "finish_reason", ...}."""
+  import queue  # pylint: disable=import-outside-toplevel
+  events: queue.Queue = queue.Queue()
+  req = Request(prompt_ids=list(prompt_ids), mask_LxR=mask_LxR, max_tokens=max_tokens,
+                on_event=events.put, **sampling)
+  engine.submit(req)
+  text, tokens = [], []
+  while True:
+    event = events.get(timeout=timeout)
+    if event["type"] == "delta":
+      text.append(event["text"])
+      tokens.extend(event["tokens"])
+    else:
+      return {"text": "".join(text), "tokens": tokens, **event}
