@@ -76,3 +76,126 @@ def test_bad_data_config_names_the_field():
     corpus_lib.DataConfig(seq_len=0)
   with pytest.raises(ConfigError, match="unknown DataConfig field"):
     corpus_lib.DataConfig.from_dict({"seqlen": 3})
+
+
+# ---- prepare_data on a corpus of one's own: what a first try meets ----------------------------
+
+import pathlib
+import subprocess
+import sys
+
+from emo_jax.data import sources
+from emo_jax.data import tokenizer as tokenizer_lib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+_WORDS = ("the patient was treated with a new drug and results show improvement in most cases "
+          "over time we study how models learn from data when training on many documents of "
+          "different kinds such as news code and plays").split()
+
+
+def small_jsonl(path, n=48, bad_line=None):
+  """n documents of a few hundred words from a small vocabulary, and optionally one line cut
+  short before document `bad_line`. Returns the 1-based line number of the bad line."""
+  rng = np.random.default_rng(0)
+  lines = []
+  for i in range(n):
+    if i == bad_line:
+      lines.append('{"text": "a line cut sh')
+    text = " ".join(rng.choice(_WORDS, 300))
+    lines.append(json.dumps({"text": text, "domain": ["news", "medicine"][i % 2]}))
+  path.write_text("\n".join(lines) + "\n")
+  return None if bad_line is None else bad_line + 1
+
+
+def run_prepare_data(*args):
+  return subprocess.run([sys.executable, "-m", "experiments.prepare_data", *map(str, args)],
+                        cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+def test_prepare_data_names_what_it_skipped_and_refuses_a_vocabulary_too_large(tmp_path):
+  corpus = tmp_path / "mine.jsonl"
+  bad = small_jsonl(corpus, bad_line=17)
+  out = tmp_path / "out"
+  done = run_prepare_data("--corpus", corpus, "--out", out, "--on_error=skip",
+                          "--vocab_size", 512)
+  assert done.returncode == 0, done.stderr[-2000:]
+  result = json.loads(done.stdout.strip().splitlines()[-1])
+  assert result["skipped"][str(corpus)]["lines"] == 1
+  first = result["skipped"][str(corpus)]["first"]
+  assert first.startswith(f"{corpus}:{bad}: not valid JSON") and "cut short" in first
+  assert "--on_error=skip" in first
+  assert sum(result["splits"].values()) == 48 and result["vocab_size"] == 512
+
+  out2 = tmp_path / "out2"
+  failed = run_prepare_data("--corpus", corpus, "--out", out2, "--on_error=skip",
+                            "--vocab_size", 8192)
+  assert failed.returncode != 0
+  message = failed.stderr.strip().splitlines()[-1]
+  assert "Traceback" not in failed.stderr
+  largest = tokenizer_lib.TokenizerError  # the message names the largest workable size
+  assert message.startswith("prepare_data: vocab_size=8192 is more than this text can fill")
+  n = int(message.split("--vocab_size ")[1].split(")")[0])
+  assert 300 < n < 8192 and largest
+  assert not out2.exists() or not any(p.name.endswith(".jsonl") for p in out2.rglob("*"))
+
+  # The size it names works.
+  ok = corpus_lib.prepare_corpus(str(corpus), tmp_path / "out3", vocab_size=n,
+                                 on_error="skip")
+  assert ok["vocab_size"] == n
+
+
+def test_too_small_corpus_leaves_out_as_it_was(tmp_path):
+  corpus = tmp_path / "mine.jsonl"
+  small_jsonl(corpus)
+  out = tmp_path / "out"
+  out.mkdir()
+  (out / "notes.txt").write_text("mine")
+  with pytest.raises(tokenizer_lib.TokenizerError) as info:
+    corpus_lib.prepare_corpus(str(corpus), out, vocab_size=8192)
+  assert "\n" not in str(info.value) and info.value.max_vocab_size < 8192
+  assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+def test_binary_file_in_a_folder_is_refused_or_skipped_by_name(tmp_path):
+  folder = tmp_path / "docs" / "news"
+  folder.mkdir(parents=True)
+  for i in range(3):
+    (folder / f"{i}.txt").write_text(f"news text number {i}. " * 40)
+  (folder / "image.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(200))
+  out = tmp_path / "out"
+  with pytest.raises(sources.DataError, match=r"image\.png: a binary file"):
+    corpus_lib.prepare_corpus(str(tmp_path / "docs"), out, tokenizer="bytes")
+  assert not out.exists()
+  result = corpus_lib.prepare_corpus(str(tmp_path / "docs"), out, tokenizer="bytes",
+                                     on_error="skip")
+  entry = result["skipped"][str(tmp_path / "docs")]
+  assert entry["files"] == 1 and "image.png" in entry["first"]
+  assert sum(result["splits"].values()) == 3
+
+
+def test_a_document_larger_than_the_tokenizer_share_is_cut_not_dropped(tmp_path):
+  corpus = tmp_path / "big.jsonl"
+  rng = np.random.default_rng(1)
+  words = ["".join(rng.choice(list("abcdefghij"), 5)) for _ in range(2000)]
+  text = "".join(" ".join(rng.choice(words, 12)) + "\n" for _ in range(1500))
+  corpus.write_text(json.dumps({"text": text, "domain": "one", "id": "big"}) + "\n")
+  out = tmp_path / "out"
+  result = corpus_lib.prepare_corpus(str(corpus), out, vocab_size=300, tokenizer_bytes=20_000,
+                                     validation=0.0, test=0.0)
+  sample = result["tokenizer_sample"]
+  assert sample == {"documents": 0, "cut": 1, "left_out": 0, "bytes": sample["bytes"]}
+  assert 19_000 < sample["bytes"] <= 20_000
+  assert result["splits"]["train"] == 1  # the whole document is still in the train split
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda t: (t / "f").write_text("x") and t / "f", "is a file, not a folder"),
+    (lambda t: (t / "f").write_text("x") and t / "f" / "sub", "is a file, so no folder"),
+    (lambda t: pathlib.Path("/proc/emo_jax_test/out"), "cannot be written"),
+])
+def test_a_bad_out_folder_is_one_line(tmp_path, make, match):
+  corpus = tmp_path / "mine.jsonl"
+  small_jsonl(corpus, n=4)
+  with pytest.raises(corpus_lib.OutputFolderError, match=match) as info:
+    corpus_lib.prepare_corpus(str(corpus), make(tmp_path), tokenizer="bytes")
+  assert "\n" not in str(info.value)

@@ -482,8 +482,8 @@ def train_sentencepiece(texts: Iterable[str], model_prefix: str | os.PathLike,
         raise TokenizerError(
             f"vocab_size={vocab_size} is more than this text can fill: SentencePiece can make "
             f"at most {n} pieces from its {stats['bytes']:,} bytes ({stats['documents']} "
-            f"document{'' if stats['documents'] == 1 else 's'}). Use vocab_size={n} or less (--vocab_size {n}), or train on more "
-            f"text.", max_vocab_size=n) from e
+            f"document{'' if stats['documents'] == 1 else 's'}). Use vocab_size={n} or less "
+            f"(--vocab_size {n}), or train on more text.", max_vocab_size=n) from e
       raise TokenizerError(
           f"SentencePiece cannot make {vocab_size} pieces from this text ({stats['bytes']:,} "
           f"bytes): {detail} Use a smaller vocab_size or train on more text.") from e
