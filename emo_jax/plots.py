@@ -192,3 +192,48 @@ def plot_training(workdirs: Mapping[str, str | pathlib.Path], path: str | pathli
   for ax in (loss_ax, ppl_ax):
     ax.legend()
   return _save(fig, pathlib.Path(path))
+
+
+def plot_selective_eval(rows: Sequence[Mapping], path: str | pathlib.Path, *,
+                        dashed: Sequence[str] = ()):
+  """Benchmark accuracy (each task's primary metric) against the fraction of experts kept: one
+  panel per task plus their average, one colour per selection method, one line style per model
+  (models named in `dashed` dashed, e.g. a StdMoE baseline next to EMO). Every method's line
+  ends at its model's full-model score; rows are experiments/selective_eval.py's."""
+  tasks = list(dict.fromkeys(r["task"] for r in rows))
+  models = list(dict.fromkeys(r["model"] for r in rows))
+  methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m != "full"]
+  panels = tasks + (["average"] if len(tasks) > 1 else [])
+  fig = Figure(figsize=(4.6 * len(panels), 3.8), layout="constrained")
+  axes = np.atleast_1d(fig.subplots(1, len(panels), squeeze=False)[0])
+  colors = dict(zip(methods, _colors(max(len(methods), 2))))
+
+  def points(model, method, task):
+    got = {}
+    for r in rows:
+      if r["model"] != model or (task != "average" and r["task"] != task):
+        continue
+      if r["method"] == method or r["method"] == "full":
+        n_cal = str(r.get("num_calibration"))
+        got.setdefault((r["fraction"], n_cal if r["method"] != "full" else ""), {})[
+            r["task"]] = r["primary"]
+    by_fraction: dict = {}
+    for (fraction, _), scores in got.items():  # the first calibration size per fraction
+      if task == "average" and len(scores) < len(tasks):
+        continue
+      by_fraction.setdefault(fraction, float(np.mean(list(scores.values()))))
+    return sorted(by_fraction.items())
+
+  for ax, task in zip(axes, panels):
+    for model in models:
+      style = "--" if model in dashed else "-"
+      for method in methods:
+        pts = points(model, method, task)
+        if len(pts) > 0:
+          ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o",
+                  color=colors[method], label=f"{model} {method}")
+    ax.set_xscale("log", base=2)
+    ax.set(xlabel="fraction of experts kept", ylabel="accuracy (primary metric)", title=task)
+    ax.grid(True, alpha=0.3)
+  axes[0].legend(fontsize=7)
+  return _save(fig, pathlib.Path(path))
