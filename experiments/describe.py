@@ -1,7 +1,12 @@
-"""Prints a model's parameter counts and shapes as one JSON object (no allocation).
+"""Prints a model's parameters by component as a table, or everything as JSON (no allocation).
 
   python -m experiments.describe --config configs/emo_1b14b.py
   python -m experiments.describe --config configs/tiny.py --config.model.num_layers=4
+  python -m experiments.describe --config configs/tiny.py --json   # counts, config and shapes
+
+The table (emo_jax/summary.py) gives embeddings, attention, routed experts, shared expert,
+router and norms with their share, the parameters one token uses (active), the active count
+without the embeddings, and the bytes of the weights at bf16 and fp32.
 """
 
 import json
@@ -10,16 +15,25 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from emo_jax.config import model_config_from
+from emo_jax import summary
 from emo_jax.model import describe
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
+_JSON = flags.DEFINE_bool("json", False, "Print one JSON object (counts by component, config, "
+                          "every parameter's shape) instead of the table.")
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  print(json.dumps(describe(model_config_from(_CONFIG.value)), indent=1))
+  cfg = model_config_from(_CONFIG.value)
+  described = describe(cfg)
+  counts = summary.parameter_summary(cfg, described["params"])
+  if _JSON.value:
+    print(json.dumps({**described, **counts}, indent=1))
+  else:
+    print(summary.format_table(counts, cfg, name=_CONFIG.value.get("name", "")))
 
 
 if __name__ == "__main__":
