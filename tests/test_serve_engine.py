@@ -1,0 +1,184 @@
+"""The serving engine and expert bank without HTTP: per-row subsets, memory, equivalences."""
+
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from emo_jax import checkpoint as ckpt_lib
+from emo_jax import generate, selective
+from emo_jax.config import ModelConfig
+from emo_jax.data.tokenizer import ByteTokenizer
+from emo_jax.serve import bank as bank_lib
+from emo_jax.serve import engine as engine_lib
+from tests.random_model import random_params
+
+CFG = ModelConfig(vocab_size=258, d_model=32, num_layers=2, num_heads=2, num_kv_heads=2,
+                  head_dim=16, num_experts=8, num_shared_experts=1, top_k=2, expert_hidden=16,
+                  mlp_hidden=64, max_segments=4, max_seq_len=64, compute_dtype="float32",
+                  pool=False, init_std=0.3)
+TOK = ByteTokenizer()
+# Routed experts per layer of three subsets (7 routed experts per layer).
+SUBSETS = {"a": ((0, 1, 2), (3, 4, 5)), "b": ((4, 5), (0, 6)), "c": ((2, 6), (2, 5))}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+  path = tmp_path_factory.mktemp("serve_ckpt")
+  _, params = random_params(CFG, seed=3)
+  ckpt_lib.save_params(path, params, CFG.to_dict())
+  return path, params
+
+
+@pytest.fixture(scope="module")
+def engine(checkpoint):
+  """Two decode slots over subsets a, b, c (not "all": the bank stays compact)."""
+  bank = bank_lib.ExpertBank(checkpoint[0])
+  subsets = {n: bank_lib.Subset(n, k, "explicit") for n, k in SUBSETS.items()}
+  bank.commit(bank.prepare(subsets), subsets)
+  eng = engine_lib.Engine(bank, TOK, slots=3, max_queue=8, shift_every=16).start()
+  yield eng
+  eng.stop()
+
+
+def mask(name):
+  return bank_lib.Subset(name, SUBSETS[name], "explicit").mask(CFG.num_routed_experts)
+
+
+def test_per_row_routing_mask_equals_each_row_alone():
+  _, params = random_params(CFG, seed=1)
+  model = nnx.merge(*generate.build_model(CFG, params))  # dropless: rows are independent
+  tokens = jnp.asarray(np.random.default_rng(0).integers(2, 258, (3, 12)), jnp.int32)
+  masks = np.stack([mask("a"), mask("b"), mask("c")])
+  batched, _ = model(tokens, keep_experts=jnp.asarray(masks))
+  for row in range(3):
+    alone, _ = model(tokens[row:row + 1], keep_experts=jnp.asarray(masks[row]))
+    np.testing.assert_allclose(batched[row], alone[0], rtol=1e-5, atol=1e-5)
+  # Different subsets really route differently (the test could fail).
+  assert not np.allclose(batched[0], batched[1], atol=1e-3)
+  with pytest.raises(ValueError, match="keep_experts must be"):
+    model(tokens, keep_experts=jnp.asarray(masks[:2]))
+
+
+def test_bank_holds_only_the_union_and_the_right_rows(engine, checkpoint):
+  bank = engine.bank
+  union = [sorted(set().union(*(SUBSETS[n][layer] for n in SUBSETS))) for layer in range(2)]
+  assert bank.slots == union
+  assert bank.resident_expert_bytes() == sum(len(u) + 1 for u in union) * bank.expert_bytes
+  assert bank.resident_expert_bytes() < bank.full_expert_bytes()
+  params = checkpoint[1]["blocks"]["mlp"]
+  for name in bank_lib.EXPERT_WEIGHTS:
+    for layer, ids in enumerate(union):
+      np.testing.assert_array_equal(np.asarray(bank.bank[name][layer, :len(ids)]),
+                                    params[name][layer, ids])
+      np.testing.assert_array_equal(np.asarray(bank.bank[name][layer, -1]), params[name][layer, -1])
+
+
+def test_subset_equals_generate_on_the_physically_pruned_model(engine, checkpoint):
+  prompt = TOK.encode("The patient was")
+  for name in ("a", "b"):
+    kept = np.asarray(SUBSETS[name])
+    selection = selective.Selection(keep=kept.shape[1] + 1, kept_routed=kept,
+                                    scores=np.zeros((2, 7)), num_routed=7, num_shared=1,
+                                    greedy=True)
+    pruned, pruned_cfg = selective.prune(checkpoint[1], CFG, selection)
+    graphdef, params = generate.build_model(pruned_cfg, pruned)
+    ref = generate.generate_ids(graphdef, params, [prompt],
+                                generate.SamplingConfig(max_new_tokens=10), eos_id=TOK.eos_id,
+                                return_logits=True)
+    out = engine_lib.run_sync(engine, prompt, mask(name), max_tokens=10, logprobs=1, timeout=60)
+    assert out["tokens"] == ref["tokens"][0], name
+    logprobs = jax.nn.log_softmax(ref["logits"][0], axis=-1)
+    expected = [float(logprobs[i, t]) for i, t in enumerate(ref["tokens"][0])]
+    np.testing.assert_allclose(out_logprobs(engine, prompt, name), expected, atol=1e-4)
+
+
+def out_logprobs(engine, prompt, name):
+  import queue
+  events = queue.Queue()
+  engine.submit(engine_lib.Request(prompt_ids=prompt, mask_LxR=mask(name), max_tokens=10,
+                                   on_event=events.put))
+  logprobs = []
+  while True:
+    event = events.get(timeout=60)
+    if event["type"] == "done":
+      return logprobs
+    logprobs += event["logprobs"]
+
+
+def test_mixed_subsets_batched_equal_each_alone(engine):
+  prompts = {"a": TOK.encode("def main("), "b": TOK.encode("Once upon a time"),
+             "c": TOK.encode("x")}
+  alone = {n: engine_lib.run_sync(engine, p, mask(n), max_tokens=12, timeout=60)["tokens"]
+           for n, p in prompts.items()}
+  batched = {}
+
+  def run(n):
+    batched[n] = engine_lib.run_sync(engine, prompts[n], mask(n), max_tokens=12,
+                                     timeout=60)["tokens"]
+  threads = [threading.Thread(target=run, args=(n,)) for n in prompts]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  assert batched == alone
+  assert len({tuple(v) for v in alone.values()}) > 1  # the subsets produce different text
+
+
+def test_generation_across_cache_shifts_matches_generate(engine, checkpoint):
+  """A 50-token generation crosses the cache end (context 64 + 16) more than once."""
+  prompt = TOK.encode("ab")
+  graphdef, params = generate.build_model(CFG, checkpoint[1])
+  ref = generate.generate_ids(graphdef, params, [prompt], generate.SamplingConfig(
+      max_new_tokens=50), keep_experts=mask("b"))
+  out = engine_lib.run_sync(engine, prompt, mask("b"), max_tokens=50, timeout=120)
+  assert out["tokens"] == ref["tokens"][0]
+
+
+def test_register_and_delete_change_resident_bytes_by_the_new_experts(engine):
+  bank = engine.bank
+  before, width, slots = bank.resident_expert_bytes(), bank.width, [list(s) for s in bank.slots]
+  new = bank_lib.Subset("d", ((3, 6), (1, 6)), "explicit")
+  fresh = sum(len(set(k) - set(s)) for k, s in zip(new.kept_routed, slots))
+  assert fresh == 2  # expert 3 of layer 0 and 1 of layer 1 are in none of a, b, c
+  memory = engine.register(new)
+  assert memory["resident_expert_bytes"] - before == fresh * bank.expert_bytes
+  out = engine_lib.run_sync(engine, TOK.encode("hi"), new.mask(7), max_tokens=3, timeout=60)
+  assert out["finish_reason"] in ("length", "stop")
+  memory = engine.delete("d")
+  assert memory["resident_expert_bytes"] == before
+  assert bank.width == width and bank.slots == slots
+  with pytest.raises(bank_lib.SubsetError, match="no subset named"):
+    engine.delete("d")
+
+
+def test_sampled_requests_are_seeded_and_bad_requests_refused(engine):
+  prompt = TOK.encode("seed")
+  one = engine_lib.run_sync(engine, prompt, mask("a"), max_tokens=8, temperature=1.0,
+                            top_p=0.9, seed=7, timeout=60)
+  two = engine_lib.run_sync(engine, prompt, mask("a"), max_tokens=8, temperature=1.0,
+                            top_p=0.9, seed=7, timeout=60)
+  assert one["tokens"] == two["tokens"]
+  with pytest.raises(ValueError, match="exceeds the context"):
+    engine_lib.run_sync(engine, prompt, mask("a"), max_tokens=64)
+  with pytest.raises(ValueError, match="empty"):
+    engine_lib.run_sync(engine, [], mask("a"), max_tokens=4)
+
+
+def test_queue_bound_refuses_with_queue_full(checkpoint):
+  bank = bank_lib.ExpertBank(checkpoint[0])
+  subsets = {"a": bank_lib.Subset("a", SUBSETS["a"], "explicit")}
+  bank.commit(bank.prepare(subsets), subsets)
+  eng = engine_lib.Engine(bank, TOK, slots=1, max_queue=0)  # not started: nothing drains
+  eng.submit(engine_lib.Request(prompt_ids=[5], mask_LxR=mask("a"), max_tokens=2,
+                                on_event=lambda e: None))
+  with pytest.raises(engine_lib.QueueFull):
+    eng.submit(engine_lib.Request(prompt_ids=[5], mask_LxR=mask("a"), max_tokens=2,
+                                  on_event=lambda e: None))
+  done = []
+  eng.start()
+  eng.stop(drain_seconds=30)
+  assert eng.stats["finished_length"] + eng.stats["finished_stop"] == 1, (eng.stats, done)
