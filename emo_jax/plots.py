@@ -32,6 +32,27 @@ def _colors(n: int) -> list:
   return [colormaps["hsv"](i / n) for i in range(n)]
 
 
+def percent(fraction: float) -> str:
+  """0.125 -> '12.5%', 0.25 -> '25%', 2 / 17 -> '11.8%'."""
+  return f"{100 * fraction:.3g}%"
+
+
+def fraction_axis(ax, fractions: Sequence[float],
+                  label: str = "experts kept (% of all experts)") -> None:
+  """A log-2 x axis of the fraction of experts kept, ticked at the measured fractions and
+  labelled in percent, as the tables print them (not 2^-3 ... 2^0)."""
+  from matplotlib.ticker import NullLocator  # pylint: disable=import-outside-toplevel
+  ax.set_xscale("log", base=2)
+  ticks = sorted({float(f) for f in fractions})
+  ax.set_xticks(ticks, [percent(f) for f in ticks])
+  ax.xaxis.set_minor_locator(NullLocator())
+  ax.set_xlabel(label)
+
+
+# Long enough that a dashed line with a marker in the middle still shows its dashes.
+LEGEND_HANDLE_LENGTH = 4.0
+
+
 def _save(fig: Figure, path: pathlib.Path) -> pathlib.Path:
   fig.savefig(path, dpi=DPI, bbox_inches="tight")
   return path
@@ -178,17 +199,22 @@ def read_metrics(workdir: str | pathlib.Path) -> list[dict]:
 
 
 def plot_training(workdirs: Mapping[str, str | pathlib.Path], path: str | pathlib.Path):
-  """Training loss and validation perplexity of several runs on shared axes."""
+  """Training loss (the mean since the previous logged step) and validation perplexity of
+  several runs on shared axes."""
   fig = Figure(figsize=(11, 4), layout="constrained")
   loss_ax, ppl_ax = fig.subplots(1, 2)
   for (name, workdir), color in zip(workdirs.items(), _colors(max(len(workdirs), 2))):
     rows = read_metrics(workdir)
-    loss_ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], color=color, label=name)
+    # The mean since the previous logged step when the run logged it; else that step's batch.
+    loss_ax.plot([r["step"] for r in rows], [r.get("loss_mean", r["loss"]) for r in rows],
+                 color=color, label=name)
     val = [r for r in rows if "val_perplexity" in r]
     ppl_ax.plot([r["step"] for r in val], [r["val_perplexity"] for r in val], "o-",
                 color=color, label=name)
-  loss_ax.set(xlabel="step", ylabel="training loss", title="training loss")
-  ppl_ax.set(xlabel="step", ylabel="perplexity", title="validation perplexity")
+  loss_ax.set(xlabel="step", ylabel="training loss (nats per token)",
+              title="training loss (mean over each logging interval)")
+  ppl_ax.set(xlabel="step", ylabel="validation perplexity (all domains)",
+             title="validation perplexity")
   for ax in (loss_ax, ppl_ax):
     ax.legend()
   return _save(fig, pathlib.Path(path))
@@ -232,8 +258,8 @@ def plot_selective_eval(rows: Sequence[Mapping], path: str | pathlib.Path, *,
         if len(pts) > 0:
           ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o",
                   color=colors[method], label=f"{model} {method}")
-    ax.set_xscale("log", base=2)
-    ax.set(xlabel="fraction of experts kept", ylabel="accuracy (primary metric)", title=task)
+    fraction_axis(ax, [r["fraction"] for r in rows])
+    ax.set(ylabel="accuracy (primary metric)", title=task)
     ax.grid(True, alpha=0.3)
-  axes[0].legend(fontsize=7)
+  axes[0].legend(fontsize=7, handlelength=LEGEND_HANDLE_LENGTH)
   return _save(fig, pathlib.Path(path))

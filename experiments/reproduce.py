@@ -158,8 +158,10 @@ def plot(results, num_experts, path):
       curves[name] = [(k / num_experts, v["loss"] - full) for k, v in by_keep.items()]
       styles[name] = {"color": colormaps["tab10"](i % 10),
                       "linestyle": "-" if label == "EMO" else "--"}
-  return plot_fraction_curves(curves, path, ylabel="held-out loss increase over all experts",
-                              title="EMO (solid) vs StdMoE (dashed)", styles=styles)
+  return plot_fraction_curves(
+      curves, path, ylabel="held-out loss increase over all experts (nats per token)",
+      title="Loss of an expert subset, per domain: EMO (solid) vs StdMoE (dashed)",
+      styles=styles)
 
 
 def main(argv):

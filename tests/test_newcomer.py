@@ -253,3 +253,17 @@ def test_notebooks_install_cell_is_a_no_op_here():
     assert "REPO_URL" in first and "WHEEL" in first and "EXTRAS" in first
     assert install.index('find_spec("emo_jax") is not None') < install.index("colab_setup.install")
     assert "colab_setup.runtime_report()" in install
+
+
+# ---- plots ------------------------------------------------------------------------------------
+
+def test_fraction_axis_is_labelled_in_percent():
+  from matplotlib.figure import Figure
+  from emo_jax import plots
+  ax = Figure().add_subplot(1, 1, 1)
+  ax.plot([0.125, 0.25, 1.0], [3, 2, 1], "--", marker="o", label="x")
+  plots.fraction_axis(ax, [0.125, 0.25, 1.0, 0.25])
+  assert [t.get_text() for t in ax.get_xticklabels()] == ["12.5%", "25%", "100%"]
+  assert ax.get_xscale() == "log" and "%" in ax.get_xlabel()
+  legend = ax.legend(handlelength=plots.LEGEND_HANDLE_LENGTH)
+  assert legend.get_lines()[0].get_linestyle() == "--"
