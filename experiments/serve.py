@@ -16,6 +16,7 @@ SIGTERM or Ctrl-C after letting running requests finish for --drain_seconds.
 
 import json
 import pathlib
+import signal
 
 from absl import app, flags
 
@@ -88,8 +89,15 @@ def main(argv):
   print(json.dumps({"listening": f"http://{_HOST.value}:{_PORT.value}/v1", "model": model_name,
                     "subsets": sorted(bank.subsets), "slots": _SLOTS.value,
                     **bank.memory()}), flush=True)
+  # uvicorn shuts down gracefully on SIGTERM / SIGINT and then re-raises the signal to the
+  # handler that was installed before it; this one lets the process end normally (exit 0).
+  received = []
+  for sig in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(sig, lambda number, _: received.append(signal.Signals(number).name))
   uvicorn.run(api, host=_HOST.value, port=_PORT.value, log_level="warning",
               timeout_graceful_shutdown=max(1, int(_DRAIN.value)))
+  print(json.dumps({"stopped": received[0] if received else "exit",
+                    "requests": {k: v for k, v in sorted(engine.stats.items())}}), flush=True)
 
 
 if __name__ == "__main__":
