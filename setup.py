@@ -38,6 +38,10 @@ setup(
         # colab/to_pytorch.ipynb: the Hugging Face export loaded in PyTorch (any torch build, so
         # a notebook runtime keeps its own CUDA torch).
         "hf": ["torch>=2.4", "transformers>=5.0"],
+        # experiments/serve.py (emo_jax/serve): the HTTP server; jinja2 renders chat templates.
+        # The openai client and httpx are what tests/test_serve.py and bench_serve talk with.
+        "serve": ["fastapi>=0.110", "uvicorn>=0.29", "jinja2>=3.1", "openai>=1.30",
+                  "httpx>=0.27"],
         "test": [
             "pytest>=8",
             # CPU build; later parity tests compare against transformers' PyTorch models.
