@@ -263,3 +263,77 @@ def plot_selective_eval(rows: Sequence[Mapping], path: str | pathlib.Path, *,
     ax.grid(True, alpha=0.3)
   axes[0].legend(fontsize=7, handlelength=LEGEND_HANDLE_LENGTH)
   return _save(fig, pathlib.Path(path))
+
+
+# ---- the selective-expert study ----------------------------------------------------------------
+
+REPRODUCTION_STYLES = {"EMO": {"color": "tab:blue", "linestyle": "-"},
+                       "StdMoE": {"color": "tab:red", "linestyle": "--"},
+                       "EMO-anneal": {"color": "tab:green", "linestyle": "-."}}
+
+
+def plot_reproduction(rows: Sequence[Mapping], path: str | pathlib.Path,
+                      groups: Sequence[str] = ("trained-mean", "held-out", "eval-corpus-mean",
+                                               "eval-corpus")):
+  """The paper's figure at small scale: per domain group, loss against the fraction of experts
+  kept, each point minus the full EMO's loss on the same text (so every model shares one zero).
+  EMO, StdMoE and EMO-anneal with selected experts are lines, EMO with random experts a dotted
+  line, the memory-matched models trained from scratch single points. Rows are
+  reproduction_report.build_rows's; error bars are standard deviations over seeds."""
+  panels = [d for d in dict.fromkeys(r["domain"] for r in rows if r["group"] in groups)]
+  fig = Figure(figsize=(5.2 * len(panels), 4.2), layout="constrained")
+  axes = np.atleast_1d(fig.subplots(1, len(panels), squeeze=False)[0])
+  fractions = set()
+  point_markers = iter(["s", "D", "^", "v", "P", "X", "*", "h"])
+  markers = {}
+  for ax, domain in zip(axes, panels):
+    for r in (r for r in rows if r["domain"] == domain):
+      if r["subsets"] and "vs_emo_full" in r:
+        style = REPRODUCTION_STYLES.get(r["model"], {"color": "tab:gray", "linestyle": ":"})
+        xs = [1.0] + [c["fraction"] for c in r["subsets"].values()]
+        ys = [r["vs_emo_full"]] + [c["vs_emo_full"] for c in r["subsets"].values()]
+        ax.errorbar(xs, [y["mean"] for y in ys], yerr=[y["std"] or 0 for y in ys], marker="o",
+                    capsize=2, label=f"{r['model']}, selected experts", **style)
+        fractions.update(xs)
+        if r["model"] == "EMO" and all("random_delta" in c for c in r["subsets"].values()):
+          rand = [r["vs_emo_full"]["mean"]] + [
+              c["random_delta"]["mean"] + r["vs_emo_full"]["mean"] for c in r["subsets"].values()]
+          ax.plot(xs, rand, marker=".", color="tab:blue", linestyle=":",
+                  label="EMO, random experts (floor)")
+      elif "matched_keep" in r and "vs_emo_full" in r:
+        marker = markers.setdefault(r["model"], next(point_markers, "o"))
+        frac = r["matched_fraction"]
+        ax.errorbar([frac], [r["vs_emo_full"]["mean"]], yerr=[r["vs_emo_full"]["std"] or 0],
+                    marker=marker, markersize=8, linestyle="none", color="black",
+                    label=f"{r['model']} (from scratch)")
+        fractions.add(frac)
+    ax.axhline(0.0, color="gray", linewidth=0.8)
+    ax.set_title(domain)
+    ax.set_ylabel("loss - full EMO's loss (nats per token)")
+    ax.grid(True, alpha=0.3)
+  for ax in axes:
+    fraction_axis(ax, sorted(fractions))
+  handles, labels = axes[0].get_legend_handles_labels()
+  fig.legend(handles, labels, loc="outside lower center", ncol=min(4, len(labels)), fontsize=8,
+             handlelength=LEGEND_HANDLE_LENGTH)
+  return _save(fig, pathlib.Path(path))
+
+
+def plot_fraction_curves(curves: Mapping[str, Sequence[tuple[float, float]]], path, *,
+                         ylabel: str, title: str = "", styles: Mapping[str, dict] | None = None):
+  """One line per curve of (fraction of experts kept, value); log-2 x axis like the paper,
+  labelled in percent of the experts."""
+  fig = Figure(figsize=(6.4, 4.2))
+  ax = fig.add_subplot(1, 1, 1)
+  for label, points in curves.items():
+    points = sorted(points)
+    ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label,
+            **(styles or {}).get(label, {}))
+  fraction_axis(ax, [p[0] for points in curves.values() for p in points])
+  ax.set_ylabel(ylabel)
+  if title:
+    ax.set_title(title)
+  ax.grid(True, alpha=0.3)
+  ax.legend(fontsize=7, ncol=2, handlelength=LEGEND_HANDLE_LENGTH)
+  fig.savefig(path, dpi=DPI, bbox_inches="tight")
+  return path

@@ -1,209 +1,259 @@
-"""The paper's claim at small scale: EMO keeps its quality on expert subsets, a StdMoE does not.
+"""The paper's selective-expert study at small scale: EMO keeps its quality on expert subsets,
+a StdMoE trained the same way does not; on trained and on held-out domains, against the paper's
+baselines.
 
-  python -m experiments.reproduce --workdir workdirs/reproduce            # ~35 min, 2-core CPU
-  python -m experiments.reproduce --workdir /tmp/repro_quick --quick      # a few minutes
-  python -m experiments.reproduce --workdir workdirs/repro_gpu --steps 4000 --batch_size 64  # GPU
+  python -m experiments.reproduce --config configs/repro.py --workdir workdirs/reproduce
+  python -m experiments.reproduce --config configs/repro.py --workdir workdirs/reproduce --full
+  python -m experiments.reproduce --config configs/repro.py --workdir /tmp/r --quick --holdout math
+  python -m experiments.reproduce --workdir workdirs/repro_gpu --steps 8000 --batch_size 64
 
-Trains configs/demo.py (EMO) and configs/demo_stdmoe.py (the same without the document pool) with
-the same data, steps and seed; then for every domain of the demo corpus selects experts from 5
-training documents of that domain (greedy, EMO_SPEC.md) and measures the held-out (test split)
-loss of that domain with 100, 50, 25 and 12.5 % of the experts (a routing mask on the full
-weights, which equals the physically pruned model). Writes reproduce.json, reproduce.png (loss
-increase over the full model against the fraction kept, EMO solid, StdMoE dashed, one colour per
-domain) and reproduce.md (the table), and prints the table. Training resumes if interrupted.
+The default trains EMO (--config) and its StdMoE twin (the same without the pool) on the corpus
+minus the --holdout domain (default math), one seed. Then, for every domain of the corpus (the
+held-out one included) and of --eval_corpus, it selects experts from that domain's calibration
+documents (1, 5 and all of them, never used in training for the held-out domain) at each
+--fractions subset and measures the loss on the domain's test documents with that routing mask
+(equal to the physically pruned model), next to randomly chosen experts (the floor). --baselines
+(on with --quick and --full) adds EMO-anneal (StdMoE for the first steps, then the pool with a
+learning rate decaying linearly to 0, as many tokens in all as EMO) and the memory-matched
+models trained from scratch (a dense model and a small StdMoE with the parameter count of the
+25 % and 12.5 % subsets). The routing clustering (document concentration, purity, NMI) of EMO,
+StdMoE and EMO-anneal goes in the same report.
+
+Trained models are cached in WORKDIR/models by a hash of their training settings, and their
+measurements beside them, so adding a seed or a baseline trains and measures only what is new;
+an interrupted run resumes. Writes WORKDIR/reproduce.json (every row, with the checkpoints it
+used), reproduce.md (the tables and the command) and reproduce.png (the paper's figure).
 """
 
-import importlib.util
-import itertools
 import json
+import hashlib
 import pathlib
+import sys
 import time
 
-import numpy as np
 from absl import app, flags, logging
+from ml_collections import config_flags
 
+from emo_jax import reproduction as study
+from emo_jax import reproduction_report as report
 from experiments import cli
-
-_WORKDIR = flags.DEFINE_string("workdir", "workdirs/reproduce", "Output folder.")
-_QUICK = flags.DEFINE_bool("quick", False, "A few-minute version (fewer steps and batches).")
-_STEPS = flags.DEFINE_integer("steps", None, "Training steps per model (default 600; quick 60).")
-_BATCH = flags.DEFINE_integer("batch_size", None, "Rows per step (default: the demo's 16).")
-_EVAL_BATCHES = flags.DEFINE_integer("eval_batches", None, "Held-out batches per domain "
-                                     "(default 4; quick 1).")
-_CALIBRATION = flags.DEFINE_integer("num_calibration", 5, "Calibration documents per domain.")
-_FRACTIONS = flags.DEFINE_list("fractions", ["1", "0.5", "0.25", "0.125"],
-                               "Fractions of the experts to keep.")
-_ONE_PASS = flags.DEFINE_bool("one_pass", False, "One-pass instead of greedy ranking.")
 
 CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
 
-
-def load_config(name: str):
-  spec = importlib.util.spec_from_file_location(name, CONFIGS / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
-
-def experiment_configs(steps: int, batch_size: int | None):
-  out = {}
-  for label, name in (("EMO", "demo"), ("StdMoE", "demo_stdmoe")):
-    config = load_config(name)
-    config.train.steps = steps
-    config.train.warmup_steps = max(1, min(config.train.warmup_steps, steps // 10))
-    config.train.eval_every = steps  # one evaluation, at the end
-    config.train.checkpoint_every = max(1, min(200, steps))
-    config.train.log_every = max(1, min(20, steps))
-    if batch_size:
-      config.data.batch_size = batch_size
-    out[label] = config
-  return out
-
-
-def domain_batches(corpus, dc, max_segments: int, domain: str, num_batches: int):
-  """The first num_batches held-out (test split) batches of one domain, padded to full rows."""
-  from emo_jax.data import corpus as corpus_lib, pipeline  # pylint: disable=import-outside-toplevel
-  split = "test" if corpus.splits.get("test") else "validation"
-  docs = [d for d in corpus.splits[split] if d["domain"] == domain]
-  if not docs:
-    raise ValueError(f"the {split} split has no documents of domain {domain!r}")
-  ds = pipeline.make_dataset(docs, corpus.tokenizer, seq_len=dc.seq_len,
-                             batch_size=dc.batch_size, max_segments=max_segments,
-                             domains=corpus.domains, shuffle=False, num_epochs=1,
-                             drop_remainder=False, shard_index=0, shard_count=1)
-  return [corpus_lib.pad_batch(b, dc.batch_size) for b in itertools.islice(ds, num_batches)]
+_CONFIG = config_flags.DEFINE_config_file("config", str(CONFIGS / "repro.py"),
+                                          "EMO config of the study (its StdMoE twin and the "
+                                          "baselines are derived from it).")
+_WORKDIR = flags.DEFINE_string("workdir", "workdirs/reproduce", "Output folder (and model cache).")
+_QUICK = flags.DEFINE_bool("quick", False, "A few-minute smoke run of the whole study: 20 steps "
+                           "of 8 rows, one batch per domain, 5 calibration documents.")
+_FULL = flags.DEFINE_bool("full", False, "Seeds 0,1,2 and all baselines.")
+_SEEDS = flags.DEFINE_list("seeds", None, "Seeds (default 0; --full 0,1,2).")
+_HOLDOUT = flags.DEFINE_string("holdout", "math", "Domain left out of training and reported "
+                               "separately; '' trains on every domain.")
+_EVAL_CORPUS = flags.DEFINE_string("eval_corpus", None, "JSONL of {text, domain} documents from "
+                                   "domains outside the training corpus, also measured.")
+_STEPS = flags.DEFINE_integer("steps", None, "Training steps per model (default: the config's; "
+                              "quick 20).")
+_BATCH = flags.DEFINE_integer("batch_size", None, "Rows per step (default: the config's; "
+                              "quick 8).")
+_EVAL_BATCHES = flags.DEFINE_integer("eval_batches", None, "Scored batches per domain "
+                                     "(default 4; quick 1).")
+_CALIBRATIONS = flags.DEFINE_list("calibrations", None, "Calibration sets: document counts or "
+                                  "'all' (default 1,5,all; quick 5).")
+_POOL = flags.DEFINE_integer("calibration_pool", None, "Calibration documents per domain, the "
+                             "'all' set (default 32; quick 5).")
+_FRACTIONS = flags.DEFINE_list("fractions", [str(f) for f in study.DEFAULT_FRACTIONS],
+                               "Fractions of the experts to keep.")
+_BASELINES = flags.DEFINE_bool("baselines", None, "Train EMO-anneal and the memory-matched "
+                               "models (default: on with --quick and --full).")
+_ANNEAL = flags.DEFINE_float("anneal_fraction", 0.25, "Share of the steps EMO-anneal trains "
+                             "with the pool.")
+_RANDOM = flags.DEFINE_bool("random_floor", True, "Also score randomly chosen experts.")
+_CLUSTER_DOCS = flags.DEFINE_integer("cluster_documents", None, "Test documents clustered per "
+                                     "model (default 600; quick 60; 0 skips clustering).")
+_CLUSTERS = flags.DEFINE_integer("clusters", None, "k of the clustering (default 32; quick 8).")
+_ONE_PASS = flags.DEFINE_bool("one_pass", False, "One-pass instead of greedy ranking.")
 
 
-def calibration_texts(corpus, domain: str, n: int) -> list[str]:
-  docs = [d for d in corpus.splits["train"] if d["domain"] == domain][:n]
-  if not docs:
-    raise ValueError(f"the train split has no documents of domain {domain!r}")
-  return [d["text"] for d in docs]
+def settings() -> dict:
+  quick, full = _QUICK.value, _FULL.value
+  if quick and full:
+    raise app.UsageError("--quick and --full exclude each other")
+  pick = lambda flag, default, quick_value: (flag.value if flag.value is not None else
+                                             quick_value if quick else default)
+  seeds = [int(s) for s in (_SEEDS.value or (["0", "1", "2"] if full else ["0"]))]
+  return {"seeds": seeds, "steps": pick(_STEPS, None, 20), "batch_size": pick(_BATCH, None, 8),
+          "eval_batches": pick(_EVAL_BATCHES, 4, 1),
+          "calibrations": pick(_CALIBRATIONS, list(study.CALIBRATIONS), ["5"]),
+          "calibration_pool": pick(_POOL, 32, 5),
+          "fractions": [float(f) for f in _FRACTIONS.value],
+          "baselines": _BASELINES.value if _BASELINES.value is not None else (quick or full),
+          "anneal_fraction": _ANNEAL.value, "random_floor": _RANDOM.value,
+          "cluster_documents": pick(_CLUSTER_DOCS, 600, 60), "clusters": pick(_CLUSTERS, 32, 8),
+          "greedy": not _ONE_PASS.value, "holdout": _HOLDOUT.value or None,
+          "eval_corpus": _EVAL_CORPUS.value, "quick": quick}
 
 
-def measure(label, config, workdir, fractions, eval_batches, num_calibration, greedy):
-  """{domain: {keep: {loss, perplexity, tokens}}} for one trained model."""
-  from emo_jax import checkpoint as ckpt_lib, evaluate, generate, selective  # pylint: disable=import-outside-toplevel
-  from emo_jax.config import ModelConfig  # pylint: disable=import-outside-toplevel
-  from emo_jax.data.corpus import DataConfig, load_corpus  # pylint: disable=import-outside-toplevel
-  params, model_config = ckpt_lib.load_params(workdir)
-  cfg = ModelConfig.from_dict(model_config)
-  graphdef, params = generate.build_model(cfg, params)
-  dc = DataConfig.from_dict(config.data)
-  corpus = load_corpus(dc)
-  sizes = sorted({min(cfg.num_experts, max(cfg.num_shared_experts + 1,
-                                           int(round(float(f) * cfg.num_experts))))
-                  for f in fractions}, reverse=True)
-  out = {}
-  for domain in corpus.domains:
-    batches = domain_batches(corpus, dc, cfg.max_segments, domain, eval_batches)
-    calib = [selective.calibration_batch(calibration_texts(corpus, domain, num_calibration),
-                                         corpus.tokenizer, seq_len=dc.seq_len)]
-    out[domain] = {}
+def prepared_config(s: dict):
+  """The EMO config with the study's steps and batch; evaluation once, at the end."""
+  config = _CONFIG.value
+  if s["steps"]:
+    config.train.steps = s["steps"]
+  if s["batch_size"]:
+    config.data.batch_size = s["batch_size"]
+  steps = config.train.steps
+  config.train.warmup_steps = max(1, min(config.train.warmup_steps, steps // 10))
+  config.train.eval_every = steps
+  config.train.checkpoint_every = max(1, min(200, steps))
+  config.train.log_every = max(1, min(20, steps))
+  if s["quick"]:
+    config.train.eval_batches = 2
+  return config
+
+
+def model_plan(config, s: dict):
+  """[(label, config, matched subset size or None)] for one seed; EMO-anneal's config is built
+  once its StdMoE has trained (see run_models)."""
+  cfg = study.run_configs(config)[0]
+  plan = [("EMO", config, None), ("StdMoE", study.stdmoe_config(config), None)]
+  if s["baselines"]:
+    plan.append(("EMO-anneal", None, None))
+    sizes = study.subset_sizes(cfg, study.MATCHED_FRACTIONS)[1:]
     for keep in sizes:
-      mask = None
-      if keep < cfg.num_experts:
-        mask = selective.select_experts(graphdef, params, cfg, calib, keep, greedy=greedy).mask
-      r = evaluate.perplexity(graphdef, params, batches, corpus.domains, keep_experts=mask)
-      out[domain][keep] = {"loss": r["loss"], "perplexity": r["perplexity"]}
-    logging.info("%s %s: %s", label, domain,
-                 {k: round(v["loss"], 3) for k, v in out[domain].items()})
-  return out, cfg.num_experts
+      pct = f"{100 * keep / cfg.num_experts:.3g} %"
+      plan.append((f"Dense, {pct} params", study.memory_matched_config(config, keep, "dense"),
+                   keep))
+      plan.append((f"MoE-{keep}, {pct} params", study.memory_matched_config(config, keep, "moe"),
+                   keep))
+  return plan
 
 
-def summarize(results, num_experts):
-  """Rows of the table: per model and domain, loss at each size and its increase over full."""
-  rows = []
-  for label, by_domain in results.items():
-    for domain, by_keep in by_domain.items():
-      full = by_keep[max(by_keep)]["loss"]
-      rows.append({"model": label, "domain": domain,
-                   **{str(k): {"loss": v["loss"], "delta": v["loss"] - full}
-                      for k, v in by_keep.items()}})
-    sizes = sorted(next(iter(by_domain.values())), reverse=True)
-    rows.append({"model": label, "domain": "MEAN",
-                 **{str(k): {"loss": float(np.mean([by_domain[d][k]["loss"] for d in by_domain])),
-                             "delta": float(np.mean([by_domain[d][k]["loss"]
-                                                     - by_domain[d][max(sizes)]["loss"]
-                                                     for d in by_domain]))}
-                    for k in sizes}})
-  return rows
+def run_models(config, s: dict, models_dir: pathlib.Path):
+  """Trains (or finds in the cache) every model of every seed: {label: [Trained per seed]},
+  {label: matched subset size}."""
+  trained, matched = {}, {}
+  for seed in s["seeds"]:
+    seeded = study.with_seed(config, seed)
+    plan = model_plan(seeded, s)
+    for i, (label, model_config, keep) in enumerate(plan):
+      logging.info("seed %d: model %d/%d, %s", seed, i + 1, len(plan), label)
+      if label == "EMO-anneal":
+        first, model_config = study.anneal_configs(seeded, s["anneal_fraction"])
+        base = study.train_cached(f"StdMoE-first-{first.train.steps}", first, models_dir, seed)
+        model_config.train.init_from = base.path
+      trained.setdefault(label, []).append(study.train_cached(label, model_config, models_dir,
+                                                              seed))
+      if keep is not None:
+        matched[label] = keep
+  return trained, matched
 
 
-def format_table(rows, num_experts) -> str:
-  sizes = sorted((int(k) for k in rows[0] if k not in ("model", "domain")), reverse=True)
-  head = "| model | domain | " + " | ".join(
-      f"{k}/{num_experts} ({100 * k / num_experts:.0f} %)" for k in sizes) + " |"
-  lines = [head, "|" + "---|" * (len(sizes) + 2)]
-  for r in rows:
-    cells = []
-    for k in sizes:
-      c = r[str(k)]
-      cells.append(f"{c['loss']:.3f}" if k == sizes[0] else f"{c['loss']:.3f} ({c['delta']:+.3f})")
-    name = f"**{r['domain']}**" if r["domain"] == "MEAN" else r["domain"]
-    lines.append(f"| {r['model']} | {name} | " + " | ".join(cells) + " |")
-  return "\n".join(lines)
+def measure_all(trained, matched, eval_sets, tokenizer, config, s: dict):
+  """{label: {seed: measurement}}, each cached beside its model by the measurement settings."""
+  sets_id = [(e.domain, e.group, len(e.calibration), [d.get("id") for d in e.documents][:50],
+              len(e.documents)) for e in eval_sets]
+  results = {}
+  for label, runs in trained.items():
+    fractions = [1.0] if label in matched else s["fractions"]
+    for t in runs:
+      spec = {"sets": sets_id, "fractions": fractions, "calibrations": s["calibrations"],
+              "eval_batches": s["eval_batches"], "seq_len": config.data.seq_len,
+              "batch_size": config.data.batch_size, "random_floor": s["random_floor"],
+              "greedy": s["greedy"], "seed": t.seed}
+      key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+      cache = pathlib.Path(t.path) / f"measure-{key}.json"
+      if cache.is_file():
+        measured = json.loads(cache.read_text())
+      else:
+        measured = study.measure_model(
+            t.path, eval_sets, tokenizer, fractions=fractions, calibrations=s["calibrations"],
+            seq_len=config.data.seq_len, batch_size=config.data.batch_size,
+            num_batches=s["eval_batches"], random_floor=s["random_floor"] and label not in matched,
+            seed=t.seed, greedy=s["greedy"], label=f"{label} seed {t.seed}")
+        cache.write_text(json.dumps(measured, indent=1))
+      results.setdefault(label, {})[t.seed] = measured
+  return results
 
 
-def plot(results, num_experts, path):
-  from emo_jax.evaluate import plot_fraction_curves  # pylint: disable=import-outside-toplevel
-  from matplotlib import colormaps  # pylint: disable=import-outside-toplevel
-  curves, styles = {}, {}
-  domains = sorted(next(iter(results.values())))
-  for label, by_domain in results.items():
-    for i, domain in enumerate(domains):
-      by_keep = by_domain[domain]
-      full = by_keep[max(by_keep)]["loss"]
-      name = f"{label} {domain}"
-      curves[name] = [(k / num_experts, v["loss"] - full) for k, v in by_keep.items()]
-      styles[name] = {"color": colormaps["tab10"](i % 10),
-                      "linestyle": "-" if label == "EMO" else "--"}
-  return plot_fraction_curves(
-      curves, path, ylabel="held-out loss increase over all experts (nats per token)",
-      title="Loss of an expert subset, per domain: EMO (solid) vs StdMoE (dashed)",
-      styles=styles)
+def cluster(trained, corpus, s: dict, out: pathlib.Path):
+  """Concentration, purity and NMI of EMO, StdMoE and EMO-anneal (first seed) on a sample of
+  the corpus's test documents (every domain, the held-out one included)."""
+  if not s["cluster_documents"]:
+    return None
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from emo_jax import analysis  # pylint: disable=import-outside-toplevel
+  docs = list(corpus.splits["test"])
+  if len(docs) > s["cluster_documents"]:
+    keep = np.sort(np.random.default_rng(0).choice(len(docs), s["cluster_documents"],
+                                                   replace=False))
+    docs = [docs[i] for i in keep]
+  names = [n for n in ("EMO", "StdMoE", "EMO-anneal") if n in trained]
+  result = analysis.cluster_checkpoints([trained[n][0].path for n in names], docs, out,
+                                        names=names, clusters=s["clusters"])
+  return {n: {k: result["models"][n][k] for k in ("concentration", "purity", "nmi")}
+          for n in names}
+
+
+def write_outputs(workdir, command, s, trained, results, rows, clusters, timings):
+  from emo_jax import plots  # pylint: disable=import-outside-toplevel
+  out = {"command": command, "settings": s, "timings": timings,
+         "models": {k: [t.to_json() for t in v] for k, v in trained.items()},
+         "rows": rows, "clusters": clusters, "measurements": results}
+  (workdir / "reproduce.json").write_text(json.dumps(out, indent=1, default=str))
+  plots.plot_reproduction(rows, workdir / "reproduce.png")
+  seeds = ",".join(str(x) for x in s["seeds"])
+  parts = [f"`{command}`", "",
+           f"Seeds {seeds}; mean ± standard deviation over seeds; ≈: within noise of EMO's "
+           "cell (two standard errors of the paired difference; not marked with one seed).", "",
+           "## Models", "", report.models_table(trained), "",
+           f"## Loss increase over all experts (experts selected from "
+           f"{report.MAIN_CALIBRATION} calibration documents of the domain)", "",
+           report.results_table(rows, random_floor=s["random_floor"])]
+  for title, table in (("Memory-matched models trained from scratch", report.matched_table(rows)),
+                       ("Calibration: 1, 5 or all documents", report.calibration_table(rows)),
+                       ("Routing clustering (first seed)", report.clustering_table(clusters))):
+    if table:
+      parts += ["", f"## {title}", "", table]
+  text = "\n".join(parts) + "\n"
+  (workdir / "reproduce.md").write_text(text)
+  return text
 
 
 def main(argv):
   cli.start(argv)
-  from emo_jax.train import train_and_evaluate  # pylint: disable=import-outside-toplevel
-  quick = _QUICK.value
-  steps = _STEPS.value or (60 if quick else 600)
-  eval_batches = _EVAL_BATCHES.value or (1 if quick else 4)
+  from emo_jax.data import corpus as corpus_lib  # pylint: disable=import-outside-toplevel
+  start = time.time()
+  s = settings()
   workdir = pathlib.Path(_WORKDIR.value)
   workdir.mkdir(parents=True, exist_ok=True)
-  configs = experiment_configs(steps, _BATCH.value)
-  timings, results, num_experts = {}, {}, None
-  for label, config in configs.items():
-    start = time.time()
-    train_and_evaluate(config, workdir / label.lower())
-    timings[f"train_{label}_s"] = round(time.time() - start, 1)
-  for label, config in configs.items():
-    start = time.time()
-    results[label], num_experts = measure(label, config, workdir / label.lower(),
-                                          _FRACTIONS.value, eval_batches, _CALIBRATION.value,
-                                          greedy=not _ONE_PASS.value)
-    timings[f"measure_{label}_s"] = round(time.time() - start, 1)
-  rows = summarize(results, num_experts)
-  table = format_table(rows, num_experts)
-  command = ("python -m experiments.reproduce " + f"--workdir {workdir}" +
-      (" --quick" if quick else "") +
-      (f" --steps {_STEPS.value}" if _STEPS.value else "") +
-      (f" --batch_size {_BATCH.value}" if _BATCH.value else ""))
-  out = {"command": command, "steps": steps, "eval_batches_per_domain": eval_batches,
-         "num_calibration": _CALIBRATION.value, "greedy": not _ONE_PASS.value,
-         "num_experts": num_experts, "timings": timings,
-         "results": {m: {d: {str(k): v for k, v in by_keep.items()}
-                         for d, by_keep in by_domain.items()} for m, by_domain in results.items()},
-         "table": rows}
-  (workdir / "reproduce.json").write_text(json.dumps(out, indent=1))
-  plot(results, num_experts, workdir / "reproduce.png")
-  (workdir / "reproduce.md").write_text(
-      f"`{command}`\n\nHeld-out loss per domain (increase over all experts in brackets)\n\n"
-      f"{table}\n")
-  print(table)
+  config = prepared_config(s)
+  dc = corpus_lib.DataConfig.from_dict(config.data)
+  study.subset_sizes(study.run_configs(config)[0], s["fractions"])  # refuse bad sizes early
+  corpus = corpus_lib.load_corpus(dc)
+  train_config = config
+  if s["holdout"]:
+    if s["holdout"] not in corpus.domains:
+      raise app.UsageError(f"--holdout {s['holdout']!r} is not a domain of the corpus; its "
+                           f"domains are {corpus.domains}")
+    data_dir = study.write_holdout_data(corpus.splits, s["holdout"],
+                                        workdir / "data" / f"without-{s['holdout']}",
+                                        study.base_tokenizer(dc), corpus.tokenizer.vocab_size)
+    train_config = study.holdout_config(config, data_dir)
+  eval_sets = study.corpus_eval_sets(corpus, s["holdout"], s["calibration_pool"])
+  if s["eval_corpus"]:
+    eval_sets += study.file_eval_sets(s["eval_corpus"], s["calibration_pool"])
+  timings = {}
+  trained, matched = run_models(train_config, s, workdir / "models")
+  timings["train_s"] = round(time.time() - start, 1)
+  results = measure_all(trained, matched, eval_sets, corpus.tokenizer, config, s)
+  timings["measure_s"] = round(time.time() - start - timings["train_s"], 1)
+  clusters = cluster(trained, corpus, s, workdir / "clusters")
+  timings["total_s"] = round(time.time() - start, 1)
+  rows = report.build_rows(results, trained, {e.domain: e.group for e in eval_sets}, matched)
+  command = "python -m experiments.reproduce " + " ".join(sys.argv[1:])
+  print(write_outputs(workdir, command, s, trained, results, rows, clusters, timings))
   print(json.dumps({"out": str(workdir.absolute()), **timings}))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -138,15 +138,3 @@ def test_subset_sizes_scale_the_papers():
   assert evaluate.subset_sizes(128) == [8, 16, 32, 64, 128]
   assert evaluate.subset_sizes(17) == [2, 4, 8, 17]
   assert evaluate.subset_sizes(8) == [2, 4, 8]
-
-
-def test_reproduce_table_reports_increase_over_full():
-  from experiments import reproduce
-  results = {"EMO": {"a": {4: {"loss": 2.0}, 2: {"loss": 2.5}},
-                     "b": {4: {"loss": 1.0}, 2: {"loss": 1.1}}}}
-  rows = reproduce.summarize(results, 4)
-  assert rows[-1]["domain"] == "MEAN"
-  np.testing.assert_allclose(rows[-1]["2"]["delta"], 0.3)
-  table = reproduce.format_table(rows, 4)
-  assert "| EMO | a | 2.000 | 2.500 (+0.500) |" in table
-  assert "4/4 (100 %)" in table and "2/4 (50 %)" in table

@@ -1,0 +1,15 @@
+"""The StdMoE twin of configs/repro.py: the same model, data and steps without the pool.
+
+  python -m experiments.train --config configs/repro_stdmoe.py --workdir workdirs/repro_stdmoe
+"""
+
+import ml_collections
+
+from configs import repro
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = repro.get_config()
+  config.name = "repro_stdmoe"
+  config.model.pool = False
+  return config

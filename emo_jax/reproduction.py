@@ -1,0 +1,437 @@
+"""The paper's selective-expert study at small scale: which models, on which data, measured how.
+
+experiments/reproduce.py runs it; this module holds its pieces so each can be tested alone:
+
+* the models: EMO, its StdMoE twin, EMO-anneal (a StdMoE trained for part of the steps, then
+  continued with the document pool and a learning rate decaying linearly to 0) and the
+  memory-matched models trained from scratch (a dense model and a small StdMoE with the
+  parameter count of a subset of the EMO bank);
+* a cache of trained models keyed by a hash of every field that changes training, so adding a
+  seed or a baseline trains only what is new;
+* held-out domains: a data folder that is the training corpus minus one domain, so the study
+  can select experts for, and evaluate on, text the model never trained on;
+* the measurement: per domain, experts selected from 1, 5 or all calibration documents (or at
+  random, the floor) at each subset size, and the held-out loss with that routing mask.
+
+The README's "The paper's claim at small scale" section shows the command and its table.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import logging
+import pathlib
+import time
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from emo_jax.config import ModelConfig
+from emo_jax.data import corpus as corpus_lib, pipeline, sources
+from emo_jax.execution import run_configs
+
+log = logging.getLogger(__name__)
+
+# Fractions of the bank the study keeps: the paper's 128, 64, 32, 16 and 8 of 128 experts.
+DEFAULT_FRACTIONS = (1.0, 0.5, 0.25, 0.125, 0.0625)
+# Subsets whose parameter count the memory-matched models get (the paper: 16 of 128 ~ dense 1B).
+MATCHED_FRACTIONS = (0.25, 0.125)
+# Calibration sets: the first 1 and 5 documents of a domain, and all of its calibration pool.
+CALIBRATIONS = ("1", "5", "all")
+# Fields that change how a run logs, evaluates or checkpoints but not the parameters it trains.
+UNKEYED_FIELDS = {
+    "train": ("log_every", "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints",
+              "async_checkpoint", "peak_flops"),
+    "data": ("num_workers",),
+}
+
+
+class StudyError(ValueError):
+  """A study setting that cannot be honoured; the message names the flag or field."""
+
+
+# ---- subset sizes ---------------------------------------------------------------------------------
+def active_experts(cfg: ModelConfig) -> int:
+  """Experts every token uses: top_k routed plus the shared ones."""
+  return cfg.top_k + cfg.num_shared_experts
+
+
+def subset_sizes(cfg: ModelConfig, fractions: Sequence[float]) -> list[int]:
+  """Experts kept (shared included) at each fraction, largest first.
+
+  A subset smaller than the active count would force top-k onto fewer experts than the model
+  was trained to use, a different question from the paper's, so it is refused.
+  """
+  if not cfg.is_moe:
+    raise StudyError("the study needs a mixture-of-experts config (model.num_experts > 0)")
+  sizes = set()
+  for f in fractions:
+    f = float(f)
+    if not 0 < f <= 1:
+      raise StudyError(f"--fractions holds {f}: each fraction must be in (0, 1]")
+    keep = int(round(f * cfg.num_experts))
+    if keep < active_experts(cfg):
+      raise StudyError(
+          f"--fractions {f} keeps {keep} of {cfg.num_experts} experts, fewer than the "
+          f"{active_experts(cfg)} every token uses (top_k={cfg.top_k} + "
+          f"{cfg.num_shared_experts} shared); drop it or use a config with more experts "
+          "(configs/repro.py)")
+    sizes.add(keep)
+  return sorted(sizes | {cfg.num_experts}, reverse=True)
+
+
+# ---- the models -------------------------------------------------------------------------------------
+def _plain(config) -> dict:
+  return config.to_dict() if hasattr(config, "to_dict") else copy.deepcopy(dict(config))
+
+
+def training_key(config) -> str:
+  """12 hex digits that change whenever a field that changes the trained parameters does.
+
+  Architecture, execution (the capacity backend's drops change results), data (minus worker
+  count) and train settings (minus logging, evaluation and checkpoint cadence) are hashed after
+  filling in defaults, so spelling a default out does not change the key. The mesh is left out:
+  results agree across meshes to rounding.
+  """
+  config = _plain(config)
+  model, execution = run_configs(_Config(config))
+  data = corpus_lib.DataConfig.from_dict(config["data"]).to_dict()
+  from emo_jax.train import TrainConfig  # pylint: disable=import-outside-toplevel
+  train = TrainConfig.from_dict(config["train"]).to_dict()
+  for name in UNKEYED_FIELDS["data"]:
+    data.pop(name)
+  for name in UNKEYED_FIELDS["train"]:
+    train.pop(name)
+  keyed = {"model": model.to_dict(), "execution": execution.to_dict(), "data": data,
+           "train": train}
+  return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:12]
+
+
+class _Config(dict):
+  """A plain dict with attribute access, as execution.run_configs reads configs."""
+
+  def __getattr__(self, name):
+    try:
+      return self[name]
+    except KeyError:
+      raise AttributeError(name) from None
+
+
+def with_seed(config, seed: int):
+  """The config with its initialisation, pool draws and data order all from `seed`."""
+  config = copy.deepcopy(config)
+  config.train.seed = int(seed)
+  config.data.seed = int(seed)
+  return config
+
+
+def stdmoe_config(config):
+  config = copy.deepcopy(config)
+  config.model.pool = False
+  return config
+
+
+def _model(config) -> ModelConfig:
+  return run_configs(config)[0]
+
+
+def matched_dense_hidden(cfg: ModelConfig, keep: int) -> int:
+  """mlp_hidden of a dense model with as many parameters as `cfg` pruned to `keep` experts."""
+  from emo_jax.model import count_params  # pylint: disable=import-outside-toplevel
+  from emo_jax.selective import pruned_param_count  # pylint: disable=import-outside-toplevel
+  target = pruned_param_count(cfg, keep)
+  dense = cfg.replace(num_experts=0, pool=False, mlp_hidden=1)
+  base = count_params(dense)["total_params"] - 3 * cfg.d_model * cfg.num_layers
+  return max(1, int(round((target - base) / (3 * cfg.d_model * cfg.num_layers))))
+
+
+def memory_matched_config(config, keep: int, kind: str):
+  """A model trained from scratch with the parameter count of `config` pruned to `keep` experts:
+  kind "dense" (a SwiGLU MLP of matched width) or "moe" (keep - shared routed experts + the
+  shared ones, no pool)."""
+  cfg = _model(config)
+  config = copy.deepcopy(config)
+  if kind == "dense":
+    config.model.mlp_hidden = matched_dense_hidden(cfg, keep)
+    config.model.num_experts = 0
+    config.model.pool = False
+  elif kind == "moe":
+    top_k = min(cfg.top_k, keep - cfg.num_shared_experts)
+    config.model.num_experts = keep
+    config.model.top_k = top_k
+    config.model.pool = False
+    config.model.pool_max = keep
+    config.model.pool_min = min(max(cfg.pool_min, top_k), keep)
+  else:
+    raise StudyError(f"memory-matched kind {kind!r} is unknown: use 'dense' or 'moe'")
+  return config
+
+
+def anneal_configs(config, fraction: float):
+  """(StdMoE of the first steps, the anneal to run from it) for EMO-anneal.
+
+  The StdMoE trains (1 - fraction) of the steps on its own schedule; the anneal trains the rest
+  with the pool on, from those parameters (a fresh optimiser), the learning rate decaying
+  linearly to 0 after a short warm-up, on a data order of its own so it sees new documents.
+  The two together train as many tokens as EMO. The anneal's `train.init_from` is left for
+  the caller to set to the StdMoE's trained workdir.
+  """
+  if not 0 < fraction < 1:
+    raise StudyError(f"--anneal_fraction={fraction} must be in (0, 1)")
+  steps = int(config.train.steps)
+  anneal_steps = max(1, int(round(fraction * steps)))
+  if anneal_steps >= steps:
+    raise StudyError(f"--anneal_fraction={fraction} of {steps} steps leaves no StdMoE steps")
+  first = stdmoe_config(config)
+  first.train.steps = steps - anneal_steps
+  first.train.warmup_steps = min(int(config.train.warmup_steps), max(0, first.train.steps // 10))
+  anneal = copy.deepcopy(config)
+  anneal.model.pool = True
+  anneal.train.steps = anneal_steps
+  anneal.train.schedule = "linear"
+  anneal.train.warmup_steps = max(1, anneal_steps // 20)
+  anneal.data.seed = int(config.data.seed) + 1000
+  return first, anneal
+
+
+@dataclasses.dataclass
+class Trained:
+  label: str
+  seed: int
+  path: str
+  key: str
+  seconds: float
+  cached: bool
+  summary: dict
+
+  def to_json(self) -> dict:
+    return dataclasses.asdict(self)
+
+
+def train_cached(label: str, config, models_dir: pathlib.Path, seed: int) -> Trained:
+  """Trains `config` into models_dir/<label>-s<seed>-<key>, or reuses a finished run there.
+
+  An interrupted run resumes from its last checkpoint (the trainer's own resume)."""
+  from emo_jax.train import train_and_evaluate  # pylint: disable=import-outside-toplevel
+  key = training_key(config)
+  slug = "".join(c if c.isalnum() else "_" for c in label.lower()).strip("_")
+  path = models_dir / f"{slug}-s{seed}-{key}"
+  done = path / "done.json"
+  if done.is_file():
+    record = json.loads(done.read_text())
+    if record.get("key") == key:
+      log.info("%s seed %d: reusing the trained model in %s", label, seed, path)
+      return Trained(label, seed, str(path), key, record["seconds"], True, record["summary"])
+  start = time.time()
+  log.info("%s seed %d: training %d steps into %s", label, seed, config.train.steps, path)
+  last = train_and_evaluate(config, path)
+  seconds = round(time.time() - start, 1)
+  from emo_jax.model import count_params  # pylint: disable=import-outside-toplevel
+  counts = count_params(_model(config))
+  summary = {k: v for k, v in last.items() if k.startswith(("val_", "unigram_val_"))}
+  summary.update(counts, steps=int(config.train.steps), loss=last.get("loss"))
+  done.write_text(json.dumps({"key": key, "seconds": seconds, "summary": summary}, indent=1))
+  return Trained(label, seed, str(path), key, seconds, False, summary)
+
+
+# ---- held-out domains ---------------------------------------------------------------------------------
+def base_tokenizer(dc: corpus_lib.DataConfig) -> str:
+  """The tokenizer file (or "bytes") of a prepared corpus, to reuse for a derived one."""
+  if dc.tokenizer:
+    return dc.tokenizer
+  data_dir = pathlib.Path(dc.data_dir) if dc.data_dir else corpus_lib.default_data_dir(dc)
+  summary = json.loads((data_dir / corpus_lib.RESULT_FILE).read_text())
+  return summary["tokenizer"]
+
+
+def write_holdout_data(splits: Mapping[str, Sequence[Mapping]], domain: str,
+                       out_dir: pathlib.Path, tokenizer: str, vocab_size: int) -> pathlib.Path:
+  """A prepared data folder holding every split of `splits` except the documents of `domain`.
+
+  It reuses the base corpus's tokenizer, so losses stay comparable with the models trained on
+  the whole corpus. Returns the folder; config.data.corpus must be its train.jsonl path (what
+  its prepare_data.json records) and config.data.data_dir the folder.
+  """
+  if not any(d["domain"] == domain for split in splits.values() for d in split):
+    found = sorted({d["domain"] for split in splits.values() for d in split})
+    raise StudyError(f"--holdout {domain!r} is not a domain of the corpus; its domains are "
+                     f"{found}")
+  out_dir = pathlib.Path(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  domains: dict[str, dict] = {}
+  counts = {}
+  for split in sources.SPLITS:
+    kept = [d for d in splits.get(split, []) if d["domain"] != domain]
+    counts[split] = sources.write_jsonl(kept, out_dir / f"{split}.jsonl")
+    for d in kept:
+      entry = domains.setdefault(d["domain"], {"documents": 0, "bytes": 0})
+      entry["documents"] += 1
+      entry["bytes"] += len(d["text"].encode("utf-8"))
+  summary = {"domains": domains, "total_bytes": sum(d["bytes"] for d in domains.values()),
+             "splits": counts, "tokenizer": tokenizer, "vocab_size": vocab_size,
+             "skipped": {}, "tokenizer_sample": None, "out": str(out_dir.absolute()),
+             "seconds": {}, "held_out": domain,
+             "settings": {"corpus": str((out_dir / "train.jsonl").absolute()),
+                          "tokenizer": tokenizer if tokenizer == "bytes" else ""}}
+  (out_dir / corpus_lib.RESULT_FILE).write_text(json.dumps(summary, indent=1) + "\n")
+  return out_dir
+
+
+def holdout_config(config, data_dir: pathlib.Path):
+  """The config trained on a folder written by write_holdout_data."""
+  config = copy.deepcopy(config)
+  summary = json.loads((data_dir / corpus_lib.RESULT_FILE).read_text())
+  config.data.corpus = summary["settings"]["corpus"]
+  config.data.data_dir = str(data_dir.absolute())
+  config.data.tokenizer = summary["settings"]["tokenizer"]
+  return config
+
+
+# ---- what is measured -----------------------------------------------------------------------------------
+@dataclasses.dataclass
+class EvalSet:
+  """One domain of the study: documents to select experts from and documents to score."""
+  domain: str
+  group: str                 # "trained", "held-out" or "eval-corpus"
+  calibration: list[str]     # texts, in a fixed order; "1" and "5" take the first ones
+  documents: list[dict]      # scored documents
+
+
+def corpus_eval_sets(corpus, holdout: str | None, pool: int) -> list[EvalSet]:
+  """Every domain of the corpus: calibration from its train split (first `pool` documents),
+  scoring on its test split (validation when test is empty)."""
+  split = "test" if corpus.splits.get("test") else "validation"
+  sets = []
+  for domain in corpus.domains:
+    calibration = [d["text"] for d in corpus.splits["train"] if d["domain"] == domain][:pool]
+    documents = [d for d in corpus.splits[split] if d["domain"] == domain]
+    if not calibration or not documents:
+      raise StudyError(f"domain {domain!r} has {len(calibration)} train and {len(documents)} "
+                       f"{split} documents; the study needs both")
+    sets.append(EvalSet(domain, "held-out" if domain == holdout else "trained", calibration,
+                        documents))
+  return sets
+
+
+def file_eval_sets(path: str, pool: int) -> list[EvalSet]:
+  """Domains of a JSONL file of {text, domain} documents outside the training corpus: per
+  domain the first half (at most `pool`) calibrates, the rest is scored."""
+  try:
+    docs = list(sources.load_documents(path))
+  except (OSError, ValueError) as e:
+    raise StudyError(f"--eval_corpus {path}: {e}") from None
+  by_domain: dict[str, list[dict]] = {}
+  for d in docs:
+    by_domain.setdefault(d["domain"], []).append(d)
+  if not by_domain:
+    raise StudyError(f"--eval_corpus {path} holds no documents")
+  sets = []
+  for domain, group in sorted(by_domain.items()):
+    if len(group) < 2:
+      raise StudyError(f"--eval_corpus {path}: domain {domain!r} has {len(group)} document; "
+                       "each domain needs at least 2 (one to calibrate, one to score)")
+    n = min(pool, len(group) // 2)
+    sets.append(EvalSet(domain, "eval-corpus", [d["text"] for d in group[:n]], group[n:]))
+  return sets
+
+
+def scoring_batches(documents, tokenizer, *, seq_len: int, batch_size: int, max_segments: int,
+                    num_batches: int) -> list[dict]:
+  """The first `num_batches` packed batches of the documents, in order, padded to full rows."""
+  import itertools  # pylint: disable=import-outside-toplevel
+  ds = pipeline.make_dataset(documents, tokenizer, seq_len=seq_len, batch_size=batch_size,
+                             max_segments=max_segments, shuffle=False, num_epochs=1,
+                             drop_remainder=False, shard_index=0, shard_count=1)
+  return [corpus_lib.pad_batch(b, batch_size) for b in itertools.islice(ds, num_batches)]
+
+
+def calibration_batches(texts: Sequence[str], tokenizer, *, seq_len: int,
+                        rows: int) -> list[dict]:
+  """One document per row (truncated to seq_len), in batches of exactly [rows, seq_len], so every
+  calibration set reuses one compiled routing pass; padding rows are never scored."""
+  from emo_jax.selective import calibration_batch  # pylint: disable=import-outside-toplevel
+  batches = []
+  for i in range(0, len(texts), rows):
+    b = calibration_batch(texts[i:i + rows], tokenizer, seq_len=seq_len)
+    full = {k: np.zeros((rows, seq_len), np.int32) for k in b}
+    full["tokens"][:] = tokenizer.pad_id
+    n, length = b["tokens"].shape
+    for k, v in b.items():
+      full[k][:n, :length] = v
+    batches.append(full)
+  return batches
+
+
+def calibration_counts(num_available: int, calibrations: Sequence[str]) -> dict[str, int]:
+  """Documents each calibration set uses: "1" -> 1, "5" -> 5, "all" -> every one available."""
+  out = {}
+  for c in calibrations:
+    if c == "all":
+      out[c] = num_available
+    elif c.isdigit() and int(c) > 0:
+      out[c] = min(int(c), num_available)
+    else:
+      raise StudyError(f"--calibrations holds {c!r}: use positive counts or 'all'")
+  return out
+
+
+def random_mask(cfg: ModelConfig, keep: int, rng: np.random.Generator) -> np.ndarray:
+  """bool [layers, routed]: keep - shared routed experts per layer, uniformly at random."""
+  n = keep - cfg.num_shared_experts
+  mask = np.zeros((cfg.num_layers, cfg.num_routed_experts), bool)
+  for layer in range(cfg.num_layers):
+    mask[layer, rng.choice(cfg.num_routed_experts, n, replace=False)] = True
+  return mask
+
+
+def measure_model(path: str, eval_sets: Sequence[EvalSet], tokenizer, *, fractions,
+                  calibrations: Sequence[str], seq_len: int, batch_size: int,
+                  num_batches: int, random_floor: bool, seed: int, greedy: bool = True,
+                  label: str = "") -> dict[str, Any]:
+  """Losses of one trained model on every eval set.
+
+  {domain: {"full": loss, "select": {calibration: {keep: loss}}, "random": {keep: loss},
+  "calibration_documents": {calibration: n}, "tokens": scored tokens}}; a dense model (or a
+  bank no larger than the smallest subset) has only "full".
+  """
+  from emo_jax import checkpoint as ckpt_lib, evaluate, generate, selective  # pylint: disable=import-outside-toplevel
+  from emo_jax.execution import saved_model_config  # pylint: disable=import-outside-toplevel
+  params, saved = ckpt_lib.load_params(path)
+  cfg = saved_model_config(saved)
+  graphdef, params = generate.build_model(cfg, params)
+  sizes = subset_sizes(cfg, fractions)[1:] if cfg.is_moe else []
+  out = {}
+  start = time.time()
+  for i, es in enumerate(eval_sets):
+    batches = scoring_batches(es.documents, tokenizer, seq_len=seq_len, batch_size=batch_size,
+                              max_segments=cfg.max_segments, num_batches=num_batches)
+    tokens = int(sum(np.sum(b["loss_mask"]) for b in batches))
+    r = {"full": evaluate.perplexity(graphdef, params, batches, [])["loss"], "tokens": tokens,
+         "select": {}, "random": {}, "calibration_documents": {}}
+    counts = calibration_counts(len(es.calibration), calibrations)
+    for name, n in counts.items() if sizes else ():
+      calib = calibration_batches(es.calibration[:n], tokenizer, seq_len=seq_len,
+                                  rows=batch_size)
+      r["calibration_documents"][name] = n
+      r["select"][name] = {}
+      for keep in sizes:
+        mask = selective.select_experts(graphdef, params, cfg, calib, keep, greedy=greedy).mask
+        r["select"][name][str(keep)] = evaluate.perplexity(graphdef, params, batches, [],
+                                                      keep_experts=mask)["loss"]
+    if random_floor:
+      for keep in sizes:
+        mask = random_mask(cfg, keep, np.random.default_rng([seed, keep, i]))
+        r["random"][str(keep)] = evaluate.perplexity(graphdef, params, batches, [],
+                                                keep_experts=mask)["loss"]
+    out[es.domain] = r
+    elapsed = time.time() - start
+    log.info("measured %s on %s (%d/%d, %s): full %.3f, %s; %.0f s, ETA %.0f s", label,
+             es.domain, i + 1, len(eval_sets), es.group, r["full"],
+             {c: {k: round(v - r["full"], 3) for k, v in s.items()}
+              for c, s in r["select"].items()}, elapsed,
+             elapsed / (i + 1) * (len(eval_sets) - i - 1))
+  return {"num_experts": cfg.num_experts, "active_experts": active_experts(cfg)
+          if cfg.is_moe else 0, "domains": out}

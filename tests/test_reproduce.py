@@ -1,0 +1,265 @@
+"""The selective-expert study (emo_jax/reproduction.py, reproduction_report.py): the regime of
+configs/repro.py, held-out splits, the model cache key, EMO-anneal's start, and the table."""
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+from configs import demo, repro, repro_stdmoe, tiny
+from emo_jax import checkpoint as ckpt_lib
+from emo_jax import reproduction as study
+from emo_jax import reproduction_report as report
+from emo_jax.config import ConfigError, ModelConfig
+from emo_jax.data.corpus import DataConfig, load_corpus
+from emo_jax.execution import ExecutionConfig, run_configs
+from emo_jax.model import count_params
+from emo_jax.selective import pruned_param_count
+from emo_jax.train import TrainConfig
+
+
+def test_repro_config_is_the_papers_regime():
+  cfg = run_configs(repro.get_config())[0]
+  active = study.active_experts(cfg)
+  assert (cfg.num_experts, cfg.num_shared_experts, cfg.top_k) == (64, 1, 3)
+  assert active * 16 == cfg.num_experts                      # 1/16 of the bank, as 8 of 128
+  assert (cfg.pool_min, cfg.pool_max) == (cfg.top_k + 1, cfg.num_experts)
+  sizes = study.subset_sizes(cfg, study.DEFAULT_FRACTIONS)
+  assert sizes == [64, 32, 16, 8, 4]
+  assert all(k >= active for k in sizes)
+  assert 8 == 2 * active                                     # 12.5 % holds twice the active count
+  assert tuple(study.DEFAULT_FRACTIONS[1:]) == repro.SUBSET_FRACTIONS
+  twin = run_configs(repro_stdmoe.get_config())[0]
+  assert twin == cfg.replace(pool=False)
+
+
+def test_subsets_below_the_active_count_are_refused():
+  cfg = run_configs(demo.get_config())[0]                     # 17 experts, 3 active
+  assert study.subset_sizes(cfg, [1, 0.5, 0.25]) == [17, 8, 4]
+  with pytest.raises(study.StudyError, match="fewer than the 3 every token uses"):
+    study.subset_sizes(cfg, [0.125])
+  with pytest.raises(study.StudyError, match=r"must be in \(0, 1\]"):
+    study.subset_sizes(cfg, [1.5])
+
+
+def _docs(n_per_domain, domains=("code", "math", "news")):
+  return [{"id": f"{d}-{i}", "domain": d, "text": f"{d} document {i} " * 5}
+          for d in domains for i in range(n_per_domain)]
+
+
+def test_holdout_no_held_out_document_reaches_training(tmp_path):
+  splits = {"train": _docs(6), "validation": _docs(2), "test": _docs(3)}
+  held_ids = {d["id"] for s in splits.values() for d in s if d["domain"] == "math"}
+  out = study.write_holdout_data(splits, "math", tmp_path / "without-math", "bytes", 258)
+  config = tiny.get_config()
+  config = study.holdout_config(config, out)
+  corpus = load_corpus(DataConfig.from_dict(config.data))     # what the trainer reads
+  assert corpus.domains == ["code", "news"]
+  seen = {d["id"] for s in corpus.splits.values() for d in s}
+  assert not seen & held_ids
+  assert seen == {d["id"] for s in splits.values() for d in s} - held_ids
+  # The study still scores the held-out domain, calibrating on its (never trained) train docs.
+  full = type(corpus)(splits, corpus.tokenizer, ["code", "math", "news"])
+  sets = {e.domain: e for e in study.corpus_eval_sets(full, "math", pool=4)}
+  assert sets["math"].group == "held-out" and sets["code"].group == "trained"
+  assert sets["math"].calibration == [d["text"] for d in splits["train"]
+                                      if d["domain"] == "math"][:4]
+  with pytest.raises(study.StudyError, match="not a domain of the corpus"):
+    study.write_holdout_data(splits, "poetry", tmp_path / "x", "bytes", 258)
+
+
+# A value every config accepts for each field, different from the tiny config's.
+_CHANGED = {"schedule": "linear", "compute_dtype": "bfloat16", "param_dtype": "bfloat16",
+            "expert_backend": "ragged", "ragged_dot_impl": "xla", "attention_impl": "jax_xla",
+            "remat_policy": "dots", "expert_transport": "all_to_all", "eval_pool_size": 3,
+            "corpus": "other.jsonl", "data_dir": "/tmp/elsewhere", "tokenizer": "x.model",
+            "init_from": "/tmp/init", "num_kv_heads": 2, "head_dim": 32, "pool_min": 3,
+            "num_heads": 8, "top_k": 1}
+
+
+def _changed(value, name):
+  if name in _CHANGED:
+    return _CHANGED[name]
+  if isinstance(value, bool):
+    return not value
+  if isinstance(value, int):
+    return value + 1
+  if isinstance(value, float):
+    return value * 0.5 if value else 0.5
+  raise AssertionError(f"no changed value for {name}={value!r}")
+
+
+def test_cache_key_changes_with_every_training_field():
+  base = tiny.get_config()
+  key = study.training_key(base)
+  sections = {"model": ModelConfig, "execution": ExecutionConfig, "data": DataConfig,
+              "train": TrainConfig}
+  tested = 0
+  for section, cls in sections.items():
+    defaults = cls.from_dict(base[section]).to_dict()
+    for field in dataclasses.fields(cls):
+      config = tiny.get_config()
+      values = dict(defaults)
+      values[field.name] = _changed(defaults[field.name], field.name)
+      cls.from_dict(values)                                   # the changed value is valid
+      config[section] = values
+      unkeyed = field.name in study.UNKEYED_FIELDS.get(section, ())
+      assert (study.training_key(config) == key) == unkeyed, f"{section}.{field.name}"
+      tested += 1
+  assert tested > 50
+  spelled = tiny.get_config()                                 # defaults spelled out or not
+  spelled.execution = ExecutionConfig.from_dict(spelled.execution).to_dict()
+  del spelled.train["peak_flops"]
+  assert study.training_key(spelled) == key
+
+
+def test_memory_matched_models_have_the_subsets_parameter_count():
+  config = repro.get_config()
+  cfg = run_configs(config)[0]
+  for keep in (16, 8):
+    target = pruned_param_count(cfg, keep)
+    dense = run_configs(study.memory_matched_config(config, keep, "dense"))[0]
+    moe = run_configs(study.memory_matched_config(config, keep, "moe"))[0]
+    assert dense.num_experts == 0
+    assert abs(count_params(dense)["total_params"] - target) <= 3 * cfg.d_model * cfg.num_layers
+    assert (moe.num_experts, moe.top_k, moe.pool) == (keep, cfg.top_k, False)
+    assert count_params(moe)["total_params"] == target
+
+
+def test_anneal_starts_from_the_stdmoe_parameters_and_turns_the_pool_on(tmp_path):
+  from emo_jax.train import init_state
+  config = tiny.get_config()
+  config.train.steps = 4
+  config.train.warmup_steps = 1
+  config.train.log_every = 1
+  config.train.eval_every = 1
+  config.train.eval_batches = 1
+  config.data.synthetic_documents = 200
+  first, anneal = study.anneal_configs(config, 0.25)
+  assert (first.train.steps, anneal.train.steps) == (3, 1)
+  assert first.model.pool is False and anneal.model.pool is True
+  assert anneal.train.schedule == "linear" and anneal.train.warmup_steps >= 1
+  assert anneal.data.seed != first.data.seed                  # new documents for the anneal
+  # The StdMoE's parameters, as its trained workdir would hold them.
+  first_cfg = run_configs(first)[0]
+  stdmoe = jax_tree(init_state(first_cfg, TrainConfig.from_dict(first.train))[2].params)
+  ckpt_lib.save_params(tmp_path / "stdmoe", stdmoe, first_cfg.to_dict())
+  anneal.train.init_from = str(tmp_path / "stdmoe")
+  # Step 0 of the warm-up has learning rate 0 (AdamW's weight decay is scaled by it too), so
+  # after one step the annealed model still holds exactly what it started from.
+  run = study.train_cached("EMO-anneal", anneal, tmp_path, 0)
+  after, saved = ckpt_lib.load_params(run.path)
+  for a, b in zip(jax_leaves(stdmoe), jax_leaves(after), strict=True):
+    assert a[0] == b[0]
+    np.testing.assert_array_equal(a[1], b[1])
+  assert saved["pool"] is True
+  pools = [json.loads(line)["pool_size"] for line in open(f"{run.path}/metrics.jsonl")]
+  assert max(pools) < first_cfg.num_routed_experts            # a drawn pool, not all 7 routed
+  again = study.train_cached("EMO-anneal", anneal, tmp_path, 0)
+  assert again.cached and again.path == run.path
+
+
+def jax_tree(params):
+  import jax
+  return jax.tree.map(np.asarray, params)
+
+
+def jax_leaves(params):
+  import jax
+  return sorted((jax.tree_util.keystr(k), np.asarray(v))
+                for k, v in jax.tree_util.tree_leaves_with_path(params))
+
+
+def _measure(full, deltas, random_deltas, seed_shift=0.0):
+  select = {"5": {k: full + d + seed_shift for k, d in deltas.items()},
+            "1": {k: full + 2 * d + seed_shift for k, d in deltas.items()}}
+  return {"full": full + seed_shift, "select": select,
+          "random": {k: full + d + seed_shift for k, d in random_deltas.items()},
+          "calibration_documents": {"5": 5, "1": 1}, "tokens": 100}
+
+
+def _trained(label, seeds, params=1e6):
+  summary = {"total_params": params, "active_params": params / 4, "steps": 10,
+             "val_perplexity": 100.0, "unigram_val_perplexity": 500.0}
+  return [study.Trained(label, s, f"/m/{label}-{s}", "k", 1.0, False, summary) for s in seeds]
+
+
+def test_rows_average_seeds_and_mark_differences_within_noise(tmp_path):
+  groups = {"a": "trained", "b": "trained", "math": "held-out"}
+  results = {"EMO": {}, "StdMoE": {}, "Dense, 25 % params": {}}
+  for seed, shift in ((0, 0.0), (1, 0.01), (2, -0.01)):
+    noise = (seed - 1) * 0.05                                 # StdMoE's 50 % cell: noise only
+    results["EMO"][seed] = {"num_experts": 4, "domains": {
+        d: _measure(2.0, {"2": 0.1, "1": 0.2}, {"2": 0.5, "1": 0.9}, shift) for d in groups}}
+    results["StdMoE"][seed] = {"num_experts": 4, "domains": {
+        d: _measure(2.1, {"2": 0.1 + noise, "1": 0.6 + noise / 10}, {"2": 0.5, "1": 0.9}, shift)
+        for d in groups}}
+    results["Dense, 25 % params"][seed] = {"num_experts": 0, "domains": {
+        d: {"full": 2.3 + shift, "select": {}, "random": {}, "calibration_documents": {},
+            "tokens": 100} for d in groups}}
+  trained = {k: _trained(k, [0, 1, 2]) for k in results}
+  rows = report.build_rows(results, trained, groups, {"Dense, 25 % params": 1})
+  by = {(r["model"], r["domain"]): r for r in rows}
+  emo = by["EMO", "trained domains (mean of 2)"]
+  np.testing.assert_allclose(emo["full"]["mean"], 2.0)
+  np.testing.assert_allclose(emo["full"]["std"], 0.01)
+  np.testing.assert_allclose(emo["subsets"]["1"]["delta"]["mean"], 0.2)
+  np.testing.assert_allclose(emo["subsets"]["1"]["calibration"]["1"]["delta"]["mean"], 0.4)
+  std = by["StdMoE", "math"]
+  assert std["group"] == "held-out" and std["checkpoints"] == ["/m/StdMoE-0", "/m/StdMoE-1",
+                                                               "/m/StdMoE-2"]
+  assert std["subsets"]["2"]["within_noise_of_emo"] is True    # 0.1 +- 0.05 vs 0.1
+  assert std["subsets"]["1"]["within_noise_of_emo"] is False   # 0.6 vs 0.2
+  np.testing.assert_allclose(std["subsets"]["1"]["vs_emo_full"]["mean"], 2.1 + 0.6 - 2.0)
+  dense = by["Dense, 25 % params", "math"]
+  assert not dense["subsets"] and dense["matched_fraction"] == 0.25
+  np.testing.assert_allclose(dense["vs_emo_subset"]["mean"], 2.3 - 2.2)
+  table = report.results_table(rows)
+  assert "| EMO | math | 2.000 ± 0.010 | +0.100 ± 0.000 | +0.200 ± 0.000 |" in table
+  assert "| StdMoE | math | 2.100 ± 0.010 | +0.100 ± 0.050 ≈ | +0.600 ± 0.005 |" in table
+  assert "| EMO, random experts | math |" in table
+  assert "2/4 (50 %)" in table
+  assert "| Dense, 25 % params | 1.00 M | math | 2.300 ± 0.010 | 2.200 ± 0.010 |" in (
+      report.matched_table(rows))
+  assert "+0.400 ± 0.000 (1)" in report.calibration_table(rows)
+  from emo_jax import plots
+  path = plots.plot_reproduction(rows, tmp_path / "r.png")
+  assert path.stat().st_size > 10_000
+
+
+def test_one_seed_marks_nothing():
+  assert report.within_noise([1.0], [2.0]) is None
+  assert report.stats([1.0])["std"] is None
+
+
+def test_eval_corpus_sets_split_calibration_from_scored(tmp_path):
+  path = tmp_path / "extra.jsonl"
+  path.write_text("\n".join(json.dumps(d) for d in _docs(5, ("law", "poems"))) + "\n")
+  sets = study.file_eval_sets(str(path), pool=2)
+  assert [s.domain for s in sets] == ["law", "poems"]
+  assert len(sets[0].calibration) == 2 and len(sets[0].documents) == 3
+  assert not {d["text"] for d in sets[0].documents} & set(sets[0].calibration)
+  path.write_text(json.dumps({"text": "alone", "domain": "x"}) + "\n")
+  with pytest.raises(study.StudyError, match="at least 2"):
+    study.file_eval_sets(str(path), pool=2)
+  assert study.calibration_counts(3, ["1", "5", "all"]) == {"1": 1, "5": 3, "all": 3}
+  with pytest.raises(study.StudyError, match="calibrations"):
+    study.calibration_counts(3, ["some"])
+
+
+def test_calibration_batches_have_one_shape():
+  from emo_jax.data.tokenizer import ByteTokenizer
+  tok = ByteTokenizer()
+  batches = study.calibration_batches(["a b c", "longer text " * 20, "x"], tok, seq_len=32,
+                                      rows=2)
+  assert [b["tokens"].shape for b in batches] == [(2, 32), (2, 32)]
+  assert batches[1]["segment_ids"][1].sum() == 0              # the padding row is never scored
+  assert batches[0]["segment_ids"][1].sum() == 32             # truncated to seq_len
+
+
+def test_bad_settings_are_refused():
+  with pytest.raises(study.StudyError, match="anneal_fraction"):
+    study.anneal_configs(tiny.get_config(), 1.0)
+  with pytest.raises(ConfigError):
+    study.training_key({**tiny.get_config().to_dict(), "train": {"steps": 0}})
