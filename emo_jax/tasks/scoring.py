@@ -24,6 +24,7 @@ from flax import nnx
 from emo_jax.tasks.data import Instance
 
 MIN_BUCKET = 16
+_REPORTED_CUTS: set = set()
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
@@ -40,17 +41,16 @@ def _target_logprobs(graphdef, params, inputs_BxL, targets_BxL, mask_BxL, keep_e
 
 
 def encode_pair(tokenizer, context: str, continuation: str, max_len: int) -> tuple[list, int]:
-  """(token ids, continuation length) of one pair, cut from the left to max_len + 1 tokens."""
+  """(token ids, continuation tokens scored) of one pair, cut from the left to max_len + 1
+  tokens. A continuation longer than the window is scored on its last max_len tokens (as
+  lm-evaluation-harness does); `score_pairs` reports how many were."""
   ctx = list(tokenizer.encode(context))
   cont = list(tokenizer.encode(continuation))
   if not cont:
     raise ValueError(f"continuation {continuation!r} encodes to no tokens")
-  if len(cont) > max_len:
-    raise ValueError(f"continuation {continuation[:40]!r}... has {len(cont)} tokens, more than "
-                     f"the window of {max_len}; raise --seq_len or shorten it")
   if not ctx:  # the first continuation token needs something to be predicted from
     ctx = [tokenizer.eos_id]
-  return (ctx + cont)[-(max_len + 1):], len(cont)
+  return (ctx + cont)[-(max_len + 1):], min(len(cont), max_len)
 
 
 def bucket(length: int, max_len: int) -> int:
@@ -84,6 +84,11 @@ def score_pairs(graphdef, params, tokenizer, pairs: Sequence[tuple[str, str]], *
                 choices_per_instance: float = 1.0) -> np.ndarray:
   """log p(continuation | context) of each (context, continuation) pair, float64 [N]."""
   encoded = [encode_pair(tokenizer, c, x, max_len) for c, x in pairs]
+  cut = sum(len(tokenizer.encode(x)) > max_len for _, x in pairs)
+  if cut and (label, cut, len(encoded)) not in _REPORTED_CUTS:  # once per task, not per subset
+    _REPORTED_CUTS.add((label, cut, len(encoded)))
+    print(f"  {label}: {cut} of {len(encoded)} continuations are longer than the window of "
+          f"{max_len} tokens and are scored on their last {max_len}", file=sys.stderr)
   order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
   keep = None if keep_experts is None else jnp.asarray(keep_experts, bool)
   out = np.zeros(len(encoded), np.float64)

@@ -1,0 +1,228 @@
+"""Expert subsets on tasks: selection methods, fine-tuning + merge-back, the one command."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from emo_jax import checkpoint as ckpt_lib
+from emo_jax import generate, selective, subset_finetune, subset_methods
+from emo_jax.config import ModelConfig
+from emo_jax.data.tokenizer import ByteTokenizer
+from emo_jax.tasks import Instance, score_pairs, task_pairs
+from random_model import random_params
+
+CFG = ModelConfig(vocab_size=258, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                  head_dim=8, num_experts=8, num_shared_experts=1, top_k=2, expert_hidden=16,
+                  pool_min=2, pool_max=8, max_segments=4, max_seq_len=64,
+                  compute_dtype="float32", init_std=0.3)
+TOK = ByteTokenizer()
+TEXTS = [f"Question: what is item {i}?\nAnswer: it is {'abc'[i % 3] * (i + 2)}" for i in range(8)]
+INSTANCES = [Instance(i, f"Question: what is item {i}?\nAnswer:",
+                      (" it is yes", " it is no", f" it is {i}"), gold=i % 3) for i in range(6)]
+
+
+@pytest.fixture(scope="module")
+def model():
+  _, params = random_params(CFG, seed=5)
+  graphdef, jparams = generate.build_model(CFG, params)
+  batches = subset_methods.calibration_batches(TEXTS, TOK, seq_len=CFG.max_seq_len, batch_size=4)
+  return graphdef, jparams, params, batches
+
+
+def logliks(graphdef, params, keep=None):
+  return score_pairs(graphdef, params, TOK, task_pairs(INSTANCES), max_len=CFG.max_seq_len,
+                     keep_experts=keep, batch_size=8)
+
+
+def test_greedy_with_every_expert_is_the_full_model(model):
+  graphdef, params, _, batches = model
+  selection = subset_methods.select("greedy", graphdef, params, CFG, batches, CFG.num_experts)
+  assert selection.mask.all()
+  full = logliks(graphdef, params)
+  np.testing.assert_allclose(logliks(graphdef, params, selection.mask), full, rtol=0, atol=1e-5)
+  # and a real subset is not: the test can tell subsets apart
+  small = subset_methods.select("greedy", graphdef, params, CFG, batches, 3)
+  assert np.abs(logliks(graphdef, params, small.mask) - full).max() > 1e-3
+
+
+def test_random_baseline_is_seeded():
+  a, b, c = (subset_methods.random_selection(CFG, 4, s) for s in (0, 0, 1))
+  np.testing.assert_array_equal(a.kept_routed, b.kept_routed)
+  assert not np.array_equal(a.kept_routed, c.kept_routed)
+  for sel in (a, c):
+    assert sel.kept_routed.shape == (CFG.num_layers, 3)
+    assert all(len(set(row)) == 3 and list(row) == sorted(row) for row in sel.kept_routed)
+  draws = np.stack([subset_methods.random_selection(CFG, 4, s).mask for s in range(200)])
+  np.testing.assert_allclose(draws.mean(0), 3 / 7, atol=0.12)  # every expert equally likely
+
+
+def test_easy_ep_ranks_a_planted_expert_first(model):
+  graphdef, _, raw, batches = model
+  from emo_jax import moe as moe_lib  # pylint: disable=import-outside-toplevel
+  call = moe_lib.MoE.__call__
+  planted = jax.tree.map(np.array, raw)
+  planted["blocks"]["mlp"]["w_down"][:, 5] *= 30.0  # routed expert 5: a much larger output
+  _, planted = generate.build_model(CFG, planted)
+  scores = subset_methods.easy_ep_scores(graphdef, planted, batches)
+  assert scores.shape == (CFG.num_layers, 7) and (scores >= 0).all()
+  assert (scores.argmax(1) == 5).all(), scores
+  selection = subset_methods.select("easy_ep", graphdef, planted, CFG, batches, 3)
+  assert all(5 in row for row in selection.kept_routed)
+  # the unplanted model ranks differently, and the layer code is restored afterwards
+  assert not (subset_methods.easy_ep_scores(graphdef, model[1], batches).argmax(1) == 5).all()
+  assert moe_lib.MoE.__call__ is call
+
+
+def test_easy_ep_layer_score_matches_numpy(model):
+  """Layer 0's MoE input is rmsnorm(embedding + attention); with the attention output zeroed
+  it is rmsnorm(embedding), so the score can be recomputed from the weights alone."""
+  graphdef, _, raw, batches = model
+  p = jax.tree.map(lambda x: np.array(x, np.float64), raw)
+  p["blocks"]["attn"]["wo"][:] = 0.0
+  _, zeroed = generate.build_model(CFG, jax.tree.map(lambda x: x.astype(np.float32), p))
+  got = subset_methods.easy_ep_scores(graphdef, zeroed, batches)[0]
+  mlp, R = p["blocks"]["mlp"], CFG.num_experts - 1
+  want = np.zeros(R)
+  for b in batches:
+    for tokens, seg in zip(b["tokens"], b["segment_ids"]):
+      x = p["embed"][tokens[seg > 0]]
+      h = x / np.sqrt((x ** 2).mean(-1, keepdims=True) + CFG.norm_eps) * p["blocks"][
+          "mlp_norm"]["weight"][0]
+      logits = h @ mlp["router"][0][:, :R]
+      probs = np.exp(logits - logits.max(-1, keepdims=True))
+      probs /= probs.sum(-1, keepdims=True)
+      top = np.argsort(-probs, -1)[:, :CFG.top_k]
+      silu = lambda z: z / (1 + np.exp(-z))
+      outs = [(silu(h @ mlp["w_gate"][0, e]) * (h @ mlp["w_up"][0, e])) @ mlp["w_down"][0, e]
+              for e in range(CFG.num_experts)]
+      y = sum(probs[np.arange(len(h)), top[:, k], None] * np.stack(outs)[top[:, k],
+                                                                          np.arange(len(h))]
+              for k in range(CFG.top_k)) + outs[R]
+      cos = (h * (h + y)).sum(-1) / (np.linalg.norm(h, axis=-1) * np.linalg.norm(h + y, axis=-1))
+      s = np.maximum(1 - cos, 0)
+      for k in range(CFG.top_k):
+        for t, e in enumerate(top[:, k]):
+          want[e] += probs[t, e] * np.linalg.norm(outs[e][t]) * s[t]
+  np.testing.assert_allclose(got, want, rtol=2e-4)
+
+
+def test_merge_back_then_reprune_gives_the_tuned_subset(model):
+  trainable, flags = "all", dict(shared=True, router=True, non_moe=True)
+  graphdef, params, raw, batches = model
+  selection = subset_methods.select("greedy", graphdef, params, CFG, batches, 4)
+  pruned, pruned_cfg = selective.prune(raw, CFG, selection)
+  small_graphdef, small = generate.build_model(pruned_cfg, pruned)
+  config = subset_finetune.FinetuneConfig(steps=3, learning_rate=1e-2, batch_size=4,
+                                          trainable=trainable)
+  tuned, info = subset_finetune.finetune(small_graphdef, small, TOK, INSTANCES,
+                                         max_len=CFG.max_seq_len, config=config)
+  assert info["steps"] == 3
+  tuned = jax.tree.map(np.asarray, tuned)
+  changed = jax.tree.map(lambda a, b: not np.array_equal(a, b), tuned, pruned)
+  assert changed["blocks"]["mlp"]["w_up"] and changed["blocks"]["attn"]["wq"]
+  merged = subset_finetune.merge_back(raw, tuned, selection, **flags)
+  again, _ = selective.prune(merged, CFG, selection)
+  jax.tree.map(np.testing.assert_array_equal, again, tuned)
+  _, tuned_j = generate.build_model(pruned_cfg, tuned)
+  _, again_j = generate.build_model(pruned_cfg, again)
+  np.testing.assert_array_equal(logliks(small_graphdef, again_j), logliks(small_graphdef, tuned_j))
+  # the experts outside the subset are the full model's, untouched
+  dropped = ~selection.mask
+  for name in subset_finetune.EXPERT_WEIGHTS:
+    w, w0 = merged["blocks"]["mlp"][name][:, :7], raw["blocks"]["mlp"][name][:, :7]
+    np.testing.assert_array_equal(w[dropped], w0[dropped])
+    assert not np.array_equal(w[~dropped], w0[~dropped])
+
+
+def test_trainable_experts_moves_only_the_expert_bank(model):
+  _, _, raw, _ = model
+  params = jax.tree.map(np.asarray, raw)
+  config = subset_finetune.FinetuneConfig(trainable="experts", learning_rate=0.1,
+                                          warmup_ratio=0.0)
+  optimizer = subset_finetune.make_optimizer(params, config, total_steps=10)
+  grads = jax.tree.map(np.ones_like, params)
+  updates, _ = optimizer.update(grads, optimizer.init(params), params)
+  updates = jax.tree.map(lambda u: bool(np.abs(np.asarray(u)).max() > 0), updates)
+  assert updates["blocks"]["mlp"] == {"router": False, "w_down": True, "w_gate": True,
+                                      "w_up": True}
+  assert not any(jax.tree.leaves(updates["blocks"]["attn"])) and not updates["embed"]
+  with pytest.raises(ValueError, match="trainable='router'"):
+    subset_finetune.FinetuneConfig(trainable="router")
+
+
+def test_merge_back_by_default_copies_only_routed_experts(model):
+  _, _, raw, _ = model
+  selection = subset_methods.random_selection(CFG, 4, 0)
+  pruned, _ = selective.prune(raw, CFG, selection)
+  tuned = jax.tree.map(lambda x: np.asarray(x) + 1.0, pruned)
+  merged = subset_finetune.merge_back(raw, tuned, selection)
+  mlp, mlp0 = merged["blocks"]["mlp"], raw["blocks"]["mlp"]
+  np.testing.assert_array_equal(mlp["w_gate"][:, 7], mlp0["w_gate"][:, 7])  # shared expert
+  np.testing.assert_array_equal(mlp["router"], mlp0["router"])
+  np.testing.assert_array_equal(merged["embed"], raw["embed"])
+  for layer, kept in enumerate(selection.kept_routed):
+    np.testing.assert_array_equal(mlp["w_gate"][layer, kept], mlp0["w_gate"][layer, kept] + 1.0)
+
+
+# ---- the command ------------------------------------------------------------------------------------
+def run_cli(*args):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  return subprocess.run([sys.executable, "-m", "experiments.selective_eval", *args],
+                        capture_output=True, text=True, env=env, timeout=300,
+                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_command_writes_rows_table_and_plot_and_resumes(tmp_path, model):
+  _, _, raw, _ = model
+  ckpt_lib.save_params(tmp_path / "ckpt", raw, CFG.to_dict())
+  task = tmp_path / "task.jsonl"
+  with open(task, "w") as f:
+    for i in range(24):
+      f.write(json.dumps({"question": f"what is {i} plus one", "choices": [str(i + 1), str(i)],
+                          "answer": 0, **({"split": "train"} if i < 8 else {})}) + "\n")
+  args = ["--checkpoint", str(tmp_path / "ckpt"), "--tokenizer", "bytes", "--tasks", str(task),
+          "--keep", "3,all", "--methods", "greedy,random", "--num_calibration", "4",
+          "--random_seeds", "2", "--finetune_steps", "2", "--num_shots", "2",
+          "--out", str(tmp_path / "out")]
+  proc = run_cli(*args)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  results = json.loads((tmp_path / "out" / "results.json").read_text())
+  rows = {(r["keep"], r["method"]): r for r in results["rows"]}
+  assert set(rows) == {(3, "greedy"), (3, "random"), (3, "greedy+ft"), ("all", "full")}
+  for r in rows.values():
+    assert 0 <= r["acc"] <= 1 and 0 <= r["acc_per_char"] <= 1 and r["instances"] == 16
+  assert len(rows[(3, "random")]["per_seed_primary"]) == 2
+  assert rows[(3, "greedy+ft")]["finetune"]["steps"] == 2
+  assert "| EMO | 3 | greedy | 4 |" in proc.stdout
+  assert (tmp_path / "out" / "results.png").stat().st_size > 10_000
+  # a killed sweep: without its last row, the rerun scores only that one
+  results["rows"] = results["rows"][:3]
+  (tmp_path / "out" / "results.json").write_text(json.dumps(results))
+  again = run_cli(*args)
+  assert again.returncode == 0 and "resuming: 3 rows" in again.stderr, again.stderr[-2000:]
+  assert "fine-tune" not in again.stderr and "keep=all full" in again.stderr
+  assert len(json.loads((tmp_path / "out" / "results.json").read_text())["rows"]) == 4
+
+
+def test_command_refuses_other_settings_and_bad_keep(tmp_path):
+  from absl import app  # pylint: disable=import-outside-toplevel
+  from experiments import selective_eval  # pylint: disable=import-outside-toplevel
+  selective_eval.Results(tmp_path, {"limit": None}).add(
+      {"model": "EMO", "task": "t", "keep": "all", "method": "full", "num_calibration": None,
+       "acc": 0.5, "acc_per_char": 0.5, "instances": 2, "seconds": 0.1})
+  assert selective_eval.Results(tmp_path, {"limit": None}).has(
+      model="EMO", task="t", keep="all", method="full", num_calibration=None)
+  with pytest.raises(app.UsageError, match=r"other settings \(\['limit'\]\)"):
+    selective_eval.Results(tmp_path, {"limit": 3})
+  assert selective_eval.parse_keep(["paper"], CFG) == [2, 4, "all"]
+  assert selective_eval.parse_keep(["3", "all"], CFG) == [3, "all"]
+  for bad in ("9", "1", "x"):
+    with pytest.raises(app.UsageError, match="--keep"):
+      selective_eval.parse_keep([bad], CFG)
+  with pytest.raises(app.UsageError, match="num_calibration"):
+    selective_eval.parse_num_calibration(["0"])
