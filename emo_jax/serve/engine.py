@@ -112,13 +112,21 @@ def _insert(cache, k_Lx1xTxGxK, v_Lx1xTxGxK, valid_1xT, row):
   return {"k": k, "v": v, "valid": valid, "index": cache["index"]}
 
 
-@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(4,))
-def _step(graphdef, params, token_S, position_S, cache, keep_SxLxC):
+def _decode_rows(graphdef, params, token_S, position_S, cache, keep_SxLxC):
+  """One token for every row, each under its own routing mask: (logits_SxV, cache)."""
   model = nnx.merge(graphdef, params)
   S = token_S.shape[0]
   logits, cache = model.decode(token_S[:, None], position_S[:, None], jnp.ones((S, 1), bool),
                                cache, keep_experts=keep_SxLxC)
   return logits[:, 0], cache
+
+
+@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(4,))
+def _step_and_sample(graphdef, params, token_S, position_S, cache, keep_SxLxC, keys_S,
+                     temperature_S, top_p_S):
+  """`_decode_rows` then `_sample_rows`: one dispatch and one transfer per decode step."""
+  logits, cache = _decode_rows(graphdef, params, token_S, position_S, cache, keep_SxLxC)
+  return _sample_rows(logits, keys_S, temperature_S, top_p_S), cache
 
 
 @functools.partial(jax.jit, static_argnums=(1,), donate_argnums=(0,))
@@ -214,6 +222,7 @@ class Engine:
       occupied[layer, :len(ids)] = True
     self._idle_mask = occupied  # idle rows route somewhere valid (an all-False row is NaN)
     self._masks = np.stack([self._row_mask(r) for r in self._rows])
+    self._masks_device = None  # device copies of the masks and sampling settings, when current
 
   def _row_mask(self, req: Request | None) -> np.ndarray:
     return self._idle_mask if req is None else self.bank.slot_mask(req.mask_LxR)
@@ -241,10 +250,10 @@ class Engine:
                               jnp.zeros((1, T), jnp.int32), ones, mask)
       self._cache = _insert(self._cache, k, v, ones, jnp.int32(0))
       _sample_rows(logits, self._keys[:1], jnp.zeros(1), jnp.ones(1))
-    logits, self._cache = _step(self._graphdef, self._params, jnp.asarray(self._tokens),
-                                jnp.asarray(self._positions), self._cache,
-                                jnp.asarray(self._masks))
-    _sample_rows(logits, self._keys, jnp.asarray(self._temperature), jnp.asarray(self._top_p))
+    _, self._cache = _step_and_sample(
+        self._graphdef, self._params, jnp.asarray(self._tokens), jnp.asarray(self._positions),
+        self._cache, jnp.asarray(self._masks), self._keys, jnp.asarray(self._temperature),
+        jnp.asarray(self._top_p))
     jax.block_until_ready(_shift(self._cache, self.shift_every))
     self._reset_cache()
     return time.perf_counter() - start
@@ -284,9 +293,9 @@ class Engine:
       if not self._accepting:
         raise ShuttingDown("the server is shutting down")
       free = sum(r is None for r in self._rows)
-      if len(self._pending) >= self.max_queue + max(free - len(self._pending), 0):
-        raise QueueFull(f"{len(self._pending)} requests are waiting (the bound is "
-                        f"{self.max_queue}); retry shortly")
+      if len(self._pending) >= self.max_queue + free:  # beyond the free slots, max_queue wait
+        raise QueueFull(f"{len(self._pending) - free} requests are waiting for a decode slot "
+                        f"(the bound is {self.max_queue}); retry shortly")
       self._pending.append(req)
       self.stats["requests_submitted"] += 1
       self._cv.notify_all()
@@ -375,6 +384,7 @@ class Engine:
               self._rows[row] = None
           self._reset_cache()
           self._masks = np.stack([self._row_mask(None)] * self.slots)
+          self._masks_device = None
 
   def _expired(self, req: Request) -> str | None:
     if req.cancelled:
@@ -421,6 +431,7 @@ class Engine:
     self._top_p[row] = req.top_p
     self._rows[row] = req
     self._masks[row] = mask
+    self._masks_device = None
     self.stats["prompt_tokens"] += n
     tokens_1, lp, top_ids, top_lp, keys = _sample_rows(
         logits, self._keys[row:row + 1], jnp.asarray(self._temperature[row:row + 1]),
@@ -441,14 +452,16 @@ class Engine:
     if self._index >= self.cache_len:
       self._cache = _shift(self._cache, self.shift_every)
       self._index -= self.shift_every
-    logits, self._cache = _step(self._graphdef, self._params, jnp.asarray(self._tokens),
-                                jnp.asarray(self._positions), self._cache,
-                                jnp.asarray(self._masks))
+    if self._masks_device is None:
+      self._masks_device = jnp.asarray(self._masks)
+      self._sampling_device = (jnp.asarray(self._temperature), jnp.asarray(self._top_p))
+    sampled, self._cache = _step_and_sample(
+        self._graphdef, self._params, jnp.asarray(self._tokens), jnp.asarray(self._positions),
+        self._cache, self._masks_device, self._keys, *self._sampling_device)
     self._index += 1
     self._positions += 1
-    tokens, lp, top_ids, top_lp, self._keys = _sample_rows(
-        logits, self._keys, jnp.asarray(self._temperature), jnp.asarray(self._top_p))
-    tokens, lp, top_ids, top_lp = (np.asarray(x) for x in (tokens, lp, top_ids, top_lp))
+    tokens, lp, top_ids, top_lp, self._keys = sampled
+    tokens, lp, top_ids, top_lp = jax.device_get((tokens, lp, top_ids, top_lp))
     produced = 0
     for row, req in enumerate(self._rows):
       if req is not None:
@@ -519,6 +532,7 @@ class Engine:
     self._rows[row] = None
     self._masks[row] = self._idle_mask
     self._temperature[row] = 0.0
+    self._masks_device = None
     self._finish(req, reason)
 
   def _finish(self, req: Request, reason: str, *, error: str | None = None) -> None:
