@@ -1,4 +1,4 @@
-"""The release's training recipe (EMO_SPEC.md), shared by the configs of the released models.
+"""The release's training recipe (docs/algorithm.md), shared by the configs of the released models.
 
 AdamW lr 4e-3, betas (0.9, 0.95), weight decay 0.1, clip 1.0, 2,000 warm-up steps, cosine to
 10 %; 4,096-token sequences, 1,024 per step; bf16 compute over float32 master weights. The data
@@ -10,6 +10,7 @@ import ml_collections
 
 from emo_jax.config import ModelConfig
 from emo_jax.data.corpus import DataConfig
+from emo_jax.execution import ExecutionConfig
 from emo_jax.sharding import MeshConfig
 from emo_jax.train import TrainConfig
 
@@ -19,6 +20,8 @@ def release_config(name: str, model: ModelConfig, steps: int) -> ml_collections.
   config.name = name
   # Every ModelConfig field, overridable on the command line, e.g. --config.model.num_layers=4
   config.model = model.to_dict()
+  # How it runs (kernels, transport, remat, capacity), e.g. --config.execution.expert_backend=ragged
+  config.execution = ExecutionConfig().to_dict()
   config.data = DataConfig(corpus="demo", seq_len=4096, batch_size=1024).to_dict()
   config.train = TrainConfig(steps=steps, learning_rate=4e-3, warmup_steps=2000,
                              log_every=10, eval_every=1000, checkpoint_every=1000).to_dict()

@@ -12,6 +12,7 @@ import ml_collections
 
 from emo_jax.config import ModelConfig
 from emo_jax.data.corpus import DataConfig
+from emo_jax.execution import ExecutionConfig
 from emo_jax.sharding import MeshConfig
 from emo_jax.train import TrainConfig
 
@@ -38,11 +39,10 @@ def get_config() -> ml_collections.ConfigDict:
       max_segments=16,
       max_seq_len=256,
       compute_dtype="float32",  # bf16 matmuls are slow on most CPUs; use bfloat16 on GPU/TPU
-      remat=False,
-      # A short run's routers stay far from balanced: at 1.25 about a quarter of the
-      # assignments overflowed (EMO and StdMoE alike); 2.0 keeps drops small.
-      capacity_factor=2.0,
   ).to_dict()
+  # A short run's routers stay far from balanced: at capacity 1.25 about a quarter of the
+  # assignments overflowed (EMO and StdMoE alike); 2.0 keeps drops small.
+  config.execution = ExecutionConfig(remat=False, capacity_factor=2.0).to_dict()
   config.data = DataConfig(corpus="demo", vocab_size=8192, seq_len=256, batch_size=16).to_dict()
   config.train = TrainConfig(steps=400, learning_rate=3e-3, warmup_steps=40, log_every=20,
                              eval_every=200, eval_batches=8, checkpoint_every=200).to_dict()

@@ -7,17 +7,12 @@ Training (the release's recipe; set data.corpus / data.tokenizer to your corpus)
   python -m experiments.train --config configs/dense_1b.py --workdir workdirs/dense_1b
 """
 
-import importlib.util
-import pathlib
-
 import ml_collections
 
+from configs._release import release_config
 from emo_jax.config import ModelConfig
 
 
 def get_config() -> ml_collections.ConfigDict:
-  spec = importlib.util.spec_from_file_location(
-      "_release", pathlib.Path(__file__).with_name("_release.py"))
-  release = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(release)
-  return release.release_config("dense_1b", ModelConfig(num_experts=0, num_shared_experts=0, pool=False, mlp_hidden=8192), steps=238_419)
+  return release_config("dense_1b", ModelConfig(num_experts=0, num_shared_experts=0, pool=False,
+                                                mlp_hidden=8192), steps=238_419)

@@ -7,17 +7,11 @@ Training (the release's recipe; set data.corpus / data.tokenizer to your corpus)
   python -m experiments.train --config configs/emo_1b14b_130b.py --workdir workdirs/emo_1b14b_130b
 """
 
-import importlib.util
-import pathlib
-
 import ml_collections
 
+from configs._release import release_config
 from emo_jax.config import ModelConfig
 
 
 def get_config() -> ml_collections.ConfigDict:
-  spec = importlib.util.spec_from_file_location(
-      "_release", pathlib.Path(__file__).with_name("_release.py"))
-  release = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(release)
-  return release.release_config("emo_1b14b_130b", ModelConfig(), steps=30_995)
+  return release_config("emo_1b14b_130b", ModelConfig(), steps=30_995)

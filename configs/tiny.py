@@ -12,6 +12,7 @@ import ml_collections
 
 from emo_jax.config import ModelConfig
 from emo_jax.data.corpus import DataConfig
+from emo_jax.execution import ExecutionConfig
 from emo_jax.sharding import MeshConfig
 from emo_jax.train import TrainConfig
 
@@ -37,10 +38,10 @@ def get_config() -> ml_collections.ConfigDict:
       max_segments=8,
       max_seq_len=128,
       compute_dtype="float32",
-      # routed / top_k = 3.5: every expert can take every token, so nothing is ever dropped and
-      # any mesh gives the single-device result.
-      capacity_factor=4.0,
   ).to_dict()
+  # routed / top_k = 3.5: at capacity 4.0 every expert can take every token, so the capacity
+  # backend drops nothing either (the ragged backend never drops).
+  config.execution = ExecutionConfig(capacity_factor=4.0).to_dict()
   config.data = DataConfig(corpus="synthetic", tokenizer="bytes", seq_len=64, batch_size=8,
                            synthetic_documents=2000).to_dict()
   config.train = TrainConfig(steps=200, learning_rate=3e-3, warmup_steps=20, log_every=10,

@@ -1,9 +1,9 @@
 """Routing analysis: cluster the routing vectors of tokens and ask what the clusters follow.
 
-EMO's evidence that its experts are modular (EMO_SPEC.md, "Clustering analysis"): take the first
-100 tokens of many documents; describe each token by the softmax over the routed experts of every
-layer, concatenated ([layers * routed experts]); mean-centre, keep the principal components that
-explain 95 % of the variance, L2-normalise, and run spherical k-means. EMO's clusters follow
+EMO's evidence that its experts are modular (docs/algorithm.md, "Clustering analysis"): take the
+first 100 tokens of many documents; describe each token by the softmax over the routed experts of
+every layer, concatenated ([layers * routed experts]); mean-centre, keep the principal components
+that explain 95 % of the variance, L2-normalise, and run spherical k-means. EMO's clusters follow
 topics and keep a document together; a standard MoE's follow word types and scatter it.
 
 This module owns the numbers; `plots.py` draws them and `experiments/cluster.py` is the command:
@@ -35,10 +35,10 @@ import numpy as np
 from flax import nnx
 
 from emo_jax import checkpoint
-from emo_jax.config import ModelConfig
 from emo_jax.data import sources
 from emo_jax.data import tokenizer as tokenizer_lib
 from emo_jax.data.corpus import DataConfig, load_corpus
+from emo_jax.execution import ExecutionConfig, saved_model_config
 from emo_jax.model import Transformer
 
 log = logging.getLogger(__name__)
@@ -88,11 +88,12 @@ def load_model(path: str | pathlib.Path, *, expert_backend: str = "ragged"):
   `capacity`, dropped assignments would make one document's features depend on the others.
   """
   params, config = checkpoint.load_params(path)
-  cfg = ModelConfig.from_dict(config).replace(expert_backend=expert_backend, remat=False,
-                                              eval_pool_size=None)
+  cfg = saved_model_config(config).replace(eval_pool_size=None)
   if not cfg.is_moe:
     raise ValueError(f"{path} holds a dense model (num_experts=0): it has no routing to analyse")
-  graphdef, _ = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+  run = ExecutionConfig(expert_backend=expert_backend, remat=False)
+  graphdef, _ = nnx.split(nnx.eval_shape(
+      lambda: Transformer(cfg, rngs=nnx.Rngs(0), execution=run)))
   return graphdef, params, cfg
 
 

@@ -7,7 +7,9 @@ short is never mistaken for a checkpoint); this module adds what a trainer needs
 
 * the Grain iterator state (one file per process) beside the train state, so a resumed run sees
   exactly the batches it would have seen;
-* the experiment config, so an incompatible restart is refused with the fields that differ;
+* the experiment config, so an incompatible restart is refused with the fields that differ
+  (every architecture field, config.ModelConfig, and the data stream; the execution section,
+  execution.ExecutionConfig, is free to change);
 * restore-latest that falls back to the previous checkpoint, saying so, when the latest one is
   unreadable (corrupted or truncated files).
 """
@@ -23,14 +25,11 @@ from typing import Any, Mapping
 import grain
 import orbax.checkpoint as ocp
 
+from emo_jax.config import ModelConfig
+from emo_jax.execution import split_model_fields
+
 log = logging.getLogger(__name__)
 
-# ModelConfig fields that decide parameter shapes or values: changing any of them makes a
-# checkpoint unusable. Other fields (expert backend, capacity, remat, pool, loss weights) may
-# change between restarts.
-ARCHITECTURE_FIELDS = ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads",
-                       "head_dim", "num_experts", "num_shared_experts", "expert_hidden",
-                       "mlp_hidden", "qk_norm", "tie_embeddings", "param_dtype")
 # Data fields that decide which documents come in which order: the saved iterator state means
 # nothing under other values. (seq_len and batch_size may change: the state points at a
 # document and an offset into it.)
@@ -53,9 +52,15 @@ class Restored:
 
 
 def incompatible_fields(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
-  """Dotted names of the fields whose change makes the saved checkpoint unusable."""
+  """Dotted names of the fields whose change makes the saved checkpoint unusable.
+
+  Every ModelConfig field counts (the architecture is what the checkpoint is); a field that one
+  side lacks (a config written before the field existed, or an execution field that configs
+  saved before the split kept in the model section) is not compared.
+  """
+  architecture = tuple(f.name for f in dataclasses.fields(ModelConfig))
   out = []
-  for section, fields in (("model", ARCHITECTURE_FIELDS), ("data", DATA_STREAM_FIELDS)):
+  for section, fields in (("model", architecture), ("data", DATA_STREAM_FIELDS)):
     old, new = saved.get(section, {}), current.get(section, {})
     for name in fields:
       if name in old and name in new and old[name] != new[name]:
@@ -189,6 +194,9 @@ def save_params(directory: str | pathlib.Path, params: Any, model_config: Mappin
 def load_params(path: str | pathlib.Path, *, step: int | None = None):
   """(params, model config dict) from a parameter-only checkpoint or a training workdir.
 
+  The model config holds the architecture only, also for checkpoints written when it still
+  carried the execution settings.
+
   A training workdir (one with `checkpoints/`) gives the parameters of `step`, or of its newest
   checkpoint. Arrays come back as host NumPy arrays in their stored dtype.
   """
@@ -196,7 +204,7 @@ def load_params(path: str | pathlib.Path, *, step: int | None = None):
   if (path / PARAMS_ITEM).is_dir() and (path / MODEL_CONFIG_FILE).is_file():
     config = json.loads((path / MODEL_CONFIG_FILE).read_text())
     params = ocp.StandardCheckpointer().restore(path / PARAMS_ITEM)
-    return _to_numpy(params), config
+    return _to_numpy(params), split_model_fields(config)[0]
   checkpoints = path / "checkpoints" if (path / "checkpoints").is_dir() else path
   manager = ocp.CheckpointManager(
       checkpoints, item_handlers={"state": ocp.StandardCheckpointHandler(),
@@ -213,7 +221,8 @@ def load_params(path: str | pathlib.Path, *, step: int | None = None):
   restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
                                                            config=ocp.args.JsonRestore()))
   manager.close()
-  return _to_numpy(restored["state"]["params"]), dict(restored["config"])["model"]
+  return (_to_numpy(restored["state"]["params"]),
+          split_model_fields(dict(restored["config"])["model"])[0])
 
 
 def _to_numpy(tree):

@@ -1,7 +1,9 @@
-"""ModelConfig: every architecture knob of EMO, its baselines, and tiny test models.
+"""ModelConfig: the architecture of EMO, its baselines, and tiny test models.
 
-One frozen dataclass describes them all so that checkpoints, conversion and analysis never
-have to guess which variant they hold:
+One frozen dataclass describes what a checkpoint *is*, so that checkpoints, conversion and
+analysis never have to guess which variant they hold. It is saved with every checkpoint and a
+restart must match it field for field. How the model *runs* (kernels, transport, remat,
+capacity) is execution.ExecutionConfig, free to change between runs.
 
 * EMO:      ``num_experts=128, num_shared_experts=1, top_k=7, pool=True``
 * StdMoE:   the same with ``pool=False``
@@ -17,23 +19,17 @@ after a long compile otherwise.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 from typing import Any, Mapping
 
 import jax.numpy as jnp
 
-from emo_jax.experts import BACKENDS as EXPERT_BACKENDS
-from emo_jax.experts import RAGGED_DOT_IMPLS
-
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-# Attention kernels (model.segment_attention); "auto" picks per backend at trace time.
-ATTENTION_IMPLS = ("xla", "auto", "jax_xla", "cudnn", "splash")
-# What each rematerialised block keeps for the backward pass (model.checkpoint_policy).
-REMAT_POLICIES = ("full", "dots", "save_attention_and_moe_input", "dots_and_attention", "none")
 
 
 class ConfigError(ValueError):
-  """A ModelConfig field has a value that cannot work; the message names the field."""
+  """A config field has a value that cannot work; the message names the field."""
 
 
 class ConfigMixin:
@@ -60,14 +56,16 @@ class ConfigMixin:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
-      raise ConfigError(f"unknown {cls.__name__} field(s) {unknown}; known fields are "
+      close = difflib.get_close_matches(unknown[0], known, n=1)
+      hint = f" (did you mean {close[0]!r}?)" if close else ""
+      raise ConfigError(f"unknown {cls.__name__} field(s) {unknown}{hint}; known fields are "
                         f"{sorted(known)}")
     return cls(**values)
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig(ConfigMixin):
-  """Architecture of one model. Defaults are the released EMO 1b14b (EMO_SPEC.md)."""
+  """Architecture of one model. Defaults are the released EMO 1b14b (docs/algorithm.md)."""
 
   # Vocabulary: dolma2 has 100,278 tokens; the embedding is padded to 100,352 rows.
   vocab_size: int = 100_352
@@ -109,6 +107,8 @@ class ModelConfig(ConfigMixin):
 
   # Parameters are stored in `param_dtype` (float32 master weights) and cast to
   # `compute_dtype` for matmuls. The router, the norms, RoPE and the logits stay float32.
+  # The numerics are part of what a model is: its evaluations and its conversion to Hugging
+  # Face are made in them.
   param_dtype: str = "float32"
   compute_dtype: str = "bfloat16"
 
@@ -116,30 +116,6 @@ class ModelConfig(ConfigMixin):
   lb_loss_weight: float = 0.1
   router_z_loss_weight: float = 0.001
   output_z_loss_weight: float = 1e-5
-
-  # How the routed experts are computed (see experts.py); results are identical up to
-  # capacity drops, which `capacity` counts.
-  expert_backend: str = "capacity"
-  capacity_factor: float = 1.25
-  # Grouped-matmul kernel of the ragged backend: "auto" (tokamax on GPU/TPU when installed,
-  # megablox on TPU, XLA elsewhere), "xla", "tokamax" or "megablox" (experts.grouped_matmul).
-  ragged_dot_impl: str = "auto"
-  # How tokens reach experts on other devices under expert parallelism (sharding.py):
-  # "all_to_all" (fixed capacity, any backend) or "ragged_all_to_all" (dropless, GPU/TPU).
-  expert_transport: str = "all_to_all"
-  # Attention kernel: "xla" (the einsum reference, every backend), "jax_xla"
-  # (jax.nn.dot_product_attention on XLA), "cudnn" (flash attention over packed documents;
-  # Hopper GPU, bf16/fp16), "splash" (TPU), or "auto" (cudnn on GPU, splash on TPU, xla
-  # elsewhere). All give the reference's numbers. The default stays "xla" until the cuDNN path
-  # has been checked on an H100 (tests/test_model.py, GPU section).
-  attention_impl: str = "xla"
-  # Rematerialise each block in the backward pass (saves activation memory).
-  remat: bool = True
-  # What a rematerialised block keeps (model.checkpoint_policy): "full" (nothing but its
-  # input), "dots" (matmuls without batch dims), "save_attention_and_moe_input",
-  # "dots_and_attention", or "none" (same as remat=False). Not architecture: free to change
-  # on resume.
-  remat_policy: str = "full"
 
   def __post_init__(self):
     _validate(self)
@@ -175,6 +151,10 @@ def _validate(c: ModelConfig) -> None:
     value = getattr(c, name)
     if not isinstance(value, int) or value < 1:
       _fail(name, value, "must be a positive integer")
+  if c.max_segments < 2:
+    _fail("max_segments", c.max_segments,
+          "a row closes once it holds max_segments documents, so 1 packs one document per row "
+          "and pads the rest", "use >= 2 (the release packs up to 64)")
   if c.num_heads % c.num_kv_heads:
     _fail("num_kv_heads", c.num_kv_heads,
           f"must divide num_heads={c.num_heads} (each key/value head serves a group of "
@@ -183,18 +163,6 @@ def _validate(c: ModelConfig) -> None:
     _fail("param_dtype", c.param_dtype, f"allowed values are {sorted(DTYPES)}")
   if c.compute_dtype not in DTYPES:
     _fail("compute_dtype", c.compute_dtype, f"allowed values are {sorted(DTYPES)}")
-  if c.expert_backend not in EXPERT_BACKENDS:
-    _fail("expert_backend", c.expert_backend, f"allowed values are {list(EXPERT_BACKENDS)}")
-  if c.ragged_dot_impl not in RAGGED_DOT_IMPLS:
-    _fail("ragged_dot_impl", c.ragged_dot_impl, f"allowed values are {list(RAGGED_DOT_IMPLS)}")
-  if c.expert_transport not in ("all_to_all", "ragged_all_to_all"):
-    _fail("expert_transport", c.expert_transport,
-          "allowed values are ['all_to_all', 'ragged_all_to_all']")
-  if c.attention_impl not in ATTENTION_IMPLS:
-    _fail("attention_impl", c.attention_impl, f"allowed values are {list(ATTENTION_IMPLS)}")
-  if c.remat_policy not in REMAT_POLICIES:
-    _fail("remat_policy", c.remat_policy, f"allowed values are {list(REMAT_POLICIES)}",
-          "remat=False alone also turns rematerialisation off")
   if not c.norm_eps > 0:
     _fail("norm_eps", c.norm_eps, "must be > 0")
   if not c.rope_theta > 0:
@@ -225,8 +193,6 @@ def _validate(c: ModelConfig) -> None:
     _fail("top_k", c.top_k,
           f"must be in [1, {routed}] (the number of routed experts = num_experts - "
           "num_shared_experts)")
-  if not c.capacity_factor > 0:
-    _fail("capacity_factor", c.capacity_factor, "must be > 0")
   if c.pool:
     if c.pool_min < c.top_k:
       _fail("pool_min", c.pool_min,
@@ -237,11 +203,3 @@ def _validate(c: ModelConfig) -> None:
   if c.eval_pool_size is not None and not c.top_k <= c.eval_pool_size:
     _fail("eval_pool_size", c.eval_pool_size,
           f"must be None (no pool) or >= top_k={c.top_k}")
-
-
-def model_config_from(config: Any) -> ModelConfig:
-  """The ModelConfig of an experiment config (an ml_collections ConfigDict with `.model`)."""
-  model = config.model if hasattr(config, "model") else config
-  if hasattr(model, "to_dict"):
-    model = model.to_dict()
-  return ModelConfig.from_dict(model)

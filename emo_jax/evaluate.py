@@ -296,29 +296,8 @@ def write_sweep(sweep: Mapping[str, Any], out_dir, *, name: str = "sweep",
   out = pathlib.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
   (out / f"{name}.json").write_text(json.dumps(sweep, indent=1))
-  plot_fraction_curves({name: [(r["fraction"], r[metric]) for r in sweep["results"]
-                               if metric in r]},
-                       out / f"{name}.png", ylabel=metric, title=name)
+  from emo_jax import plots  # pylint: disable=import-outside-toplevel  (matplotlib: only here)
+  plots.plot_fraction_curves({name: [(r["fraction"], r[metric]) for r in sweep["results"]
+                                     if metric in r]},
+                             out / f"{name}.png", ylabel=metric, title=name)
   return {"json": str(out / f"{name}.json"), "png": str(out / f"{name}.png")}
-
-
-def plot_fraction_curves(curves: Mapping[str, Sequence[tuple[float, float]]], path, *,
-                         ylabel: str, title: str = "", styles: Mapping[str, dict] | None = None):
-  """One line per curve of (fraction of experts kept, value); log-2 x axis like the paper,
-  labelled in percent of the experts."""
-  from matplotlib.figure import Figure  # no pyplot: headless, leaves notebook backends alone
-  fig = Figure(figsize=(6.4, 4.2))
-  ax = fig.add_subplot(1, 1, 1)
-  for label, points in curves.items():
-    points = sorted(points)
-    ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label,
-            **(styles or {}).get(label, {}))
-  from emo_jax import plots  # pylint: disable=import-outside-toplevel
-  plots.fraction_axis(ax, [p[0] for points in curves.values() for p in points])
-  ax.set_ylabel(ylabel)
-  if title:
-    ax.set_title(title)
-  ax.grid(True, alpha=0.3)
-  ax.legend(fontsize=7, ncol=2, handlelength=plots.LEGEND_HANDLE_LENGTH)
-  fig.savefig(path, dpi=110, bbox_inches="tight")
-  return path

@@ -15,7 +15,7 @@ function with backends that agree with each other (tests compare them to ``dense
 * ``ragged``: assignments are sorted by expert and the bank runs as a grouped matmul.
   Dropless. ``ragged_dot_impl`` picks the kernel (``grouped_matmul``): XLA's
   ``jax.lax.ragged_dot`` (exact everywhere, but on H100 XLA expands it to a dense product,
-  ~5 TFLOP/s, see GPU_NOTES.md), tokamax's Pallas kernels (GPU and TPU) or Pallas megablox
+  ~5 TFLOP/s, see docs/accelerators.md), tokamax's Pallas kernels (GPU and TPU) or Pallas megablox
   (TPU; runs interpreted elsewhere, which is how the tests check it).
 
 Moving rows between token order and expert order is the other half of the cost. Autodiff of a
@@ -197,7 +197,7 @@ def grouped_matmul(lhs_AxD, rhs_GxDxH, group_sizes_G, *, impl: str = "xla",
       import tokamax
     except ImportError as e:
       # tokamax 0.0.17 also imports xprof at import time; a two-file stub is enough
-      # (shared GPU notes), so name the module that failed.
+      # (docs/accelerators.md), so name the module that failed.
       raise ImportError(f"ragged_dot_impl='tokamax' could not import tokamax ({e}); pip "
                         "install tokamax (it needs jax >= 0.11.1), or use 'auto' to fall back "
                         "to XLA when it is missing.") from e
@@ -411,41 +411,83 @@ def _capacity(x_TxD, expert_ids_TxK, expert_weights_TxK, w_gate, w_up, w_down, t
   return capacity_combine(out_ExCxD, info, expert_weights_TxK), info.dropped_fraction
 
 
-def _ragged(x_TxD, expert_ids_TxK, expert_weights_TxK, w_gate, w_up, w_down, token_mask_T,
-            compute_dtype, ragged_dot_impl="xla"):
-  """Sort by expert, grouped SwiGLU, unsort, weight. Dropless.
+class ExpertOrder(NamedTuple):
+  """Assignments sorted by expert, as the grouped matmuls want them.
 
-  Masked assignments get the sentinel expert E, so the stable sort puts them after every real
-  group; they are then counted in the last group (kernels leave rows outside every group
-  uninitialised) with their inputs zeroed, so they compute zeros, contribute no gradient and
-  are replaced by exact zeros with ``where`` (never multiplied, which would let a NaN through).
+  order_A sorts the assignments (``inverse_A`` undoes it); group_sizes_G counts the rows of
+  each expert in sorted order, with the sentinel rows (expert id G: masked or another
+  device's) counted in the last group, since kernels leave rows outside every group
+  uninitialised; valid_sorted_A marks the real rows in sorted order.
+  """
+  order_A: jax.Array
+  inverse_A: jax.Array
+  group_sizes_G: jax.Array
+  valid_sorted_A: jax.Array
+
+
+def sort_by_expert(expert_A, num_groups: int) -> ExpertOrder:
+  """Sorts assignments by expert id in [0, num_groups]; id num_groups is the sentinel.
+
+  The stable sort puts the sentinel rows after every real group, where they join the last
+  group (their inputs must be zeroed and their outputs discarded: see ``ExpertOrder``).
+  """
+  expert_A = expert_A.astype(jnp.int32)
+  order_A = jnp.argsort(expert_A, stable=True)
+  counts = jnp.bincount(expert_A, length=num_groups + 1).astype(jnp.int32)
+  group_sizes_G = counts[:num_groups].at[-1].add(counts[num_groups])
+  valid_sorted_A = (expert_A < num_groups)[order_A][:, None]
+  return ExpertOrder(order_A, inverse_permutation(order_A), group_sizes_G, valid_sorted_A)
+
+
+def sorted_swiglu(x_sorted_AxD, order: ExpertOrder, w_gate, w_up, w_down, *, impl: str,
+                  compute_dtype):
+  """The bank's SwiGLU on expert-sorted rows; sentinel rows go in as zeros and come out as
+  exact zeros (replaced with ``where``, never multiplied, so no NaN leaks through)."""
+  x_sorted_AxD = jnp.where(order.valid_sorted_A, x_sorted_AxD, 0)
+  out_AxD = grouped_swiglu(x_sorted_AxD, w_gate, w_up, w_down, order.group_sizes_G, impl=impl,
+                           compute_dtype=compute_dtype)
+  return jnp.where(order.valid_sorted_A, out_AxD, 0)
+
+
+def combine_choices(out_TxKxD, expert_weights_TxK, valid_TxK):
+  """``y[t] = sum_k w[t, k] * out[t, k]`` in float32 over the valid choices only."""
+  weights_TxK = jnp.where(valid_TxK, expert_weights_TxK.astype(jnp.float32), 0.0)
+  return jnp.einsum("tkd,tk->td", out_TxKxD.astype(jnp.float32), weights_TxK)
+
+
+def ragged_partial(x_TxD, expert_ids_TxK, expert_weights_TxK, w_gate, w_up, w_down,
+                   token_mask_T, *, first_expert=0, compute_dtype, ragged_dot_impl="xla"):
+  """float32 [T, D]: the part of ``y`` that the bank's experts contribute, dropless.
+
+  The bank holds the experts ``first_expert .. first_expert + E_bank - 1`` of the router (all
+  of them on one device, one device's slice under expert parallelism, where the partial sums
+  of the devices add up to ``y``). Assignments to experts outside the bank and of masked
+  tokens get the sentinel id and compute nothing. Sort by expert, grouped SwiGLU, unsort,
+  weight.
   """
   num_tokens, top_k = expert_ids_TxK.shape
-  num_experts = w_gate.shape[0]
+  bank_size = w_gate.shape[0]
   # Token-major flattening: a = t * K + k. Order within a group does not matter when dropless.
-  expert_A = expert_ids_TxK.reshape(-1).astype(jnp.int32)
-  if token_mask_T is None:
-    valid_A = jnp.ones_like(expert_A, bool)
-  else:
-    valid_A = jnp.repeat(token_mask_T.astype(bool), top_k)
-  expert_A = jnp.where(valid_A, expert_A, num_experts)
+  local_A = expert_ids_TxK.reshape(-1).astype(jnp.int32) - first_expert
+  valid_A = (local_A >= 0) & (local_A < bank_size)
+  if token_mask_T is not None:
+    valid_A &= jnp.repeat(token_mask_T.astype(bool), top_k)
+  order = sort_by_expert(jnp.where(valid_A, local_A, bank_size), bank_size)
+  x_sorted_AxD = take_sorted_copies(jnp.asarray(x_TxD, compute_dtype), order.order_A,
+                                    order.inverse_A, top_k)
+  out_sorted_AxD = sorted_swiglu(x_sorted_AxD, order, w_gate, w_up, w_down,
+                                 impl=ragged_dot_impl, compute_dtype=compute_dtype)
+  out_TxKxD = permute_rows(out_sorted_AxD, order.inverse_A, order.order_A).reshape(
+      num_tokens, top_k, -1)
+  return combine_choices(out_TxKxD, expert_weights_TxK, valid_A.reshape(num_tokens, top_k))
 
-  order_A = jnp.argsort(expert_A, stable=True)
-  inverse_A = inverse_permutation(order_A)
-  counts = jnp.bincount(expert_A, length=num_experts + 1).astype(jnp.int32)
-  group_sizes_E = counts[:num_experts].at[-1].add(counts[num_experts])
-  valid_sorted_A = valid_A[order_A][:, None]
-  x_sorted_AxD = take_sorted_copies(jnp.asarray(x_TxD, compute_dtype), order_A, inverse_A,
-                                    top_k)
-  x_sorted_AxD = jnp.where(valid_sorted_A, x_sorted_AxD, 0)
-  out_sorted_AxD = grouped_swiglu(x_sorted_AxD, w_gate, w_up, w_down, group_sizes_E,
-                                  impl=ragged_dot_impl, compute_dtype=compute_dtype)
-  out_sorted_AxD = jnp.where(valid_sorted_A, out_sorted_AxD, 0)
 
-  out_TxKxD = permute_rows(out_sorted_AxD, inverse_A, order_A).reshape(num_tokens, top_k, -1)
-  weights_TxK = jnp.where(valid_A.reshape(num_tokens, top_k),
-                          expert_weights_TxK.astype(jnp.float32), 0.0)
-  y_TxD = jnp.einsum("tkd,tk->td", out_TxKxD.astype(jnp.float32), weights_TxK)
+def _ragged(x_TxD, expert_ids_TxK, expert_weights_TxK, w_gate, w_up, w_down, token_mask_T,
+            compute_dtype, ragged_dot_impl="xla"):
+  """The whole bank on one device (``ragged_partial`` from expert 0). Dropless."""
+  y_TxD = ragged_partial(x_TxD, expert_ids_TxK, expert_weights_TxK, w_gate, w_up, w_down,
+                         token_mask_T, compute_dtype=compute_dtype,
+                         ragged_dot_impl=ragged_dot_impl)
   return y_TxD.astype(compute_dtype), jnp.zeros((), jnp.float32)
 
 

@@ -25,21 +25,26 @@ import numpy as np
 from flax import nnx
 
 from emo_jax.config import ModelConfig
+from emo_jax.execution import ExecutionConfig, saved_model_config
 
 
-def inference_config(cfg: ModelConfig) -> ModelConfig:
-  """`cfg` set up for inference: dropless expert capacity, no rematerialisation."""
+def inference_execution(cfg: ModelConfig,
+                        execution: ExecutionConfig | None = None) -> ExecutionConfig:
+  """`execution` (default: ExecutionConfig()) set up for inference: dropless expert capacity,
+  no rematerialisation."""
+  execution = ExecutionConfig() if execution is None else execution
   changes: dict[str, Any] = {"remat": False}
-  if cfg.is_moe and cfg.expert_backend == "capacity":
-    changes["capacity_factor"] = max(cfg.capacity_factor,
+  if cfg.is_moe and execution.expert_backend == "capacity":
+    changes["capacity_factor"] = max(execution.capacity_factor,
                                      cfg.num_routed_experts / cfg.top_k)
-  return cfg.replace(**changes)
+  return execution.replace(**changes)
 
 
-def build_model(cfg: ModelConfig, params: Any):
+def build_model(cfg: ModelConfig, params: Any, execution: ExecutionConfig | None = None):
   """(graphdef, params as jax arrays) of the inference model for a parameter tree."""
   from emo_jax.model import Transformer  # pylint: disable=import-outside-toplevel
-  abstract = nnx.eval_shape(lambda: Transformer(inference_config(cfg), rngs=nnx.Rngs(0)))
+  run = inference_execution(cfg, execution)
+  abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0), execution=run))
   graphdef, _ = nnx.split(abstract)
   return graphdef, jax.tree.map(jnp.asarray, params)
 
@@ -268,12 +273,17 @@ def load_tokenizer(spec: str):
   return tokenizer_lib.load_tokenizer(spec)
 
 
-def load_checkpoint(checkpoint, *, tokenizer: str | None = None):
-  """(ModelConfig, graphdef, params, tokenizer or None, tokenizer spec) of a checkpoint."""
+def load_checkpoint(checkpoint, *, tokenizer: str | None = None,
+                    execution: ExecutionConfig | None = None):
+  """(ModelConfig, graphdef, params, tokenizer or None, tokenizer spec) of a checkpoint.
+
+  The model runs under `execution` made ready for inference (`inference_execution`); how the
+  checkpoint's own run was executed is not carried over.
+  """
   from emo_jax import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
   params, model_config = ckpt_lib.load_params(checkpoint)
-  cfg = ModelConfig.from_dict(model_config)
+  cfg = saved_model_config(model_config)
   spec = tokenizer or tokenizer_spec(checkpoint)
   tok = load_tokenizer(spec) if spec and spec != "none" else None
-  graphdef, params = build_model(cfg, params)
+  graphdef, params = build_model(cfg, params, execution)
   return cfg, graphdef, params, tok, spec

@@ -22,6 +22,7 @@ from flax import nnx
 
 from emo_jax import sharding
 from emo_jax.config import ModelConfig
+from emo_jax.execution import ExecutionConfig
 from emo_jax.model import Transformer
 
 GiB = 1024**3
@@ -46,8 +47,13 @@ def _sharded_bytes(shape, dtype, spec, axis_sizes: Mapping[str, int]) -> float:
 
 
 def plan(cfg: ModelConfig, axis_sizes: Mapping[str, int], *, micro_batch: int, seq_len: int,
-         chip: str | None = None) -> dict:
-  """Bytes per device; `micro_batch` is sequences per device in one forward/backward pass."""
+         chip: str | None = None, execution: ExecutionConfig | None = None) -> dict:
+  """Bytes per device; `micro_batch` is sequences per device in one forward/backward pass.
+
+  The expert buffers follow `execution` (default ExecutionConfig()): the capacity backend's
+  slots per expert, or one slot per assignment for the dropless backends.
+  """
+  execution = ExecutionConfig() if execution is None else execution
   mesh = jax.sharding.AbstractMesh(tuple(axis_sizes[a] for a in sharding.AXES), sharding.AXES)
   params = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: Transformer(cfg,
                                                                         rngs=nnx.Rngs(0)))))
@@ -63,7 +69,8 @@ def plan(cfg: ModelConfig, axis_sizes: Mapping[str, int], *, micro_batch: int, s
   residual = cfg.num_layers * tokens * cfg.d_model * act_bytes
   attention = micro_batch * (cfg.num_heads / tensor) * seq_len**2 * 4 * 2  # logits + probs, f32
   if cfg.is_moe:
-    slots = tokens * cfg.top_k * max(cfg.capacity_factor, 1.0)
+    room = execution.capacity_factor if execution.expert_backend == "capacity" else 1.0
+    slots = tokens * cfg.top_k * max(room, 1.0)
     hidden = (slots + tokens * cfg.num_shared_experts) * cfg.expert_hidden
     dispatch = 2 * slots * cfg.d_model * act_bytes
   else:

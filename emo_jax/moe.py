@@ -1,140 +1,22 @@
-"""The EMO mixture-of-experts layer: router, document pool, top-k, auxiliary losses.
+"""The MoE layer (router, document pool, top-k, expert bank) and the dense MLP of the baseline.
 
-EMO differs from a standard MoE in one training-time constraint (EMO_SPEC.md, "The
-document-pool constraint"): all tokens of a document may only route into a pool of P experts,
-the P with the highest document score, where the score of an expert is the sum over the
-document's tokens of its routed softmax probability and P is drawn uniformly per document and
-per layer. Everything else (softmax over the routed experts, top-k *without* renormalisation,
-shared expert at weight exactly 1.0) is the plain MoE of the release.
-
-Documents are given as segment ids (1..max_segments, 0 = padding), the same representation the
-attention mask uses. Per-document reductions are contractions with a one-hot [B, L, S] matrix,
-which keeps every shape static and runs on the MXU / tensor cores rather than as scatters.
+Routing (routing.py) decides which experts each token uses; the experts run single-device
+(experts.py) or over a mesh (expert_parallel.py) with the kernels the ExecutionConfig names.
 """
 
 from __future__ import annotations
-
-from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from emo_jax import experts
+from emo_jax import expert_parallel, experts
 from emo_jax.config import ModelConfig
+from emo_jax.execution import ExecutionConfig
+from emo_jax.layers import init_normal
 from emo_jax.matmul import flat_matmul
-
-NEG_INF = -jnp.inf
-
-
-# ---- documents and the pool ---------------------------------------------------------------
-def segment_one_hot(segment_ids_BxL: jax.Array, max_segments: int) -> jax.Array:
-  """float32 [B, L, S]: column s is 1 where the token belongs to segment id s+1.
-
-  Padding (segment id 0) rows are all zero, so padding never contributes to a document score.
-  """
-  return jax.nn.one_hot(segment_ids_BxL - 1, max_segments, dtype=jnp.float32)
-
-
-def draw_pool_sizes(key: jax.Array, shape: Sequence[int], pool_min: int,
-                    pool_max: int) -> jax.Array:
-  """Pool sizes drawn uniformly from the integers [pool_min, pool_max], int32 of `shape`."""
-  return jax.random.randint(key, tuple(shape), pool_min, pool_max + 1, dtype=jnp.int32)
-
-
-def document_pool_mask(probs_BxLxE: jax.Array, segment_ids_BxL: jax.Array,
-                       pool_sizes_BxS: jax.Array, max_segments: int) -> jax.Array:
-  """bool [B, L, E]: which routed experts each token may use under its document's pool.
-
-  Steps 2 to 4 of the spec: score = sum over the document's tokens of the (unmasked) routed
-  softmax; the P highest-scoring experts of the document stay, the rest are masked for every
-  token of it. Ties are broken towards the lower expert index (stable sort). P >= E keeps all.
-  No gradient flows through the selection. Padding tokens keep every expert (their outputs are
-  ignored, and an all-masked softmax would be NaN).
-  """
-  one_hot_BxLxS = segment_one_hot(segment_ids_BxL, max_segments)
-  probs_BxLxE = jax.lax.stop_gradient(probs_BxLxE).astype(jnp.float32)
-  scores_BxSxE = jnp.einsum("bls,ble->bse", one_hot_BxLxS, probs_BxLxE,
-                            precision=jax.lax.Precision.HIGHEST)
-  order_BxSxE = jnp.argsort(-scores_BxSxE, axis=-1, stable=True)
-  rank_BxSxE = jnp.argsort(order_BxSxE, axis=-1, stable=True)
-  keep_BxSxE = rank_BxSxE < pool_sizes_BxS[..., None]
-  # Gather each token's document row with the same one-hot (exact: entries are 0 or 1).
-  keep_BxLxE = jnp.einsum("bls,bse->ble", one_hot_BxLxS, keep_BxSxE.astype(jnp.float32)) > 0.5
-  is_pad_BxL = segment_ids_BxL <= 0
-  return keep_BxLxE | is_pad_BxL[..., None]
-
-
-def check_segment_ids(segment_ids, max_segments: int) -> None:
-  """Host-side check of a batch's segment ids (call it where the batch is made).
-
-  Inside jit an id above max_segments would silently drop its document from the pool, so the
-  data pipeline should call this once per batch shape it produces.
-  """
-  import numpy as np
-  segment_ids = np.asarray(segment_ids)
-  if segment_ids.min(initial=0) < 0 or segment_ids.max(initial=0) > max_segments:
-    raise ValueError(
-        f"segment ids must lie in [0, max_segments={max_segments}] (0 = padding), got range "
-        f"[{segment_ids.min()}, {segment_ids.max()}]; pack fewer documents per row or raise "
-        "ModelConfig.max_segments")
-
-
-# ---- routing --------------------------------------------------------------------------------
-def route(routed_logits_TxE: jax.Array, keep_TxE: jax.Array | None, top_k: int):
-  """Softmax over the routed experts (masked outside the pool), then top-k, no renormalising.
-
-  Returns (probs_TxE, expert_ids_TxK, expert_weights_TxK). Because the softmax runs after the
-  mask, the weights are renormalised *within the pool* (spec step 4).
-  """
-  logits = routed_logits_TxE.astype(jnp.float32)
-  if keep_TxE is not None:
-    logits = jnp.where(keep_TxE, logits, NEG_INF)
-  probs_TxE = jax.nn.softmax(logits, axis=-1)
-  weights_TxK, ids_TxK = jax.lax.top_k(probs_TxE, top_k)
-  return probs_TxE, ids_TxK, weights_TxK
-
-
-def load_balancing_loss(probs_TxE: jax.Array, expert_ids_TxK: jax.Array,
-                        token_mask_T: jax.Array, *,
-                        data_axes: Sequence[str] = ()) -> tuple[jax.Array, jax.Array]:
-  """The release's load-balancing loss over routed experts, and the global expert load.
-
-  loss = (N / K) * sum_e count_e * mean_score_e / n_tokens, where count_e (top-k assignments to
-  e) and n_tokens are summed over the named data-parallel axes (global balancing: one psum
-  each), while mean_score_e (mean post-mask softmax) stays local. Averaging this loss over
-  replicas equals the single-device loss on the whole batch when replicas hold equal tokens.
-
-  Returns (loss, load_E) with load_E = count_e / (n_tokens * K), the fraction of assignments.
-  """
-  num_experts = probs_TxE.shape[-1]
-  top_k = expert_ids_TxK.shape[-1]
-  mask_T = token_mask_T.astype(jnp.float32)
-  counts_E = jnp.einsum("t,tke->e", mask_T,
-                        jax.nn.one_hot(expert_ids_TxK, num_experts, dtype=jnp.float32))
-  local_tokens = jnp.sum(mask_T)
-  mean_score_E = jnp.einsum("t,te->e", mask_T, probs_TxE) / jnp.maximum(local_tokens, 1.0)
-  global_tokens = local_tokens
-  if data_axes:
-    counts_E = jax.lax.psum(counts_E, tuple(data_axes))
-    global_tokens = jax.lax.psum(local_tokens, tuple(data_axes))
-  global_tokens = jnp.maximum(global_tokens, 1.0)
-  counts_E = jax.lax.stop_gradient(counts_E)
-  loss = (num_experts / top_k) * jnp.sum(counts_E * mean_score_E) / global_tokens
-  load_E = counts_E / (global_tokens * top_k)
-  return loss, load_E
-
-
-def router_z_loss(routed_logits_TxE: jax.Array, token_mask_T: jax.Array) -> jax.Array:
-  """Mean over (non-padding) tokens of logsumexp(routed logits)^2."""
-  mask_T = token_mask_T.astype(jnp.float32)
-  lse_T = jax.nn.logsumexp(routed_logits_TxE.astype(jnp.float32), axis=-1)
-  return jnp.sum(mask_T * lse_T**2) / jnp.maximum(jnp.sum(mask_T), 1.0)
-
-
-# ---- modules --------------------------------------------------------------------------------
-def init_normal(cfg: ModelConfig):
-  return nnx.initializers.truncated_normal(stddev=cfg.init_std)
+from emo_jax.routing import (document_pool_mask, draw_pool_sizes, load_balancing_loss, route,
+                             router_z_loss, segment_one_hot)
 
 
 class MLP(nnx.Module):
@@ -158,8 +40,9 @@ class MLP(nnx.Module):
 class MoE(nnx.Module):
   """Router + document pool + top-k + expert bank (routed experts first, shared last)."""
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, execution: ExecutionConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
+    self.execution = execution
     init, D, H, E = init_normal(cfg), cfg.d_model, cfg.expert_hidden, cfg.num_experts
     dt = cfg.param_jnp_dtype
     # The router has a row for every expert of the bank, as in the release (the shared
@@ -187,8 +70,11 @@ class MoE(nnx.Module):
     """MoE forward.
 
     mesh: a device mesh (sharding.make_mesh) with more than one device: the routed experts run
-      expert-parallel (tokens travel to the devices holding their experts). Routing, the pool
-      and the losses stay global computations, so results equal the single-device ones.
+      on the mesh (expert_parallel.py; tokens travel to the devices holding their experts when
+      the expert axis is larger than 1). Routing, the pool and the losses stay global
+      computations, and the backend's numbers hold on every mesh, so results equal the
+      single-device ones (up to rounding; for the capacity backend, up to which assignments
+      each device's capacity drops).
 
     keep_experts_E: optional bool [routed experts]; experts marked False are never routed to
       (a subset of the experts applied as a routing mask, as when deploying EMO selectively).
@@ -220,19 +106,19 @@ class MoE(nnx.Module):
     probs_TxE, ids_TxK, weights_TxK = route(logits_TxE, keep_BxLxE, cfg.top_k)
 
     x_TxD = x_BxLxD.reshape(B * L, D)
+    run = self.execution
     if mesh is not None and mesh.size > 1:
-      from emo_jax import sharding  # here: sharding imports the expert kernels this module uses
-      y_TxD, dropped = sharding.expert_parallel_ffn(
+      y_TxD, dropped = expert_parallel.routed_experts_on_mesh(
           x_TxD, ids_TxK, weights_TxK, token_mask_T, self.w_gate[...], self.w_up[...],
-          self.w_down[...], mesh=mesh, capacity_factor=cfg.capacity_factor,
-          compute_dtype=cfg.compute_jnp_dtype, transport=cfg.expert_transport,
-          ragged_dot_impl=cfg.ragged_dot_impl)
+          self.w_down[...], mesh=mesh, num_routed=R, backend=run.expert_backend,
+          transport=run.expert_transport, capacity_factor=run.capacity_factor,
+          compute_dtype=cfg.compute_jnp_dtype, ragged_dot_impl=run.ragged_dot_impl)
     else:
       y_TxD, dropped = experts.routed_experts(
           x_TxD, ids_TxK, weights_TxK, self.w_gate[...][:R], self.w_up[...][:R],
-          self.w_down[...][:R], backend=cfg.expert_backend, token_mask_T=token_mask_T,
-          capacity_factor=cfg.capacity_factor, compute_dtype=cfg.compute_jnp_dtype,
-          ragged_dot_impl=cfg.ragged_dot_impl)
+          self.w_down[...][:R], backend=run.expert_backend, token_mask_T=token_mask_T,
+          capacity_factor=run.capacity_factor, compute_dtype=cfg.compute_jnp_dtype,
+          ragged_dot_impl=run.ragged_dot_impl)
     for e in range(R, cfg.num_experts):
       y_TxD = y_TxD + experts.swiglu(x_TxD, self.w_gate[...][e], self.w_up[...][e],
                                      self.w_down[...][e], compute_dtype=cfg.compute_jnp_dtype)

@@ -1,6 +1,6 @@
 """Selective expert use: pick a task's experts from a few examples, then mask or prune.
 
-EMO_SPEC.md, "Selective expert use": per layer, average the routed softmax over every non-pad
+docs/algorithm.md, "Selective expert use": per layer, average the routed softmax over every non-pad
 token of the calibration text and keep the K-1 best routed experts plus the shared expert.
 Layers are chosen greedily in order: layer l is scored with layers 0..l-1 already restricted
 (their restriction changes what reaches layer l). Here the restriction is the model's routing
@@ -15,8 +15,8 @@ A selection is applied in one of two equivalent ways:
   other. Each layer keeps its own routed experts, renumbered in increasing original order, and
   the shared expert(s) go last, as in every bank.
 
-Physical pruning sets `top_k = min(top_k, K - shared)` (EMO_SPEC's min(8, K) counts the shared
-expert; ours counts routed experts only). The pool settings are clamped so the new config
+Physical pruning sets `top_k = min(top_k, K - shared)` (the reference's min(8, K) counts the
+shared expert; ours counts routed experts only). The pool settings are clamped so the new config
 validates and fine-tuning keeps EMO's pool training: `pool_max = min(pool_max, K)`,
 `pool_min = max(top_k, min(pool_min, pool_max))`; a fixed `eval_pool_size` is clamped to the
 kept routed experts, or dropped (None) when it would keep them all.
@@ -36,6 +36,7 @@ import numpy as np
 from flax import nnx
 
 from emo_jax.config import ModelConfig
+from emo_jax.data.pipeline import pack_rows
 
 
 # ---- calibration data ---------------------------------------------------------------------------
@@ -53,15 +54,8 @@ def calibration_batch(texts: Sequence[str], tokenizer, *, seq_len: int,
     if append_eos:
       ids.append(tokenizer.eos_id)
     rows.append(ids[:seq_len])
-  L = max(len(r) for r in rows)
-  tokens = np.full((len(rows), L), tokenizer.pad_id, np.int32)
-  segment_ids = np.zeros((len(rows), L), np.int32)
-  positions = np.zeros((len(rows), L), np.int32)
-  for i, r in enumerate(rows):
-    tokens[i, :len(r)] = r
-    segment_ids[i, :len(r)] = 1
-    positions[i, :len(r)] = np.arange(len(r))
-  return {"tokens": tokens, "segment_ids": segment_ids, "positions": positions}
+  batch = pack_rows([[r] for r in rows], pad_id=tokenizer.pad_id)
+  return {k: batch[k] for k in ("tokens", "segment_ids", "positions")}
 
 
 # ---- ranking ------------------------------------------------------------------------------------

@@ -1,16 +1,16 @@
-"""Meshes, logical-axis rules, and expert parallelism with `jax.shard_map`.
+"""Meshes and logical-axis rules: where every parameter and the batch live on the devices.
 
 Four mesh axes: `data` (pure data parallelism), `fsdp` (data parallelism whose replicas also
 shard parameters and optimizer state), `expert` (data parallelism outside the MoE layer; inside
-it, each device holds a slice of the expert bank and tokens travel to their experts with
-all_to_all) and `tensor` (attention heads, dense-MLP hidden units and the vocabulary). The batch
-is split over (data, fsdp, expert).
+it, each device holds a slice of the expert bank and tokens travel to their experts) and
+`tensor` (attention heads, dense-MLP hidden units and the vocabulary). The batch is split over
+(data, fsdp, expert).
 
 Axis types are `Auto`: parameters and the batch carry NamedShardings and GSPMD propagates them
 through attention, norms and the LM head, inserting the FSDP all-gathers and reduce-scatters.
 The one place where communication must be spelled out, the token exchange of the MoE layer, is
-a `shard_map` over the whole mesh. (`Explicit` axes would demand a sharding for every
-intermediate, with no gain here.)
+a `shard_map` over the whole mesh (expert_parallel.py). (`Explicit` axes would demand a
+sharding for every intermediate, with no gain here.)
 """
 
 from __future__ import annotations
@@ -21,11 +21,9 @@ import math
 from typing import Any, Mapping, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from emo_jax import experts
 from emo_jax.config import ConfigError, ConfigMixin
 
 log = logging.getLogger(__name__)
@@ -203,148 +201,3 @@ def check_divisible(num_experts: int, batch_size: int, mesh: Mesh) -> None:
   if mesh.shape["expert"] > 1 and num_experts % mesh.shape["expert"]:
     raise ConfigError(f"model.num_experts={num_experts} must be a multiple of mesh.expert="
                       f"{mesh.shape['expert']} (each device holds an equal slice of the bank)")
-
-
-# ---- expert parallelism ---------------------------------------------------------------------------
-TRANSPORTS = ("all_to_all", "ragged_all_to_all")
-
-
-def expert_parallel_ffn(x_TxD, ids_TxK, weights_TxK, token_mask_T, w_gate, w_up, w_down, *,
-                        mesh: Mesh, capacity_factor: float, compute_dtype,
-                        transport: str = "all_to_all", exchange=None,
-                        ragged_dot_impl: str = "xla"):
-  """Routed experts over a mesh: tokens go to the devices holding their experts and back.
-
-  Runs as a shard_map over the whole mesh; the bank passed in is the whole bank (shared experts
-  included, which receive no tokens) so that it splits evenly over `expert`. Two transports:
-
-  * "all_to_all": each device dispatches its tokens into fixed-capacity buffers for every
-    expert ([E, C, D]); an all_to_all hands each device the rows for its E / n experts from
-    every peer; the local slice of the bank runs as one batched matmul; a second all_to_all
-    returns the rows. Static shapes everywhere (CPU, GPU, TPU); overflow is dropped and counted.
-  * "ragged_all_to_all": tokens sorted by expert travel as ragged slices (only real rows move),
-    the local experts run as grouped matmuls (`experts.grouped_matmul` with
-    `ragged_dot_impl`), and the rows travel back.
-    Dropless. GPU and TPU only: XLA:CPU does not implement ragged_all_to_all. `exchange`
-    replaces the collective (tests pass `emulated_ragged_all_to_all` to run it on CPU).
-
-  Returns (y_TxD, dropped_fraction).
-  """
-  if transport not in TRANSPORTS:
-    raise ValueError(f"expert transport {transport!r} unknown; allowed: {list(TRANSPORTS)}")
-  E = w_gate.shape[0]
-  n = mesh.shape["expert"]
-  tokens = P(BATCH_AXES)
-  bank = P("expert")
-
-  def local(x, ids, weights, mask, wg, wu, wd):
-    if transport == "ragged_all_to_all":
-      y = _ragged_local(x, ids, weights, mask, wg, wu, wd, n=n, compute_dtype=compute_dtype,
-                        exchange=exchange or jax.lax.ragged_all_to_all,
-                        ragged_dot_impl=ragged_dot_impl)
-      return y, jnp.zeros((), jnp.float32)
-    T = x.shape[0]
-    capacity = experts.expert_capacity(T, ids.shape[-1], E, capacity_factor)
-    # Dispatch in the compute dtype: the buffers are what crosses the network.
-    buffers_ExCxD, info = experts.capacity_dispatch(x.astype(compute_dtype), ids, E, capacity,
-                                                    mask)
-    C, D = buffers_ExCxD.shape[1:]
-    # Rows j*E/n..(j+1)*E/n go to expert shard j; afterwards row block j holds peer j's tokens.
-    received = jax.lax.all_to_all(buffers_ExCxD, "expert", 0, 0, tiled=True)
-    per_expert = received.reshape(n, E // n, C, D).transpose(1, 0, 2, 3).reshape(E // n, n * C, D)
-    out = experts.expert_bank_swiglu(per_expert, wg, wu, wd, compute_dtype=compute_dtype)
-    out = out.reshape(E // n, n, C, D).transpose(1, 0, 2, 3).reshape(E, C, D)
-    returned = jax.lax.all_to_all(out, "expert", 0, 0, tiled=True)
-    y = experts.capacity_combine(returned, info, weights)
-    y = jnp.where(mask[:, None], y, jnp.zeros_like(y))
-    dropped = jax.lax.pmean(info.dropped_fraction, BATCH_AXES)
-    return y, dropped
-
-  fn = jax.shard_map(local, mesh=mesh,
-                     in_specs=(tokens, tokens, tokens, tokens, bank, bank, bank),
-                     out_specs=(tokens, P()), check_vma=False)
-  return fn(x_TxD, ids_TxK, weights_TxK, token_mask_T, w_gate, w_up, w_down)
-
-
-def _exclusive_cumsum(x):
-  return jnp.cumsum(x) - x
-
-
-def _ragged_local(x_TxD, ids_TxK, weights_TxK, mask_T, wg, wu, wd, *, n, compute_dtype,
-                  exchange, ragged_dot_impl="xla"):
-  """One device's side of the dropless ragged exchange (inside the shard_map)."""
-  T, K = ids_TxK.shape
-  D = x_TxD.shape[1]
-  E_local = wg.shape[0]
-  E = E_local * n
-  A = T * K
-  # Sort this device's assignments by expert: destinations (expert // E_local) become
-  # contiguous and ascending. Padding tokens get the sentinel E and sort to the end, unsent.
-  valid_A = jnp.repeat(mask_T.astype(bool), K)
-  expert_A = jnp.where(valid_A, ids_TxK.reshape(-1), E).astype(jnp.int32)
-  order_A = jnp.argsort(expert_A, stable=True)
-  inverse_A = experts.inverse_permutation(order_A)
-  x_sorted_AxD = experts.take_sorted_copies(x_TxD.astype(compute_dtype), order_A, inverse_A, K)
-  counts_NxEl = jnp.bincount(expert_A, length=E + 1)[:E].reshape(n, E_local).astype(jnp.int32)
-  send_sizes_N = counts_NxEl.sum(1)
-  send_offsets_N = _exclusive_cumsum(send_sizes_N)
-  # Row i of recv_counts: how many rows peer i sends me for each of my experts.
-  recv_counts_NxEl = jax.lax.all_to_all(counts_NxEl, "expert", 0, 0, tiled=True)
-  recv_sizes_N = recv_counts_NxEl.sum(1)
-  recv_offsets_N = _exclusive_cumsum(recv_sizes_N)
-  # Where my rows land on each peer = the offset that peer reserved for me.
-  remote_offsets_N = jax.lax.all_to_all(recv_offsets_N, "expert", 0, 0, tiled=True)
-  R = A * n  # static bound: every peer sends me all of its rows
-  received_RxD = exchange(x_sorted_AxD, jnp.zeros((R, D), compute_dtype), send_offsets_N,
-                          send_sizes_N, remote_offsets_N, recv_sizes_N, axis_name="expert")
-
-  # Received rows are ordered by (source, local expert); regroup them by local expert.
-  starts = (recv_offsets_N[:, None] + jax.vmap(_exclusive_cumsum)(recv_counts_NxEl)).reshape(-1)
-  rows_R = jnp.arange(R, dtype=jnp.int32)
-  segment_R = jnp.cumsum(jnp.zeros(R + 1, jnp.int32).at[starts].add(1))[:R] - 1
-  valid_R = rows_R < recv_sizes_N.sum()
-  expert_R = jnp.where(valid_R, segment_R % E_local, E_local)
-  order_R = jnp.argsort(expert_R, stable=True)
-  inverse_R = experts.inverse_permutation(order_R)
-  # Unused rows join the last group with zero inputs: kernels leave rows outside every group
-  # uninitialised.
-  counts = jnp.bincount(expert_R, length=E_local + 1).astype(jnp.int32)
-  group_sizes = counts[:E_local].at[-1].add(counts[E_local])
-  valid_sorted_R = valid_R[order_R][:, None]
-  h = jnp.where(valid_sorted_R, experts.permute_rows(received_RxD, order_R, inverse_R), 0)
-  out = experts.grouped_swiglu(h, wg, wu, wd, group_sizes, impl=ragged_dot_impl,
-                               compute_dtype=compute_dtype)
-  out = jnp.where(valid_sorted_R, out, 0)
-  out_RxD = experts.permute_rows(out, inverse_R, order_R)
-
-  # Send every row back to where it came from, into this device's sorted order.
-  back_offsets_N = jax.lax.all_to_all(send_offsets_N, "expert", 0, 0, tiled=True)
-  returned_AxD = exchange(out_RxD, jnp.zeros((A, D), compute_dtype), recv_offsets_N,
-                          recv_sizes_N, back_offsets_N, send_sizes_N, axis_name="expert")
-  out_TxKxD = experts.permute_rows(returned_AxD, inverse_A, order_A).reshape(T, K, D)
-  weights = jnp.where(valid_A.reshape(T, K), weights_TxK.astype(jnp.float32), 0.0)
-  y = jnp.einsum("tkd,tk->td", out_TxKxD.astype(jnp.float32), weights)
-  return y.astype(compute_dtype)
-
-
-def emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets,
-                               recv_sizes, *, axis_name):
-  """`jax.lax.ragged_all_to_all` built from all_gather, for backends without it (XLA:CPU).
-
-  Same contract (one slice per peer): peer i's slice for me, operand_i[input_offsets_i[me] :
-  + send_sizes_i[me]], is written to output[output_offsets_i[me] :]. Gathers every operand, so
-  it is a test double, not a transport.
-  """
-  del recv_sizes  # implied by the senders' sizes
-  me = jax.lax.axis_index(axis_name)
-  operands = jax.lax.all_gather(operand, axis_name)
-  offsets = jax.lax.all_gather(input_offsets, axis_name)
-  sizes = jax.lax.all_gather(send_sizes, axis_name)
-  targets = jax.lax.all_gather(output_offsets, axis_name)
-  rows = jnp.arange(operand.shape[0])
-  for source in range(operands.shape[0]):
-    start, size, target = offsets[source, me], sizes[source, me], targets[source, me]
-    values = operands[source][jnp.clip(start + rows, 0, operand.shape[0] - 1)]
-    where = jnp.where(rows < size, target + rows, output.shape[0])
-    output = output.at[where].set(values, mode="drop")
-  return output

@@ -12,9 +12,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import pathlib
 import signal
-from typing import Any, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -27,16 +28,19 @@ from emo_jax import checkpoint as ckpt_lib
 from emo_jax import sharding as sharding_lib
 from emo_jax import evaluate, metrics as metrics_lib
 from emo_jax.losses import token_losses
-from emo_jax.config import ConfigError, ConfigMixin, ModelConfig, model_config_from
+from emo_jax.config import ConfigError, ConfigMixin, ModelConfig
 from emo_jax.data import corpus as corpus_lib
+from emo_jax.execution import ExecutionConfig, run_configs
 from emo_jax.model import Transformer, count_params
+from emo_jax.workdir import WorkdirLock
 
 log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig(ConfigMixin):
-  """Optimiser, schedule and loop settings. Defaults are the release's recipe (EMO_SPEC.md)."""
+  """Optimiser, schedule and loop settings. Defaults are the release's recipe
+  (docs/algorithm.md)."""
   steps: int = 1000
   learning_rate: float = 4e-3
   warmup_steps: int = 2000
@@ -73,10 +77,31 @@ class TrainConfig(ConfigMixin):
     if self.schedule not in ("cosine", "linear", "constant"):
       raise ConfigError(f"TrainConfig.schedule={self.schedule!r} is invalid: allowed values are "
                         "['cosine', 'linear', 'constant']")
-    if self.warmup_steps < 0 or self.eval_batches < 0:
-      raise ConfigError("TrainConfig.warmup_steps and eval_batches must be >= 0")
-    if not self.learning_rate > 0:
-      raise ConfigError(f"TrainConfig.learning_rate={self.learning_rate!r} must be > 0")
+    if self.warmup_steps < 0:
+      raise ConfigError(f"TrainConfig.warmup_steps={self.warmup_steps!r} is invalid: must be >= 0")
+    if self.eval_batches < 1:
+      raise ConfigError(f"TrainConfig.eval_batches={self.eval_batches!r} is invalid: an "
+                        "evaluation needs at least one batch; set eval_batches >= 1 (it runs "
+                        "every eval_every steps and at the last step)")
+    if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+      raise ConfigError(f"TrainConfig.learning_rate={self.learning_rate!r} is invalid: must be "
+                        "a finite number > 0 (the release's peak is 4e-3)")
+    if not (math.isfinite(self.grad_clip) and self.grad_clip > 0):
+      raise ConfigError(f"TrainConfig.grad_clip={self.grad_clip!r} is invalid: it is the "
+                        "largest global gradient norm, so it must be a finite number > 0 "
+                        "(the release clips at 1.0)")
+    for name in ("b1", "b2"):
+      if not 0 <= getattr(self, name) < 1:
+        raise ConfigError(f"TrainConfig.{name}={getattr(self, name)!r} is invalid: Adam's "
+                          "moment decay must lie in [0, 1) (the release uses b1=0.9, b2=0.95)")
+    if not self.eps > 0:
+      raise ConfigError(f"TrainConfig.eps={self.eps!r} is invalid: must be > 0")
+    if not self.weight_decay >= 0:
+      raise ConfigError(f"TrainConfig.weight_decay={self.weight_decay!r} is invalid: must be "
+                        ">= 0")
+    if not 0 <= self.final_lr_fraction <= 1:
+      raise ConfigError(f"TrainConfig.final_lr_fraction={self.final_lr_fraction!r} is invalid: "
+                        "must lie in [0, 1]")
 
 
 class TrainState(struct.PyTreeNode):
@@ -164,14 +189,16 @@ def train_step(state: TrainState, batch, *, graphdef, optimizer, cfg: ModelConfi
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), stats
 
 
-def init_state(cfg: ModelConfig, tc: TrainConfig, mesh=None):
+def init_state(cfg: ModelConfig, tc: TrainConfig, mesh=None,
+               execution: ExecutionConfig | None = None):
   """(graphdef, optimizer, state) for a fresh run, initialised from `tc.seed`.
 
   The state is created by a jitted function whose outputs are already sharded over `mesh`
   (parameters and optimizer moments FSDP/expert-sharded), so no host or device ever holds the
   whole model unsharded.
   """
-  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+  graphdef, abstract = nnx.split(nnx.eval_shape(
+      lambda: Transformer(cfg, rngs=nnx.Rngs(0), execution=execution)))
   optimizer = make_optimizer(tc, nnx.to_pure_dict(abstract))
 
   def create():
@@ -192,19 +219,22 @@ def state_shardings_for(state: Any, mesh) -> Any:
 
 
 def initial_params(path: str, cfg: ModelConfig, like: Any) -> Any:
-  """Parameters from a parameter checkpoint or workdir, checked against the model config."""
+  """Parameters from a parameter checkpoint or workdir, checked against the model's shapes.
+
+  A new run may change what does not shape the parameters (the pool, loss weights, RoPE base,
+  e.g. to fine-tune an EMO as a StdMoE); a shape mismatch is refused, naming the parameters and
+  the model fields that differ.
+  """
   params, saved_model = ckpt_lib.load_params(path)
-  mismatched = ckpt_lib.incompatible_fields({"model": saved_model}, {"model": cfg.to_dict()})
-  if mismatched:
-    raise ckpt_lib.CheckpointMismatchError(
-        f"train.init_from={path} holds another architecture:\n  " + "\n  ".join(mismatched))
   want = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(like)}
   got = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(params)}
   if want != got:
     differ = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
+    fields = ckpt_lib.incompatible_fields({"model": saved_model}, {"model": cfg.to_dict()})
     raise ckpt_lib.CheckpointMismatchError(
-        f"train.init_from={path}: parameters differ from the model's at {differ[:8]} "
-        f"(model {[want.get(k) for k in differ[:8]]}, checkpoint {[got.get(k) for k in differ[:8]]})")
+        f"train.init_from={path} holds another architecture: parameters differ from the "
+        f"model's at {differ[:8]} (model {[want.get(k) for k in differ[:8]]}, checkpoint "
+        f"{[got.get(k) for k in differ[:8]]})" + "".join("\n  " + f for f in fields))
   return jax.tree.map(lambda p, x: jnp.asarray(p, x.dtype), params, like)
 
 
@@ -217,11 +247,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   """Trains (or resumes) the experiment in `workdir`; returns the last logged metrics.
 
   The workdir holds `checkpoints/`, `metrics.jsonl` (one JSON object per logged step),
-  TensorBoard event files and `config.json`.
+  TensorBoard event files and `config.json`. It belongs to one run at a time: a second trainer
+  on a busy workdir is refused (workdir.WorkdirBusyError) before it touches anything.
   """
   workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  cfg = model_config_from(config)
+  lock = WorkdirLock(workdir, jax.process_index())
+  try:
+    return _train_and_evaluate(config, workdir)
+  finally:
+    lock.release()
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
+  cfg, execution = run_configs(config)
   tc = TrainConfig.from_dict(config.train)
   dc = corpus_lib.DataConfig.from_dict(config.data)
   if dc.batch_size % tc.grad_accum_steps:
@@ -230,8 +268,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   mc = sharding_lib.MeshConfig.from_dict(config.get("mesh", {}))
   mesh = sharding_lib.make_mesh(mc)
   sharding_lib.check_divisible(cfg.num_experts, dc.batch_size, mesh)
-  experiment = {"model": cfg.to_dict(), "data": dc.to_dict(), "train": tc.to_dict(),
-                "mesh": mc.to_dict()}
+  experiment = {"model": cfg.to_dict(), "execution": execution.to_dict(), "data": dc.to_dict(),
+                "train": tc.to_dict(), "mesh": mc.to_dict()}
   if jax.process_index() == 0:
     (workdir / "config.json").write_text(json.dumps(experiment, indent=2, sort_keys=True))
 
@@ -245,7 +283,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                               num_workers=dc.num_workers)
   data_iter = iter(train_data)
 
-  graphdef, optimizer, state = init_state(cfg, tc, mesh)
+  graphdef, optimizer, state = init_state(cfg, tc, mesh, execution)
   shardings = state_shardings_for(state, mesh)
   checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", save_every=tc.checkpoint_every,
                                        keep=tc.keep_checkpoints, async_save=tc.async_checkpoint)

@@ -14,12 +14,13 @@ import time
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from emo_jax import train as train_lib
-from emo_jax.config import model_config_from
+from emo_jax.execution import run_configs
 from emo_jax.data import corpus as corpus_lib
+from experiments import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "Experiment config.")
 _BATCHES = flags.DEFINE_integer("batches", 100, "Batches timed per measurement.")
@@ -63,10 +64,9 @@ def time_training(config, corpus, dc, cfg, steps: int) -> dict:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  cli.start(argv)
   config = _CONFIG.value
-  cfg = model_config_from(config)
+  cfg = run_configs(config)[0]
   dc = corpus_lib.DataConfig.from_dict(config.data)
   corpus = corpus_lib.load_corpus(dc)
   training = time_training(config, corpus, dc, cfg, _STEPS.value)
@@ -86,4 +86,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -2,7 +2,7 @@
 
   python -m experiments.bench_step --config configs/tiny.py --json_out /tmp/bench_tiny.json
   python -m experiments.bench_step --config configs/demo.py --steps 10
-  # the issue's H100 comparison: EMO width, 4 layers, batch 2 x 4096, bf16 weights on both sides
+  # the H100 comparison: EMO width, 4 layers, batch 2 x 4096, bf16 weights on both sides
   python -m experiments.bench_step --config configs/emo_1b14b.py --layers 4 --batch 2 \
       --seq_len 4096 --param_dtype bfloat16
 
@@ -21,7 +21,6 @@ use a constant learning rate and no gradient accumulation: speed, not the schedu
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import importlib.metadata
 import importlib.util
@@ -47,8 +46,11 @@ import numpy as np  # noqa: E402
 from emo_jax import experts as experts_lib  # noqa: E402
 from emo_jax import metrics as metrics_lib  # noqa: E402
 from emo_jax import train as train_lib  # noqa: E402
-from emo_jax.config import DTYPES, ModelConfig, model_config_from  # noqa: E402
+from emo_jax.config import DTYPES, ModelConfig  # noqa: E402
+from emo_jax.data.pipeline import pack_rows  # noqa: E402
+from emo_jax.execution import ExecutionConfig, run_configs  # noqa: E402
 from emo_jax.model import count_params  # noqa: E402
+from experiments import cli  # noqa: E402
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Every expert on every token: the correctness reference, measured only when asked for.
@@ -70,8 +72,9 @@ def load_config(path: str | os.PathLike):
   return module.get_config()
 
 
-def parse_backends(names: Sequence[str] | None, cfg: ModelConfig) -> list[tuple[str, dict]]:
-  """(label, ModelConfig changes) per requested backend, `name` or `name:ragged_dot_impl`.
+def parse_backends(names: Sequence[str] | None,
+                   execution: ExecutionConfig) -> list[tuple[str, dict]]:
+  """(label, ExecutionConfig changes) per requested backend, `name` or `name:ragged_dot_impl`.
 
   The allowed names are read from `emo_jax.experts.BACKENDS` at call time so that a backend
   added there is benchmarkable without touching this file. By default: the config's own
@@ -79,9 +82,8 @@ def parse_backends(names: Sequence[str] | None, cfg: ModelConfig) -> list[tuple[
   """
   backends = tuple(experts_lib.BACKENDS)
   if not names:
-    names = [cfg.expert_backend] + [b for b in backends
-                                    if b not in (REFERENCE_BACKEND, cfg.expert_backend)]
-  fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    names = [execution.expert_backend] + [
+        b for b in backends if b not in (REFERENCE_BACKEND, execution.expert_backend)]
   parsed, seen = [], set()
   for entry in names:
     entry = entry.strip()
@@ -92,10 +94,6 @@ def parse_backends(names: Sequence[str] | None, cfg: ModelConfig) -> list[tuple[
                        "name:ragged_dot_impl")
     changes = {"expert_backend": name}
     if has_impl:
-      if "ragged_dot_impl" not in fields:
-        raise ValueError(f"--backends: {entry!r} selects a ragged_dot implementation, but this "
-                         "emo_jax's ModelConfig has no field 'ragged_dot_impl'; pass the plain "
-                         f"backend name {name!r}")
       if not impl:
         raise ValueError(f"--backends: {entry!r} has an empty implementation after ':'")
       changes["ragged_dot_impl"] = impl
@@ -115,18 +113,12 @@ def random_batch(cfg: ModelConfig, batch: int, seq_len: int, seed: int = 0) -> d
   rng = np.random.default_rng(seed)
   docs = max(1, min(DOCUMENTS_PER_ROW, cfg.max_segments, seq_len))
   tokens = rng.integers(0, cfg.vocab_size, (batch, seq_len), dtype=np.int32)
-  segment_ids = np.zeros((batch, seq_len), np.int32)
-  positions = np.zeros((batch, seq_len), np.int32)
+  rows = []
   for row in range(batch):
     cuts = np.sort(rng.choice(np.arange(1, seq_len), docs - 1, replace=False)) if docs > 1 else []
-    for segment, (start, stop) in enumerate(zip([0, *cuts], [*cuts, seq_len]), start=1):
-      segment_ids[row, start:stop] = segment
-      positions[row, start:stop] = np.arange(stop - start)
-  same_next = np.zeros((batch, seq_len), bool)
-  same_next[:, :-1] = segment_ids[:, 1:] == segment_ids[:, :-1]
-  targets = np.where(same_next, np.roll(tokens, -1, axis=1), 0).astype(np.int32)
-  return {"tokens": tokens, "targets": targets, "segment_ids": segment_ids,
-          "positions": positions, "loss_mask": same_next.astype(np.float32)}
+    rows.append(np.split(tokens[row], cuts))
+  packed = pack_rows(rows, pad_id=0, seq_len=seq_len)
+  return {k: packed[k] for k in ("tokens", "targets", "segment_ids", "positions", "loss_mask")}
 
 
 def bench_train_config(train: Mapping[str, Any] | None) -> train_lib.TrainConfig:
@@ -185,13 +177,15 @@ def measure_matmul(size: int | None, dtype: str, min_seconds: float = 0.5) -> di
 
 
 def measure_emo_jax(cfg: ModelConfig, tc: train_lib.TrainConfig, batch: int, seq_len: int, *,
-                    steps: int, warmup: int, seed: int = 0) -> dict:
+                    steps: int, warmup: int, seed: int = 0,
+                    execution: ExecutionConfig | None = None) -> dict:
   """emo_jax's training step on one device: compile, `warmup` steps, then `steps` timed."""
   device = jax.devices()[0]
-  name = f"emo_jax[{cfg.expert_backend}]"
+  execution = ExecutionConfig() if execution is None else execution
+  name = f"emo_jax[{execution.expert_backend}]"
   _log(f"{name}: init and compile ({batch} x {seq_len}, {cfg.num_layers} layers)")
   data = jax.device_put(random_batch(cfg, batch, seq_len, seed), device)
-  graphdef, optimizer, state = train_lib.init_state(cfg, tc)
+  graphdef, optimizer, state = train_lib.init_state(cfg, tc, execution=execution)
   step_fn = jax.jit(lambda s, b: train_lib.train_step(s, b, graphdef=graphdef,
                                                       optimizer=optimizer, cfg=cfg, tc=tc),
                     donate_argnums=0)
@@ -366,9 +360,11 @@ def measure(spec: Mapping[str, Any]) -> dict:
     return measure_matmul(spec["size"], spec["dtype"])
   cfg = ModelConfig.from_dict(spec["model"])
   tc = train_lib.TrainConfig.from_dict(spec["train"])
-  fn = measure_emo_jax if spec["what"] == "emo_jax" else measure_torch
-  return fn(cfg, tc, spec["batch"], spec["seq_len"], steps=spec["steps"], warmup=spec["warmup"],
-            seed=spec.get("seed", 0))
+  common = dict(steps=spec["steps"], warmup=spec["warmup"], seed=spec.get("seed", 0))
+  if spec["what"] == "emo_jax":
+    return measure_emo_jax(cfg, tc, spec["batch"], spec["seq_len"],
+                           execution=ExecutionConfig.from_dict(spec["execution"]), **common)
+  return measure_torch(cfg, tc, spec["batch"], spec["seq_len"], **common)
 
 
 def child_main(spec_path: str, out_path: str) -> None:
@@ -458,7 +454,7 @@ def run(config, *, batch: int | None = None, seq_len: int | None = None,
   """
   if steps < 1 or warmup < 0:
     raise ValueError(f"steps={steps} must be >= 1 and warmup={warmup} >= 0")
-  cfg = model_config_from(config)
+  cfg, execution = run_configs(config)
   data = config.get("data", None) or {}
   batch = batch or data.get("batch_size", 8)
   seq_len = seq_len or data.get("seq_len", 256)
@@ -472,7 +468,7 @@ def run(config, *, batch: int | None = None, seq_len: int | None = None,
   cfg = cfg.replace(**changes)
   tc = bench_train_config(config.get("train", None))
   # Validate every backend (and its config) before spending minutes on the first.
-  variants = [(label, cfg.replace(**c)) for label, c in parse_backends(backends, cfg)]
+  variants = [(label, execution.replace(**c)) for label, c in parse_backends(backends, execution)]
   counts = count_params(cfg)
   flops_per_token = metrics_lib.flops_per_token(cfg, counts, seq_len)
   common = {"train": tc.to_dict(), "batch": batch, "seq_len": seq_len, "steps": steps,
@@ -482,7 +478,8 @@ def run(config, *, batch: int | None = None, seq_len: int | None = None,
   device = matmul.pop("device", None) or {}
   rows = []
   for label, variant in variants:
-    row = _guarded({"what": "emo_jax", "model": variant.to_dict(), **common}, isolate)
+    row = _guarded({"what": "emo_jax", "model": cfg.to_dict(), "execution": variant.to_dict(),
+                    **common}, isolate)
     device = device or row.get("device", {})
     row.pop("device", None)
     rows.append({"backend": label, **row})
@@ -580,7 +577,7 @@ def _define_flags():
   flags.DEFINE_integer("layers", None, "Override model.num_layers (e.g. 4 or 2 at EMO width).")
   flags.DEFINE_enum("param_dtype", None, ["float32", "bfloat16"],
                     "Override the weights' dtype on both sides (bfloat16: bf16 weights, as the "
-                    "PyTorch peer's in the issue's comparison).")
+                    "PyTorch peer's in the H100 comparison of BENCHMARKS.md).")
   flags.DEFINE_list("backends", None, "Expert backends to measure, each `name` (from "
                     "emo_jax.experts.BACKENDS) or `name:ragged_dot_impl`; default: the config's "
                     "own, then every other but the dense reference.")
@@ -596,9 +593,8 @@ def _define_flags():
 
 
 def main(argv):
-  from absl import app, flags
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from absl import flags
+  cli.start(argv)
   f = flags.FLAGS
   result = run(f.config, batch=f.batch, seq_len=f.seq_len, layers=f.layers,
                param_dtype=f.param_dtype, backends=f.backends, steps=f.steps, warmup=f.warmup,
@@ -612,6 +608,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from absl import app
   _define_flags()
-  app.run(main)
+  cli.run(main)

@@ -1,4 +1,4 @@
-"""Clusters the routing vectors of a model's tokens (EMO_SPEC.md, "Clustering analysis").
+"""Clusters the routing vectors of a model's tokens (docs/algorithm.md, "Clustering analysis").
 
   python -m experiments.cluster --checkpoint workdirs/demo --baseline workdirs/demo_stdmoe \\
       --corpus demo --out results/clusters

@@ -19,6 +19,7 @@ import sys
 from absl import app, flags, logging
 
 from emo_jax.convert import hf, safetensors_io, tokenizer_hf
+from experiments import cli
 
 _TO_HF = flags.DEFINE_bool("to_hf", False, "Export --checkpoint to a Hugging Face folder.")
 _FROM_HF = flags.DEFINE_string("from_hf", None, "Import this Hugging Face checkpoint folder.")
@@ -66,8 +67,7 @@ def _overrides(items):
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  cli.start(argv)
   if _TO_HF.value == bool(_FROM_HF.value):
     raise app.UsageError("pass exactly one of --to_hf (with --checkpoint) or --from_hf=DIR")
   if not _OUT.value:

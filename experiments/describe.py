@@ -11,12 +11,13 @@ without the embeddings, and the bytes of the weights at bf16 and fp32.
 
 import json
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from emo_jax.config import model_config_from
+from emo_jax.execution import run_configs
 from emo_jax import summary
 from emo_jax.model import describe
+from experiments import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
@@ -25,9 +26,8 @@ _JSON = flags.DEFINE_bool("json", False, "Print one JSON object (counts by compo
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  cfg = model_config_from(_CONFIG.value)
+  cli.start(argv)
+  cfg = run_configs(_CONFIG.value)[0]
   described = describe(cfg)
   counts = summary.parameter_summary(cfg, described["params"])
   if _JSON.value:
@@ -38,4 +38,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config"])
-  app.run(main)
+  cli.run(main)

@@ -22,6 +22,7 @@ import json
 from absl import app, flags, logging
 
 from emo_jax import generate
+from experiments import cli
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training workdir or parameter checkpoint.")
 _PROMPT = flags.DEFINE_multi_string("prompt", None, "A prompt (repeat for a batch).")
@@ -41,8 +42,7 @@ _WARMUP = flags.DEFINE_bool("warmup", True, "Compile with one untimed run first.
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  cli.start(argv)
   logging.set_verbosity(logging.WARNING)
   cfg, graphdef, params, tok, _ = generate.load_checkpoint(_CHECKPOINT.value,
                                                            tokenizer=_TOKENIZER.value)

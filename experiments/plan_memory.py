@@ -13,7 +13,8 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from emo_jax import memory_plan, sharding
-from emo_jax.config import model_config_from
+from emo_jax.execution import run_configs
+from experiments import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
 _MESH = flags.DEFINE_string("mesh", "fsdp=8", "Axis sizes, e.g. data=2,fsdp=8,expert=4.")
@@ -33,11 +34,10 @@ def parse_mesh(text: str) -> dict:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  result = memory_plan.plan(model_config_from(_CONFIG.value), parse_mesh(_MESH.value),
-                            micro_batch=_MICRO_BATCH.value, seq_len=_SEQ_LEN.value,
-                            chip=_CHIP.value)
+  cli.start(argv)
+  cfg, execution = run_configs(_CONFIG.value)
+  result = memory_plan.plan(cfg, parse_mesh(_MESH.value), micro_batch=_MICRO_BATCH.value,
+                            seq_len=_SEQ_LEN.value, chip=_CHIP.value, execution=execution)
   for key in ("params_bytes", "optimizer_bytes", "gradient_bytes", "activation_bytes",
               "total_bytes"):
     print(f"{key[:-6]:<12}{result[key] / 2**30:10.2f} GiB per device")
@@ -49,4 +49,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config"])
-  app.run(main)
+  cli.run(main)

@@ -23,6 +23,7 @@ from emo_jax.data import corpus as corpus_lib
 from emo_jax.data import demo_corpus, sources
 from emo_jax.data.corpus import prepare_corpus
 from emo_jax.data.tokenizer import TokenizerError
+from experiments import cli
 
 _CORPUS = flags.DEFINE_string("corpus", None, "'demo', or a path / glob / comma-separated list "
                               "of .jsonl, .array_record, text files or folders.")
@@ -47,8 +48,7 @@ _SKIP_TOKENIZER = flags.DEFINE_bool("skip_tokenizer", False, "Only build the cor
 _FORCE = flags.DEFINE_bool("force", False, "Rebuild even if OUT already holds the result.")
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  cli.start(argv)
   try:
     result = prepare_corpus(
         _CORPUS.value, _OUT.value, vocab_size=_VOCAB_SIZE.value, cache_dir=_CACHE_DIR.value,

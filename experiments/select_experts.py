@@ -5,7 +5,7 @@
 
 --calibration is a JSONL of {"text": ...} documents (the first --num_examples are used, e.g. a
 task's few-shot prompts with their answers). --keep K keeps K experts per layer: K-1 routed
-chosen greedily layer by layer (EMO_SPEC.md) + the shared expert. --out receives the pruned
+chosen greedily layer by layer (docs/algorithm.md) + the shared expert. --out receives the pruned
 parameter checkpoint (train it further with --config.train.init_from=OUT, generate with
 experiments/generate.py), kept_experts.json / .txt, and with --export_hf a Hugging Face export in
 OUT/hf. The last stdout line is one JSON object with params_before / params_after (counts) and
@@ -21,6 +21,7 @@ from absl import app, flags, logging
 from emo_jax import checkpoint as ckpt_lib
 from emo_jax import generate, selective
 from emo_jax.data import sources
+from experiments import cli
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training workdir or parameter checkpoint.")
 _CALIBRATION = flags.DEFINE_string("calibration", None, "JSONL of {\"text\": ...} documents.")
@@ -45,8 +46,7 @@ def export_hf(pruned_dir: pathlib.Path, layout: str, tokenizer: str | None) -> d
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  cli.start(argv)
   logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
   start = time.time()
   out = pathlib.Path(_OUT.value)

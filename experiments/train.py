@@ -8,11 +8,16 @@ run the same command on every host with --distributed (cluster from the environm
 SLURM) or with --coordinator_address/--num_processes/--process_id.
 """
 
-from absl import app, flags
+import sys
+
+from absl import flags
 from ml_collections import config_flags
 
+from emo_jax.checkpoint import CheckpointMismatchError
+from emo_jax.config import ConfigError
 from emo_jax.sharding import initialize_distributed
 from emo_jax.train import train_and_evaluate
+from emo_jax.workdir import WorkdirBusyError
 from experiments import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
@@ -28,9 +33,12 @@ def main(argv):
   cli.start(argv)
   if _DISTRIBUTED.value or _COORDINATOR.value:
     initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  try:
+    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except (ConfigError, CheckpointMismatchError, WorkdirBusyError) as e:
+    sys.exit(f"error: {e}")  # a setting or a workdir to fix: the message says how
 
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  cli.run(main)

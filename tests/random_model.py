@@ -4,12 +4,18 @@ import jax
 import numpy as np
 from flax import nnx
 
+from emo_jax.execution import ExecutionConfig
 from emo_jax.model import Transformer
 
 
-def random_params(cfg, seed: int = 0):
-  """(graphdef, NumPy params): norms 1, every other weight N(0, cfg.init_std^2), seeded."""
-  abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+def random_params(cfg, seed: int = 0, execution=None):
+  """(graphdef, NumPy params): norms 1, every other weight N(0, cfg.init_std^2), seeded.
+
+  The graph runs under `execution` (default: the dense reference backend, which drops nothing,
+  so no row's output depends on the others)."""
+  if execution is None:
+    execution = ExecutionConfig(expert_backend="dense")
+  abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0), execution=execution))
   rng = np.random.default_rng(seed)
   params = jax.tree_util.tree_map_with_path(
       lambda path, x: (np.ones(x.shape, x.dtype) if "norm" in jax.tree_util.keystr(path)

@@ -15,6 +15,7 @@ from flax import nnx
 from emo_jax import analysis
 from emo_jax import checkpoint as ckpt_lib
 from emo_jax.config import ModelConfig
+from emo_jax.execution import ExecutionConfig
 from emo_jax.data import sources, synthetic
 from emo_jax.model import Transformer
 
@@ -28,7 +29,8 @@ def tiny_model_config(**changes) -> ModelConfig:
 
 
 def random_model(cfg: ModelConfig, seed: int = 0):
-  graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(seed)), nnx.Param)
+  run = ExecutionConfig(expert_backend="ragged", remat=False)
+  graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(seed), execution=run), nnx.Param)
   return graphdef, params
 
 
@@ -155,7 +157,7 @@ def test_document_windows_take_the_first_non_pad_tokens():
 
 
 def test_routing_features_come_from_exactly_the_first_100_tokens():
-  cfg = tiny_model_config(expert_backend="ragged", remat=False)
+  cfg = tiny_model_config()
   graphdef, params = random_model(cfg)
   rng = np.random.default_rng(0)
   short = rng.integers(2, 258, size=40).tolist()

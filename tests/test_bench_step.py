@@ -4,7 +4,6 @@ Small on purpose (batch 2 x 32, 2 timed steps): it checks that the benchmark mea
 says and that its numbers agree with each other, not how fast anything is.
 """
 
-import dataclasses
 import json
 import math
 import pathlib
@@ -12,7 +11,7 @@ import pathlib
 import numpy as np
 import pytest
 
-from emo_jax.config import ModelConfig, model_config_from
+from emo_jax.execution import run_configs
 from experiments import bench_step
 
 TINY = pathlib.Path(__file__).resolve().parents[1] / "configs" / "tiny.py"
@@ -70,26 +69,24 @@ def test_unknown_backend_fails_before_measuring():
     bench_step.run(bench_step.load_config(TINY), backends=["capacity", "nope"], isolate=False)
 
 
-def test_backend_with_implementation_needs_the_config_field():
-  cfg = model_config_from(bench_step.load_config(TINY))
-  if "ragged_dot_impl" in {f.name for f in dataclasses.fields(ModelConfig)}:
-    [(label, changes)] = bench_step.parse_backends(["ragged:xla"], cfg)
-    assert label == "ragged:xla"
-    assert changes == {"expert_backend": "ragged", "ragged_dot_impl": "xla"}
-  else:
-    with pytest.raises(ValueError, match="ragged_dot_impl"):
-      bench_step.parse_backends(["ragged:xla"], cfg)
+def test_backend_with_implementation_sets_the_execution_field():
+  execution = run_configs(bench_step.load_config(TINY))[1]
+  [(label, changes)] = bench_step.parse_backends(["ragged:xla"], execution)
+  assert label == "ragged:xla"
+  assert changes == {"expert_backend": "ragged", "ragged_dot_impl": "xla"}
+  with pytest.raises(ValueError, match="empty implementation"):
+    bench_step.parse_backends(["ragged:"], execution)
 
 
 def test_default_backends_leave_out_the_dense_reference():
-  cfg = model_config_from(bench_step.load_config(TINY))
-  labels = [label for label, _ in bench_step.parse_backends(None, cfg)]
-  assert labels[0] == cfg.expert_backend
+  execution = run_configs(bench_step.load_config(TINY))[1]
+  labels = [label for label, _ in bench_step.parse_backends(None, execution)]
+  assert labels[0] == execution.expert_backend
   assert "dense" not in labels and len(labels) == len(set(labels))
 
 
 def test_random_batch_has_the_pipelines_layout():
-  cfg = model_config_from(bench_step.load_config(TINY))
+  cfg = run_configs(bench_step.load_config(TINY))[0]
   b = bench_step.random_batch(cfg, 4, 40, seed=1)
   seg, pos = b["segment_ids"], b["positions"]
   assert seg.min() == 1 and (seg.max(axis=1) == bench_step.DOCUMENTS_PER_ROW).all()

@@ -1,5 +1,6 @@
-"""ModelConfig validation, the shipped configs, and describe's parameter counts."""
+"""ModelConfig and ExecutionConfig validation, the shipped configs, describe's counts."""
 
+import dataclasses
 import importlib.util
 import json
 import pathlib
@@ -8,8 +9,14 @@ import sys
 
 import pytest
 
-from emo_jax.config import ConfigError, ModelConfig, model_config_from
+from emo_jax import checkpoint
+from emo_jax.config import ConfigError, ModelConfig
+from emo_jax.execution import ExecutionConfig, run_configs, split_model_fields
 from emo_jax.model import count_params
+
+
+def model_config_from(config):
+  return run_configs(config)[0]
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.py") if not p.name.startswith("_"))
@@ -32,14 +39,10 @@ def load_config(path):
         (dict(num_heads=16, num_kv_heads=3), "num_kv_heads"),
         (dict(param_dtype="float64"), "param_dtype"),
         (dict(compute_dtype="fp8"), "compute_dtype"),
-        (dict(expert_backend="megablox"), "expert_backend"),
-        (dict(attention_impl="flash"), "attention_impl"),
-        (dict(remat_policy="selective"), "remat_policy"),
-        (dict(remat_policy=None), "remat_policy"),
         (dict(num_shared_experts=128), "num_shared_experts"),
         (dict(head_dim=7), "head_dim"),
         (dict(d_model=0), "d_model"),
-        (dict(capacity_factor=0.0), "capacity_factor"),
+        (dict(max_segments=1), "max_segments"),
         (dict(eval_pool_size=3), "eval_pool_size"),
         (dict(num_experts=-1), "num_experts"),
         (dict(lb_loss_weight=-0.1), "lb_loss_weight"),
@@ -50,30 +53,92 @@ def test_invalid_config_names_the_field(changes, field):
     ModelConfig(**changes)
 
 
+@pytest.mark.parametrize(
+    "changes, field",
+    [
+        (dict(expert_backend="megablox"), "expert_backend"),
+        (dict(attention_impl="flash"), "attention_impl"),
+        (dict(remat_policy="selective"), "remat_policy"),
+        (dict(remat_policy=None), "remat_policy"),
+        (dict(ragged_dot_impl="cutlass"), "ragged_dot_impl"),
+        (dict(expert_transport="carrier_pigeon"), "expert_transport"),
+        (dict(capacity_factor=0.0), "capacity_factor"),
+        (dict(capacity_factor=0.01), "capacity_factor"),
+        (dict(expert_backend="ragged", capacity_factor=-1.0), "capacity_factor"),
+    ],
+)
+def test_invalid_execution_names_the_field(changes, field):
+  with pytest.raises(ConfigError, match=rf"ExecutionConfig\.{field}="):
+    ExecutionConfig(**changes)
+
+
 def test_error_lists_allowed_values():
   with pytest.raises(ConfigError, match=r"\['dense', 'capacity', 'ragged'\]"):
-    ModelConfig(expert_backend="megablox")
+    ExecutionConfig(expert_backend="megablox")
 
 
-def test_attention_and_remat_choices_validate_and_are_not_architecture():
-  """Every listed kernel and policy is accepted, and none of them pins a checkpoint."""
-  from emo_jax.checkpoint import ARCHITECTURE_FIELDS
-  from emo_jax.config import ATTENTION_IMPLS, REMAT_POLICIES
+def test_capacity_below_one_is_refused_for_the_capacity_backend_only():
+  with pytest.raises(ConfigError, match=r"capacity_factor=0\.5 is invalid: below 1\.0 the "
+                     r"capacity backend drops at least 50% .*use >= 1\.0 .*'ragged'"):
+    ExecutionConfig(capacity_factor=0.5)
+  # The dropless backend never reads it (the trainer's mesh test runs it at 0.5).
+  assert ExecutionConfig(expert_backend="ragged", capacity_factor=0.5).capacity_factor == 0.5
+
+
+def test_every_kernel_and_policy_validates_and_round_trips():
+  from emo_jax.attention import ATTENTION_IMPLS
+  from emo_jax.remat import REMAT_POLICIES
   for impl in ATTENTION_IMPLS:
-    ModelConfig(attention_impl=impl)
+    ExecutionConfig(attention_impl=impl)
   for policy in REMAT_POLICIES:
-    cfg = ModelConfig(remat_policy=policy)
-    assert ModelConfig.from_dict(json.loads(cfg.to_json())) == cfg
+    run = ExecutionConfig(remat_policy=policy)
+    assert ExecutionConfig.from_dict(json.loads(run.to_json())) == run
   with pytest.raises(ConfigError, match=r"'dots_and_attention', 'none'\]"):
-    ModelConfig(remat_policy="everything")
-  assert not {"attention_impl", "remat", "remat_policy"} & set(ARCHITECTURE_FIELDS)
-  # Configs saved before remat_policy existed still load (the field has a default).
-  saved = {k: v for k, v in ModelConfig().to_dict().items() if k != "remat_policy"}
-  assert ModelConfig.from_dict(saved).remat_policy == "full"
+    ExecutionConfig(remat_policy="everything")
+
+
+# A value other than the default for every field of each config (the test fails when a field is
+# added without one here, so that the restart rule below covers it).
+OTHER_EXECUTION = dict(expert_backend="ragged", capacity_factor=2.0, ragged_dot_impl="xla",
+                       expert_transport="all_gather", attention_impl="auto", remat=False,
+                       remat_policy="dots")
+
+
+def test_execution_fields_may_change_on_restart_architecture_fields_may_not():
+  """Both rules come from the split itself: every ExecutionConfig field is free, every
+  ModelConfig field pins the checkpoint."""
+  assert set(OTHER_EXECUTION) == {f.name for f in dataclasses.fields(ExecutionConfig)}
+  saved = {"model": ModelConfig().to_dict(), "execution": ExecutionConfig().to_dict()}
+  for name, value in OTHER_EXECUTION.items():
+    changed = ExecutionConfig().replace(**{name: value}) if name != "expert_transport" else (
+        ExecutionConfig(expert_backend="ragged", expert_transport=value))
+    assert checkpoint.incompatible_fields(saved, {**saved, "execution": changed.to_dict()}) == []
+  for field in dataclasses.fields(ModelConfig):
+    old = getattr(ModelConfig(), field.name)
+    new = (not old if isinstance(old, bool) else 32 if old is None
+           else old + 1 if isinstance(old, (int, float)) else "float16")
+    current = {**saved, "model": {**saved["model"], field.name: new}}
+    [problem] = checkpoint.incompatible_fields(saved, current)
+    assert problem.startswith(f"model.{field.name}: checkpoint has {old!r}")
+
+
+def test_model_configs_saved_before_the_split_still_read():
+  legacy = {**ModelConfig().to_dict(), **ExecutionConfig().to_dict()}
+  model, execution = split_model_fields(legacy)
+  assert ModelConfig.from_dict(model) == ModelConfig()
+  assert execution == ExecutionConfig().to_dict()
+
+
+def test_execution_field_in_the_model_section_names_where_it_belongs():
+  config = load_config(ROOT / "configs/tiny.py")
+  config.model.expert_backend = "ragged"
+  with pytest.raises(ConfigError, match=r"model\.expert_backend is a run setting.*"
+                     r"--config\.execution\.expert_backend"):
+    run_configs(config)
 
 
 def test_unknown_field_is_an_error():
-  with pytest.raises(ConfigError, match="topk"):
+  with pytest.raises(ConfigError, match=r"'topk'.*did you mean 'top_k'"):
     ModelConfig.from_dict({"topk": 3})
 
 
@@ -106,7 +171,8 @@ def test_release_parameter_counts():
 
 def test_describe_command():
   out = subprocess.run(
-      [sys.executable, "-m", "experiments.describe", "--config", "configs/emo_1b14b.py"],
+      [sys.executable, "-m", "experiments.describe", "--config", "configs/emo_1b14b.py",
+       "--json"],
       cwd=ROOT, capture_output=True, text=True, check=True).stdout
   described = json.loads(out)
   assert 13.5e9 < described["total_params"] < 13.7e9
@@ -117,3 +183,18 @@ def test_describe_command():
       [sys.executable, "-m", "experiments.describe", "--config", "configs/tiny.py",
        "--config.model.top_k=99"], cwd=ROOT, capture_output=True, text=True)
   assert override.returncode != 0 and "ModelConfig.top_k=99" in override.stderr
+
+
+def test_unknown_override_key_is_one_line_naming_the_close_match():
+  unknown = subprocess.run(
+      [sys.executable, "-m", "experiments.describe", "--config", "configs/tiny.py",
+       "--config.model.topk=2"], cwd=ROOT, capture_output=True, text=True)
+  assert unknown.returncode != 0 and "Traceback" not in unknown.stderr
+  assert unknown.stderr.strip().splitlines()[-1] == (
+      "error: unknown config key config.model.topk; did you mean config.model.top_k?")
+  moved = subprocess.run(
+      [sys.executable, "-m", "experiments.describe", "--config", "configs/tiny.py",
+       "--config.model.expert_backend=ragged"], cwd=ROOT, capture_output=True, text=True)
+  assert moved.stderr.strip().splitlines()[-1] == ("error: unknown config key "
+                                                   "config.model.expert_backend; did you mean "
+                                                   "config.execution.expert_backend?")

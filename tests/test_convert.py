@@ -29,6 +29,7 @@ from emo_jax import checkpoint as ckpt_lib  # noqa: E402
 from emo_jax.config import ModelConfig  # noqa: E402
 from emo_jax.convert import hf, orbax_io, safetensors_io, tokenizer_hf  # noqa: E402
 from emo_jax.data import tokenizer as tokenizer_lib  # noqa: E402
+from emo_jax.execution import ExecutionConfig  # noqa: E402
 from emo_jax.model import Transformer  # noqa: E402
 
 torch = pytest.importorskip("torch")
@@ -38,7 +39,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 MOE = dict(vocab_size=258, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
            num_experts=7, num_shared_experts=1, top_k=2, expert_hidden=16, pool_min=2,
            pool_max=7, max_segments=4, max_seq_len=64, compute_dtype="float32",
-           expert_backend="dense", init_std=0.1, remat=False)
+           init_std=0.1)
+RUN = ExecutionConfig(expert_backend="dense", remat=False)
 TOKENS = np.random.RandomState(1).randint(2, 258, size=(2, 16))
 
 
@@ -61,13 +63,13 @@ def random_params(cfg, seed=0):
 @functools.lru_cache
 def _compiled_forward(cfg):
   """(graphdef, jitted forward) per config, so models of one config compile once."""
-  graphdef, _ = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+  graphdef, _ = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0), execution=RUN)))
   return graphdef, jax.jit(lambda s, t: nnx.merge(graphdef, s)(t)[0])
 
 
 def jax_forward(cfg, params):
   graphdef, forward = _compiled_forward(cfg)
-  _, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+  _, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0), execution=RUN)))
   nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
   return lambda tokens: np.asarray(forward(state, jnp.asarray(tokens)))
 
@@ -365,8 +367,7 @@ def test_olmoe_imports_and_matches_its_logits(tmp_path):
     summary = hf.import_hf(source, tmp_path / f"jax_{source.name}")
     assert summary["layout"] == "olmoe" and summary["fused_experts"] == (source == fused)
     params, config_dict = ckpt_lib.load_params(tmp_path / f"jax_{source.name}")
-    cfg = ModelConfig.from_dict(config_dict).replace(compute_dtype="float32",
-                                                     expert_backend="dense")
+    cfg = ModelConfig.from_dict(config_dict).replace(compute_dtype="float32")
     assert cfg.qk_norm and cfg.num_shared_experts == 0 and not cfg.pool
     np.testing.assert_allclose(jax_forward(cfg, params)(tokens), expected, atol=1e-4, rtol=0)
 

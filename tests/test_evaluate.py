@@ -18,7 +18,7 @@ from random_model import random_params
 CFG = ModelConfig(vocab_size=258, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
                   head_dim=8, num_experts=5, num_shared_experts=1, top_k=2, expert_hidden=16,
                   pool_min=2, pool_max=5, max_segments=4, compute_dtype="float32",
-                  expert_backend="dense", init_std=0.3)
+                  init_std=0.3)
 TOK = ByteTokenizer()
 
 

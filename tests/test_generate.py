@@ -10,13 +10,15 @@ from flax import nnx
 
 from emo_jax import generate, selective
 from emo_jax.config import ModelConfig
+from emo_jax.execution import ExecutionConfig
 from random_model import random_params
 
 # capacity backend with a small factor: generation must make it dropless by itself.
 CFG = ModelConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
                   head_dim=8, num_experts=6, num_shared_experts=1, top_k=2, expert_hidden=16,
                   pool_min=2, pool_max=6, max_segments=4, compute_dtype="float32",
-                  expert_backend="capacity", capacity_factor=1.0, init_std=0.2)
+                  init_std=0.2)
+RUN = ExecutionConfig(expert_backend="capacity", capacity_factor=1.0)
 PROMPTS = [[5, 9, 11, 3, 7, 2], [8, 1], [4, 4, 60]]
 NEW = 7
 
@@ -24,7 +26,7 @@ NEW = 7
 @functools.lru_cache(maxsize=None)
 def model():
   _, params = random_params(CFG)
-  return (params,) + generate.build_model(CFG, params)
+  return (params,) + generate.build_model(CFG, params, RUN)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -56,7 +58,7 @@ def check_against_recompute(graphdef, params, result, keep=None):
 
 def test_kv_cache_equals_full_recompute_batched():
   _, graphdef, params = model()
-  assert nnx.merge(graphdef, params).cfg.capacity_factor >= 5 / 2  # dropless for inference
+  assert nnx.merge(graphdef, params).execution.capacity_factor >= 5 / 2  # dropless for inference
   result = generate.generate_ids(graphdef, params, PROMPTS, generate.SamplingConfig(NEW),
                                  return_logits=True)
   assert [len(r) for r in result["tokens"]] == [NEW] * 3

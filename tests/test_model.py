@@ -9,13 +9,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from emo_jax import model as model_lib
+from emo_jax import attention, model as model_lib
 from emo_jax.config import ModelConfig
+from emo_jax.execution import ExecutionConfig
 
 TINY = ModelConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
                    head_dim=8, num_experts=7, num_shared_experts=1, top_k=2, expert_hidden=16,
                    pool_min=2, pool_max=7, max_segments=4, compute_dtype="float32",
-                   expert_backend="dense", init_std=0.1)
+                   init_std=0.1)
+DENSE = ExecutionConfig(expert_backend="dense")
 
 
 @functools.partial(nnx.jit, static_argnames="train")
@@ -24,8 +26,8 @@ def forward(model, tokens, segment_ids, positions, rng, train):
 
 
 @functools.lru_cache(maxsize=None)
-def make_model(cfg: ModelConfig, seed: int = 0):
-  return model_lib.Transformer(cfg, rngs=nnx.Rngs(seed))
+def make_model(cfg: ModelConfig, seed: int = 0, execution: ExecutionConfig = DENSE):
+  return model_lib.Transformer(cfg, rngs=nnx.Rngs(seed), execution=execution)
 
 
 def packed_batch(rng, lengths, total, vocab):
@@ -62,7 +64,7 @@ def test_attention_matches_numpy():
   B, L, H, G, K = 2, 12, 4, 2, 8
   q, k, v = (rng.normal(size=(B, L, n, K)).astype(np.float32) for n in (H, G, G))
   segment_ids = np.array([[1] * 5 + [2] * 4 + [0] * 3, [1] * 12], np.int32)
-  got = model_lib.dot_product_attention(q, k, v, model_lib.attention_mask(segment_ids))
+  got = attention.dot_product_attention(q, k, v, attention.attention_mask(segment_ids))
   np.testing.assert_allclose(np.asarray(got), reference_attention(q, k, v, segment_ids),
                              atol=1e-5)
 
@@ -182,11 +184,11 @@ def test_full_pool_and_eval_mode_route_over_all_experts():
 @pytest.mark.parametrize("changes", [
     dict(num_experts=0, num_shared_experts=0, pool=False, mlp_hidden=24),  # dense baseline
     dict(qk_norm=True, num_shared_experts=0, top_k=3, pool_min=3, tie_embeddings=True),  # OLMoE-like
-    dict(compute_dtype="bfloat16", expert_backend="capacity"),
+    dict(compute_dtype="bfloat16"),
 ], ids=["dense", "qknorm-noshared-tied", "bf16-capacity"])
 def test_variants_train_with_finite_gradients(changes):
   cfg = TINY.replace(**changes)
-  model = make_model(cfg)
+  model = make_model(cfg, execution=ExecutionConfig() if "compute_dtype" in changes else DENSE)
   rng = np.random.default_rng(9)
   tokens, segment_ids, positions = packed_batch(rng, [10, 6], 16, cfg.vocab_size)
 
@@ -208,7 +210,8 @@ def test_expert_backends_agree_in_the_model():
   want, want_aux = forward(reference, tokens, segment_ids, positions, jax.random.key(2), True)
   for backend in ("capacity", "ragged"):
     # capacity_factor = routed / top_k leaves room for every assignment.
-    other = make_model(TINY.replace(expert_backend=backend, capacity_factor=3.0))
+    other = make_model(TINY, execution=ExecutionConfig(expert_backend=backend,
+                                                       capacity_factor=3.0))
     nnx.update(other, nnx.state(reference))
     got, aux = forward(other, tokens, segment_ids, positions, jax.random.key(2), True)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5)
@@ -296,8 +299,8 @@ def assert_close(got, want, tol):
 @jax.jit
 def reference_and_grads(q, k, v, cotangent, segment_ids):
   """The float32 reference output and gradients (one compiled call: eager ops compile each)."""
-  mask = model_lib.attention_mask(segment_ids)
-  return attention_and_grads(lambda q, k, v: model_lib.dot_product_attention(q, k, v, mask),
+  mask = attention.attention_mask(segment_ids)
+  return attention_and_grads(lambda q, k, v: attention.dot_product_attention(q, k, v, mask),
                              *(x.astype(jnp.float32) for x in (q, k, v, cotangent)))
 
 
@@ -311,7 +314,7 @@ def qkv_and_reference(B, L, H, G, K, dtype, seed):
 
 def test_segment_runs_cover_every_token():
   segment_ids = np.array([[1, 1, 2, 2, 2, 0, 0], [0, 0, 1, 1, 1, 1, 1], [3, 0, 0, 0, 0, 0, 0]])
-  runs = jax.jit(model_lib.segment_runs, static_argnums=1)
+  runs = jax.jit(attention.segment_runs, static_argnums=1)
   starts, lengths = runs(segment_ids, 3)
   np.testing.assert_array_equal(starts, [[0, 2, 5], [0, 2, -1], [0, 1, -1]])
   np.testing.assert_array_equal(lengths, [[2, 3, 2], [2, 5, -1], [1, 6, -1]])
@@ -332,7 +335,7 @@ def test_attention_impls_equal_the_reference(impl, dtype, tol):
   if impl == "splash":
     from emo_jax.sharding import MeshConfig, make_mesh
     mesh = make_mesh(MeshConfig(data=2, tensor=2), jax.devices()[:4])
-  fn = lambda q, k, v: model_lib.segment_attention(q, k, v, segment_ids, impl, mesh=mesh,
+  fn = lambda q, k, v: attention.segment_attention(q, k, v, segment_ids, impl, mesh=mesh,
                                                    interpret=True)
   got = jax.jit(lambda *a: attention_and_grads(fn, *a))(*args)
   assert got[0].dtype == jnp.dtype(dtype)
@@ -375,7 +378,7 @@ def test_cudnn_packed_layout_equals_the_reference():
 
   @jax.jit
   def cudnn_arguments(q, k, v, segment_ids):
-    q, k, v, seqlens, offsets = model_lib.cudnn_packed_arguments(q, k, v, segment_ids, 12)
+    q, k, v, seqlens, offsets = attention.cudnn_packed_arguments(q, k, v, segment_ids, 12)
     seqlens, _, q_offsets, kv_offsets = cudnn_fa._fix_seqlen_offsets(seqlens, seqlens, offsets,
                                                                      offsets, q, k)
     return q, k, v, seqlens, q_offsets, kv_offsets
@@ -392,12 +395,12 @@ def test_fast_paths_off_their_hardware_are_clear_errors():
   if jax.default_backend() != "gpu":
     with pytest.raises(ValueError, match=re.escape(
         "attention_impl='cudnn' needs an NVIDIA GPU with cuDNN; use 'xla' or 'auto'")):
-      model_lib.segment_attention(q, q, q, segment_ids, "cudnn")
+      attention.segment_attention(q, q, q, segment_ids, "cudnn")
   if jax.default_backend() != "tpu":
     with pytest.raises(ValueError, match=r"attention_impl='splash' needs a TPU"):
-      model_lib.segment_attention(q, q, q, segment_ids, "splash")
+      attention.segment_attention(q, q, q, segment_ids, "splash")
   if jax.default_backend() == "cpu":
-    assert model_lib.resolve_attention_impl("auto", jnp.bfloat16, 128, 4096) == "xla"
+    assert attention.resolve_attention_impl("auto", jnp.bfloat16, 128, 4096) == "xla"
 
 
 def test_cudnn_path_lowers_for_gpu_without_a_mask(monkeypatch):
@@ -409,13 +412,13 @@ def test_cudnn_path_lowers_for_gpu_without_a_mask(monkeypatch):
   from jax._src.cudnn import fused_attention_stablehlo as cudnn_fa
   monkeypatch.setattr(cudnn_fa, "check_cudnn_version", lambda: 91000)
   monkeypatch.setattr(cudnn_fa, "check_compute_capability", lambda capability: True)
-  monkeypatch.setattr(model_lib, "_cudnn_problem", lambda dtype, head_dim: None)
+  monkeypatch.setattr(attention, "_cudnn_problem", lambda dtype, head_dim: None)
   rng = np.random.default_rng(15)
   tokens, segment_ids, positions = packed_batch(rng, [9, 5], 16, TINY.vocab_size)
   params = nnx.state(make_model(TINY))
   for policy, forward_calls in (("full", 2), ("save_attention_and_moe_input", 1)):
-    cfg = TINY.replace(compute_dtype="bfloat16", attention_impl="cudnn", remat_policy=policy)
-    graphdef = abstract_graphdef(cfg)
+    cfg = TINY.replace(compute_dtype="bfloat16")
+    graphdef = abstract_graphdef(cfg, DENSE.replace(attention_impl="cudnn", remat_policy=policy))
 
     def loss(params):
       logits, aux = nnx.merge(graphdef, params)(tokens, segment_ids, positions, train=True,
@@ -429,9 +432,10 @@ def test_cudnn_path_lowers_for_gpu_without_a_mask(monkeypatch):
 
 
 # ---- rematerialisation ---------------------------------------------------------------------
-def abstract_graphdef(cfg: ModelConfig):
+def abstract_graphdef(cfg: ModelConfig, execution: ExecutionConfig = DENSE):
   """The graph of a model with `cfg`, from shapes only (no initialisation)."""
-  return nnx.graphdef(nnx.eval_shape(lambda: model_lib.Transformer(cfg, rngs=nnx.Rngs(0))))
+  return nnx.graphdef(nnx.eval_shape(
+      lambda: model_lib.Transformer(cfg, rngs=nnx.Rngs(0), execution=execution)))
 
 
 def test_remat_policies_equal_no_remat():
@@ -444,8 +448,8 @@ def test_remat_policies_equal_no_remat():
   tokens, segment_ids, positions = packed_batch(rng, [9, 7], 16, TINY.vocab_size)
   params = nnx.state(make_model(TINY))
   policies = ("full", "dots", "save_attention_and_moe_input", "dots_and_attention", "none")
-  graphdefs = [abstract_graphdef(TINY.replace(remat=False))]
-  graphdefs += [abstract_graphdef(TINY.replace(remat_policy=p)) for p in policies]
+  graphdefs = [abstract_graphdef(TINY, DENSE.replace(remat=False))]
+  graphdefs += [abstract_graphdef(TINY, DENSE.replace(remat_policy=p)) for p in policies]
 
   def all_losses_and_grads(params):
     results = []
@@ -475,7 +479,7 @@ on_gpu = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU"
 @pytest.mark.parametrize("kv_heads", [4, 2])
 def test_cudnn_equals_the_reference_on_gpu(kv_heads):
   args, segment_ids, want = qkv_and_reference(2, 1024, 4, kv_heads, 128, jnp.bfloat16, seed=17)
-  fn = lambda q, k, v: model_lib.segment_attention(q, k, v, segment_ids, "cudnn", max_runs=64)
+  fn = lambda q, k, v: attention.segment_attention(q, k, v, segment_ids, "cudnn", max_runs=64)
   got = jax.jit(lambda *a: attention_and_grads(fn, *a))(*args)
   for g, w in zip(got, want):
     assert_close(g, w, 2e-2)
@@ -485,12 +489,13 @@ def test_cudnn_equals_the_reference_on_gpu(kv_heads):
 def test_cudnn_model_equals_xla_on_gpu():
   rng = np.random.default_rng(18)
   tokens, segment_ids, positions = packed_batch(rng, [40, 30, 20], 128, TINY.vocab_size)
-  cfg = TINY.replace(compute_dtype="bfloat16", head_dim=64, remat_policy="dots_and_attention")
+  cfg = TINY.replace(compute_dtype="bfloat16", head_dim=64)
+  run = DENSE.replace(remat_policy="dots_and_attention")
   results = []
   for impl in ("xla", "auto", "cudnn"):
-    model = make_model(cfg.replace(attention_impl=impl))
+    model = make_model(cfg, execution=run.replace(attention_impl=impl))
     if results:
-      nnx.update(model, nnx.state(make_model(cfg.replace(attention_impl="xla"))))
+      nnx.update(model, nnx.state(make_model(cfg, execution=run.replace(attention_impl="xla"))))
     results.append(nnx.jit(nnx.value_and_grad(lambda m: jnp.mean(
         m(tokens, segment_ids, positions, train=True, rng=jax.random.key(0))[0])))(model))
   for loss, grads in results[1:]:

@@ -7,8 +7,9 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from emo_jax import moe
+from emo_jax import moe, routing
 from emo_jax.config import ModelConfig
+from emo_jax.execution import ExecutionConfig
 
 
 def _softmax(x):
@@ -64,7 +65,7 @@ def test_pool_mask_matches_per_document_numpy(seed):
   assert (segment_ids == 0).any() and segment_ids.max() >= 3  # padding and several documents
   pool_sizes = rng.integers(2, E + 3, size=(B, S)).astype(np.int32)  # includes P >= E
   probs = jax.nn.softmax(jnp.asarray(logits), axis=-1)
-  got = jax.jit(moe.document_pool_mask, static_argnums=3)(probs, segment_ids, pool_sizes, S)
+  got = jax.jit(routing.document_pool_mask, static_argnums=3)(probs, segment_ids, pool_sizes, S)
   want = reference_pool_mask(np.asarray(probs), segment_ids, pool_sizes)
   np.testing.assert_array_equal(np.asarray(got), want)
   # Tokens of one document share one pool, of exactly min(P, E) experts.
@@ -83,8 +84,8 @@ def test_pool_then_topk_matches_numpy():
   logits = rng.normal(size=(B, L, E)).astype(np.float32)
   segment_ids = random_packing(rng, B, L, S)
   pool_sizes = rng.integers(K, E, size=(B, S)).astype(np.int32)
-  keep = moe.document_pool_mask(jax.nn.softmax(jnp.asarray(logits)), segment_ids, pool_sizes, S)
-  probs, ids, weights = moe.route(jnp.asarray(logits).reshape(B * L, E), keep.reshape(B * L, E), K)
+  keep = routing.document_pool_mask(jax.nn.softmax(jnp.asarray(logits)), segment_ids, pool_sizes, S)
+  probs, ids, weights = routing.route(jnp.asarray(logits).reshape(B * L, E), keep.reshape(B * L, E), K)
   ref_keep = reference_pool_mask(_softmax(logits), segment_ids, pool_sizes).reshape(B * L, E)
   ref_probs = _softmax(np.where(ref_keep, logits.reshape(B * L, E), -np.inf))
   ref_ids = np.argsort(-ref_probs, axis=-1, kind="stable")[:, :K]
@@ -100,7 +101,7 @@ def test_pool_sizes_uniform_and_independent():
   cfg = ModelConfig(vocab_size=32, d_model=8, num_layers=1, num_heads=1, num_kv_heads=1,
                     head_dim=8, num_experts=13, top_k=2, expert_hidden=4, pool_min=3,
                     pool_max=14, max_segments=4)
-  layer = moe.MoE(cfg, rngs=nnx.Rngs(0))
+  layer = moe.MoE(cfg, ExecutionConfig(), rngs=nnx.Rngs(0))
   keys = jax.random.split(jax.random.key(0), 4000)
   sizes = np.asarray(jax.vmap(lambda k: layer.pool_sizes(8, pool_rng=k, train=True))(keys))
   assert sizes.shape == (4000, 8, 4)
@@ -119,7 +120,7 @@ def test_pool_sizes_uniform_and_independent():
   assert abs(np.corrcoef(per_layer[:, 0], per_layer[:, 1])[0, 1]) < 0.1
   # Evaluation: no pool unless a fixed eval pool is configured.
   assert layer.pool_sizes(8, pool_rng=keys[0], train=False) is None
-  fixed = moe.MoE(cfg.replace(eval_pool_size=5), rngs=nnx.Rngs(0))
+  fixed = moe.MoE(cfg.replace(eval_pool_size=5), ExecutionConfig(), rngs=nnx.Rngs(0))
   np.testing.assert_array_equal(fixed.pool_sizes(2, pool_rng=None, train=False), 5)
 
 
@@ -128,7 +129,7 @@ def test_full_pool_masks_nothing():
   probs = jax.nn.softmax(jnp.asarray(rng.normal(size=(2, 16, 7)), jnp.float32))
   segment_ids = random_packing(rng, 2, 16, 4)
   for size in (7, 8, 100):
-    keep = moe.document_pool_mask(probs, segment_ids, jnp.full((2, 4), size), 4)
+    keep = routing.document_pool_mask(probs, segment_ids, jnp.full((2, 4), size), 4)
     assert bool(jnp.all(keep))
 
 
@@ -137,16 +138,16 @@ def test_training_a_pooled_model_needs_a_key():
                     head_dim=8, num_experts=5, top_k=2, expert_hidden=4, pool_min=2,
                     pool_max=4, max_segments=2)
   with pytest.raises(ValueError, match="pool_rng"):
-    moe.MoE(cfg, rngs=nnx.Rngs(0)).pool_sizes(1, pool_rng=None, train=True)
+    moe.MoE(cfg, ExecutionConfig(), rngs=nnx.Rngs(0)).pool_sizes(1, pool_rng=None, train=True)
 
 
 def test_moe_layer_matches_numpy():
   """Router -> pool -> softmax -> top-k -> routed experts + shared expert at weight 1.0."""
   cfg = ModelConfig(vocab_size=32, d_model=8, num_layers=1, num_heads=1, num_kv_heads=1,
                     head_dim=8, num_experts=7, num_shared_experts=1, top_k=2, expert_hidden=4,
-                    pool_min=2, pool_max=5, max_segments=3, expert_backend="dense",
-                    compute_dtype="float32", init_std=0.5)
-  layer = moe.MoE(cfg, rngs=nnx.Rngs(1))
+                    pool_min=2, pool_max=5, max_segments=3, compute_dtype="float32",
+                    init_std=0.5)
+  layer = moe.MoE(cfg, ExecutionConfig(expert_backend="dense"), rngs=nnx.Rngs(1))
   rng = np.random.default_rng(5)
   B, L, R, S = 2, 9, 6, 3
   x = rng.normal(size=(B, L, 8)).astype(np.float32)
@@ -156,7 +157,7 @@ def test_moe_layer_matches_numpy():
 
   router = np.asarray(layer.router[...], np.float64)
   wg, wu, wd = (np.asarray(w[...], np.float64) for w in (layer.w_gate, layer.w_up, layer.w_down))
-  pool_sizes = np.asarray(moe.draw_pool_sizes(key, (B, S), cfg.pool_min, cfg.pool_max))
+  pool_sizes = np.asarray(routing.draw_pool_sizes(key, (B, S), cfg.pool_min, cfg.pool_max))
   logits = x.astype(np.float64) @ router[:, :R]
   keep = reference_pool_mask(_softmax(logits), segment_ids, pool_sizes)
   probs = _softmax(np.where(keep, logits, -np.inf))
@@ -180,12 +181,12 @@ def test_load_balancing_loss_hand_checked():
                      [0.9, 0.05, 0.03, 0.02]])  # padding: must not count
   ids = jnp.array([[0, 1], [3, 2], [0, 1], [0, 1]])
   mask = jnp.array([True, True, True, False])
-  loss, load = moe.load_balancing_loss(probs, ids, mask)
+  loss, load = routing.load_balancing_loss(probs, ids, mask)
   # counts = [2, 2, 1, 1], n = 3, mean scores = [0.4, 0.2, 0.2, 0.2]:
   # (4 / 2) * (2 * 0.4 + 2 * 0.2 + 0.2 + 0.2) / 3 = 16 / 15.
   np.testing.assert_allclose(float(loss), 16 / 15, rtol=1e-6)
   np.testing.assert_allclose(np.asarray(load), np.array([2, 2, 1, 1]) / 6, rtol=1e-6)
-  uniform, _ = moe.load_balancing_loss(jnp.full((6, 3), 1 / 3),
+  uniform, _ = routing.load_balancing_loss(jnp.full((6, 3), 1 / 3),
                                        jnp.array([[0], [1], [2], [0], [1], [2]]),
                                        jnp.ones(6, bool))
   np.testing.assert_allclose(float(uniform), 1.0, rtol=1e-6)  # balanced routing scores 1
@@ -203,11 +204,11 @@ def test_global_load_balancing_under_shard_map():
   probs = jax.nn.softmax(jnp.asarray(logits), -1)
   _, ids = jax.lax.top_k(probs, K)
   mask = jnp.ones((T,), bool)
-  whole_loss, whole_load = moe.load_balancing_loss(probs, ids, mask)
+  whole_loss, whole_load = routing.load_balancing_loss(probs, ids, mask)
 
   def per_replica(p, i, m):
-    loss, load = moe.load_balancing_loss(p, i, m, data_axes=("data",))
-    local, _ = moe.load_balancing_loss(p, i, m)
+    loss, load = routing.load_balancing_loss(p, i, m, data_axes=("data",))
+    local, _ = routing.load_balancing_loss(p, i, m)
     return jax.lax.pmean(loss, "data"), load, jax.lax.pmean(local, "data")
 
   shard = lambda a: jax.device_put(a, NamedSharding(mesh, P("data")))
@@ -221,6 +222,6 @@ def test_global_load_balancing_under_shard_map():
 
 
 def test_segment_id_check():
-  moe.check_segment_ids(np.array([[0, 1, 2, 4]]), 4)
+  routing.check_segment_ids(np.array([[0, 1, 2, 4]]), 4)
   with pytest.raises(ValueError, match="max_segments=3"):
-    moe.check_segment_ids(np.array([[1, 2, 4]]), 3)
+    routing.check_segment_ids(np.array([[1, 2, 4]]), 3)

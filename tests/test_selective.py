@@ -10,13 +10,14 @@ from flax import nnx
 
 from emo_jax import selective
 from emo_jax.config import ConfigError, ModelConfig
+from emo_jax.execution import ExecutionConfig
 from emo_jax.model import Transformer, count_params
 from random_model import random_params
 
 CFG = ModelConfig(vocab_size=64, d_model=32, num_layers=3, num_heads=4, num_kv_heads=2,
                   head_dim=8, num_experts=8, num_shared_experts=1, top_k=3, expert_hidden=16,
                   pool_min=3, pool_max=8, max_segments=4, compute_dtype="float32",
-                  expert_backend="dense", init_std=0.2)
+                  init_std=0.2)
 
 
 @functools.lru_cache(maxsize=None)
@@ -26,7 +27,8 @@ def model_and_params(cfg=CFG):
 
 @functools.lru_cache(maxsize=None)
 def graphdef_of(cfg):
-  return nnx.graphdef(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+  return nnx.graphdef(nnx.eval_shape(lambda: Transformer(
+      cfg, rngs=nnx.Rngs(0), execution=ExecutionConfig(expert_backend="dense"))))
 
 
 @functools.partial(jax.jit, static_argnums=0)

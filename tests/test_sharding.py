@@ -1,4 +1,4 @@
-"""Meshes, parameter shardings and expert parallelism on 8 fake CPU devices."""
+"""Meshes, parameter shardings and sharded training on 8 fake CPU devices."""
 
 import json
 import os
@@ -7,16 +7,15 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import portpicker
 import pytest
 from flax import nnx
 
 from emo_jax import sharding, train as train_lib
-from emo_jax.config import ConfigError, ModelConfig, model_config_from
+from emo_jax.config import ConfigError
 from emo_jax.data import corpus as corpus_lib
-from emo_jax.moe import MoE
+from emo_jax.execution import run_configs
 from emo_jax.model import Transformer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -32,7 +31,7 @@ def mesh_of(**axes):
 
 
 def tiny_model_config():
-  return model_config_from(tiny.get_config())
+  return run_configs(tiny.get_config())[0]
 
 
 def test_mesh_config_resolves_and_explains():
@@ -49,7 +48,7 @@ def test_mesh_config_resolves_and_explains():
 
 
 def test_release_model_shards_experts_and_fsdp():
-  cfg = model_config_from(emo_1b14b.get_config())
+  cfg = run_configs(emo_1b14b.get_config())[0]
   params = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: Transformer(cfg,
                                                                         rngs=nnx.Rngs(0)))))
   shardings = sharding.param_shardings(params, mesh_of(fsdp=2, expert=4))
@@ -57,37 +56,6 @@ def test_release_model_shards_experts_and_fsdp():
       None, "expert", "fsdp", None)
   assert shardings["embed"].spec == jax.sharding.PartitionSpec(None, "fsdp")
   assert shardings["blocks"]["attn_norm"]["weight"].spec == jax.sharding.PartitionSpec(None, None)
-
-
-@pytest.mark.parametrize("axes", MESHES, ids=lambda a: "x".join(f"{k}{v}" for k, v in a.items()))
-def test_expert_parallel_moe_equals_single_device(axes):
-  cfg = tiny_model_config().replace(init_std=0.2)
-  layer = MoE(cfg, rngs=nnx.Rngs(3))
-  rng = np.random.default_rng(0)
-  B, L = 8, 16
-  x = jnp.asarray(rng.normal(size=(B, L, cfg.d_model)), jnp.float32)
-  segment_ids = np.repeat(np.array([[1] * 6 + [2] * 7 + [0] * 3]), B, 0).astype(np.int32)
-  key = jax.random.key(5)
-  probe = jnp.asarray(rng.normal(size=(B, L, cfg.d_model)), jnp.float32)
-
-  def run(mesh):
-    @nnx.jit
-    def f(layer, x):
-      def loss(layer, x):
-        y, aux = layer(x, segment_ids, pool_rng=key, train=True, mesh=mesh)
-        return jnp.sum(y * probe) + aux["lb_loss"], (y, aux)
-      (_, (y, aux)), grads = nnx.value_and_grad(loss, argnums=(0, 1), has_aux=True)(layer, x)
-      return y, aux, grads
-    return f(layer, x)
-
-  y0, aux0, (g0, gx0) = run(None)
-  y1, aux1, (g1, gx1) = run(mesh_of(**axes))
-  np.testing.assert_allclose(np.asarray(y1), np.asarray(y0), atol=1e-5)
-  np.testing.assert_allclose(float(aux1["lb_loss"]), float(aux0["lb_loss"]), rtol=1e-6)
-  np.testing.assert_allclose(np.asarray(gx1), np.asarray(gx0), atol=1e-5)
-  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):  # sums in another order
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=1e-5)
-  assert float(aux1["dropped_fraction"]) == 0.0
 
 
 def _batches(n, batch_size=8):
@@ -99,9 +67,9 @@ def _batches(n, batch_size=8):
 
 
 def _losses(mesh, batches, steps=3):
-  cfg = tiny_model_config()
+  cfg, execution = run_configs(tiny.get_config())
   tc = train_lib.TrainConfig(steps=10, warmup_steps=0, learning_rate=3e-3)
-  graphdef, optimizer, state = train_lib.init_state(cfg, tc, mesh)
+  graphdef, optimizer, state = train_lib.init_state(cfg, tc, mesh, execution)
   shardings = train_lib.state_shardings_for(state, mesh)
   step = jax.jit(lambda s, b: train_lib.train_step(s, b, graphdef=graphdef, optimizer=optimizer,
                                                    cfg=cfg, tc=tc, mesh=mesh),
@@ -166,7 +134,7 @@ def test_two_processes_reach_the_single_process_losses(tmp_path):
 
   # One process with the same global batch: host 0's rows, then host 1's.
   config = tiny.get_config()
-  cfg = model_config_from(config)
+  cfg, execution = run_configs(config)
   dc = corpus_lib.DataConfig.from_dict(config.data).replace(synthetic_documents=300)
   corpus = corpus_lib.load_corpus(dc)
   shards = [iter(corpus_lib.pipeline.make_dataset(
@@ -174,7 +142,7 @@ def test_two_processes_reach_the_single_process_losses(tmp_path):
       batch_size=dc.batch_size // 2, max_segments=cfg.max_segments, domains=corpus.domains,
       seed=dc.seed, num_epochs=None, shard_index=i, shard_count=2)) for i in range(2)]
   tc = train_lib.TrainConfig.from_dict(config.train)
-  graphdef, optimizer, state = train_lib.init_state(cfg, tc)
+  graphdef, optimizer, state = train_lib.init_state(cfg, tc, execution=execution)
   step = jax.jit(lambda s, b: train_lib.train_step(s, b, graphdef=graphdef, optimizer=optimizer,
                                                    cfg=cfg, tc=tc))
   for s in range(1, steps + 1):
@@ -182,47 +150,3 @@ def test_two_processes_reach_the_single_process_losses(tmp_path):
     batch = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     state, stats = step(state, batch)
     np.testing.assert_allclose(got[s], float(stats["loss"]), rtol=1e-5, err_msg=f"step {s}")
-
-
-@pytest.mark.parametrize("collective", ["emulated", "native"])
-@pytest.mark.parametrize("axes", [dict(expert=8), dict(data=2, expert=4)],
-                         ids=["expert8", "data2xexpert4"])
-def test_ragged_transport_equals_single_device(axes, collective):
-  """The dropless ragged exchange: offsets and sizes both ways, forward and backward. On CPU
-  it runs through an all_gather emulation of the collective."""
-  if collective == "native" and jax.default_backend() == "cpu":
-    pytest.skip("XLA:CPU does not implement ragged_all_to_all (UNIMPLEMENTED); the emulated "
-                "variant of this test covers the transport on CPU")
-  from emo_jax import experts
-  rng = np.random.default_rng(1)
-  T, D, H, E, K = 64, 8, 6, 8, 2
-  x = jnp.asarray(rng.normal(size=(T, D)), jnp.float32)
-  logits = rng.normal(size=(T, E)) * 3
-  logits[:, 5] += 4  # a popular expert: uneven slices
-  ids = jnp.asarray(np.argsort(-logits, -1)[:, :K], jnp.int32)
-  weights = jnp.asarray(rng.uniform(0.1, 1, size=(T, K)), jnp.float32)
-  mask = jnp.asarray(rng.uniform(size=T) > 0.2)
-  wg, wu = (jnp.asarray(rng.normal(size=(E, D, H)), jnp.float32) for _ in range(2))
-  wd = jnp.asarray(rng.normal(size=(E, H, D)), jnp.float32)
-  probe = jnp.asarray(rng.normal(size=(T, D)), jnp.float32)
-  mesh = mesh_of(**axes)
-
-  def loss_ep(x, wg, wu, wd):
-    y, _ = sharding.expert_parallel_ffn(
-        x, ids, weights, mask, wg, wu, wd, mesh=mesh, capacity_factor=1.0,
-        compute_dtype=jnp.float32, transport="ragged_all_to_all",
-        exchange=sharding.emulated_ragged_all_to_all if collective == "emulated" else None)
-    return jnp.sum(y * probe), y
-
-  def loss_ref(x, wg, wu, wd):
-    y, _ = experts.routed_experts(x, ids, weights, wg, wu, wd, backend="dense",
-                                  token_mask_T=mask)
-    return jnp.sum(y * probe), y
-
-  (_, y1), g1 = jax.jit(jax.value_and_grad(loss_ep, argnums=(0, 1, 2, 3), has_aux=True))(
-      x, wg, wu, wd)
-  (_, y0), g0 = jax.value_and_grad(loss_ref, argnums=(0, 1, 2, 3), has_aux=True)(x, wg, wu, wd)
-  np.testing.assert_allclose(np.asarray(y1), np.asarray(y0), rtol=1e-5, atol=1e-4)
-  for a, b in zip(g1, g0):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-3)
-

@@ -16,7 +16,9 @@ from flax import nnx
 
 from emo_jax import checkpoint as ckpt_lib
 from emo_jax import train as train_lib
-from emo_jax.config import ModelConfig
+from emo_jax import generate
+from emo_jax.config import ConfigError, ModelConfig
+from emo_jax.execution import ExecutionConfig, split_model_fields
 from emo_jax.losses import token_losses
 from emo_jax.model import Transformer
 
@@ -77,7 +79,7 @@ def test_weight_decay_skips_embeddings_and_norms():
 
 def test_gradient_accumulation_equals_one_big_batch():
   cfg = ModelConfig.from_dict(tiny.get_config().model.to_dict()).replace(
-      pool=False, lb_loss_weight=0.0, router_z_loss_weight=0.0, expert_backend="dense")
+      pool=False, lb_loss_weight=0.0, router_z_loss_weight=0.0)
   tc = train_lib.TrainConfig(steps=10, warmup_steps=0)
   rng = np.random.default_rng(1)
   B, L = 4, 16
@@ -88,7 +90,8 @@ def test_gradient_accumulation_equals_one_big_batch():
            "loss_mask": np.ones((B, L), np.float32)}
   results = []
   for accum in (1, 2):
-    graphdef, optimizer, state = train_lib.init_state(cfg, tc)
+    graphdef, optimizer, state = train_lib.init_state(
+        cfg, tc, execution=ExecutionConfig(expert_backend="dense"))
     step = jax.jit(lambda s, b: train_lib.train_step(
         s, b, graphdef=graphdef, optimizer=optimizer, cfg=cfg,
         tc=tc.__class__(steps=10, warmup_steps=0, grad_accum_steps=accum)))
@@ -143,6 +146,7 @@ def test_incompatible_restart_names_fields_and_compatible_one_continues(tmp_path
   with pytest.raises(ckpt_lib.CheckpointMismatchError, match=r"model\.d_model"):
     train_lib.train_and_evaluate(changed, tmp_path)
   more = tiny_config(steps=20, checkpoint_every=10, eval_every=5)  # more steps, new eval cadence
+  more.execution.update(expert_backend="ragged", remat=False)  # and another execution
   train_lib.train_and_evaluate(more, tmp_path)
   assert [r["step"] for r in read_metrics(tmp_path)][-1] == 20
 
@@ -195,15 +199,88 @@ def test_sigkill_then_restart_reproduces_the_uninterrupted_losses(tmp_path):
 
 
 def test_sigterm_saves_a_checkpoint_at_the_current_step_and_exits_cleanly(tmp_path):
+  """Also: a second trainer on the busy workdir is refused in one line naming the holder, and
+  the first one's checkpoints and metrics go on undisturbed."""
   proc = subprocess.Popen(_train_command(tmp_path, 100000), cwd=ROOT,
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   deadline = time.time() + 240
   while time.time() < deadline and proc.poll() is None:
     ckpts = tmp_path / "checkpoints"
     if ckpts.is_dir() and any(p.name.isdigit() for p in ckpts.iterdir()):
+      second = subprocess.run(_train_command(tmp_path, 100000), cwd=ROOT, capture_output=True,
+                              text=True, timeout=120)
+      assert proc.poll() is None, "the first trainer stopped"
       proc.send_signal(signal.SIGTERM)
       break
     time.sleep(0.02)
   assert proc.wait(timeout=120) == 0
+  assert second.returncode != 0 and "Traceback" not in second.stderr
+  assert second.stderr.strip().splitlines()[-1] == (
+      f"error: workdir {tmp_path} is in use by another trainer (pid {proc.pid}); wait for it "
+      "to finish or stop it, or pass another --workdir")
   steps = ckpt_lib.Checkpointer(tmp_path / "checkpoints", save_every=1).all_steps()
-  assert max(steps) == read_metrics(tmp_path)[-1]["step"]  # saved where it stopped
+  logged = [r["step"] for r in read_metrics(tmp_path)]
+  assert logged == list(range(1, logged[-1] + 1))  # each step once, none lost
+  assert max(steps) == logged[-1]  # saved where it stopped
+  assert all(s % 5 == 0 for s in steps[:-1])  # the first trainer's own saves, nothing else
+
+
+def test_a_killed_trainer_leaves_no_lock_behind(tmp_path):
+  """The lock dies with its process: after kill -9 the next trainer takes the workdir."""
+  from emo_jax.workdir import WorkdirBusyError, WorkdirLock
+  holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, "
+                             f"{str(ROOT)!r}); from emo_jax.workdir import WorkdirLock; "
+                             f"lock = WorkdirLock({str(tmp_path)!r}); print('held', flush=True); "
+                             "time.sleep(600)"], stdout=subprocess.PIPE, text=True)
+  assert holder.stdout.readline().strip() == "held"
+  with pytest.raises(WorkdirBusyError, match=rf"\(pid {holder.pid}\)"):
+    WorkdirLock(tmp_path)
+  holder.send_signal(signal.SIGKILL)
+  holder.wait()
+  WorkdirLock(tmp_path).release()  # taken at once, no stale lock to remove
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(grad_clip=-1.0), r"TrainConfig\.grad_clip=-1\.0 is invalid: .*> 0"),
+    (dict(b2=1.5), r"TrainConfig\.b2=1\.5 is invalid: .*\[0, 1\)"),
+    (dict(b1=-0.1), r"TrainConfig\.b1=-0\.1 is invalid"),
+    (dict(eval_batches=0), r"TrainConfig\.eval_batches=0 is invalid: .*eval_batches >= 1"),
+    (dict(learning_rate=float("nan")), r"TrainConfig\.learning_rate=nan is invalid: .*finite"),
+    (dict(learning_rate=float("inf")), r"TrainConfig\.learning_rate=inf is invalid"),
+])
+def test_training_settings_that_make_no_sense_are_refused(changes, message):
+  with pytest.raises(ConfigError, match=message):
+    train_lib.TrainConfig(**changes)
+
+
+LEGACY = ROOT / "tests" / "data" / "legacy_checkpoint"
+
+
+def test_checkpoints_written_before_the_execution_split_still_restore(tmp_path):
+  """tests/data/legacy_checkpoint was written while the model config still held the execution
+  fields (expert backend 'ragged', transport 'all_to_all', remat policy 'dots', ...): a two-step
+  training workdir of a 1-layer tiny model and its parameter export. Both load, and the
+  training run resumes from its step 2 under the new split."""
+  saved = json.loads((LEGACY / "workdir" / "config.json").read_text())
+  assert "expert_backend" in saved["model"]  # really an old one
+  params, model = ckpt_lib.load_params(LEGACY / "params")
+  cfg, graphdef, loaded, _, _ = generate.load_checkpoint(LEGACY / "params", tokenizer="none")
+  assert cfg == ModelConfig.from_dict(split_model_fields(saved["model"])[0])
+  workdir_params, _ = ckpt_lib.load_params(LEGACY / "workdir")
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(workdir_params)):
+    np.testing.assert_array_equal(a, b)
+  tokens = np.arange(1, 9, dtype=np.int32)[None]
+  logits, _ = nnx.merge(graphdef, loaded)(jnp.asarray(tokens))
+  assert np.isfinite(np.asarray(logits)).all()
+
+  import shutil
+  workdir = tmp_path / "workdir"
+  shutil.copytree(LEGACY / "workdir", workdir)
+  config = tiny.get_config()
+  config.model = split_model_fields(saved["model"])[0]
+  config.data.update(saved["data"])
+  config.train.update(dict(saved["train"], steps=3))
+  train_lib.train_and_evaluate(config, workdir)
+  rows = read_metrics(workdir)
+  assert [r["step"] for r in rows] == [1, 2, 3]  # resumed after step 2, not restarted
+  assert 3 in ckpt_lib.Checkpointer(workdir / "checkpoints", save_every=1).all_steps()

@@ -1,6 +1,6 @@
 """Hugging Face config.json <-> ModelConfig, for the emo, qwen2_moe and OLMoE layouts.
 
-Export writes the release's keys for `emo` (EMO_SPEC.md) and what transformers' Qwen2MoeConfig
+Export writes the release's keys for `emo` (docs/algorithm.md) and what transformers' Qwen2MoeConfig
 reads for `qwen2_moe`; import accepts the release's configs (legacy top-level `rope_theta`,
 per-layer expert counts of pruned models when they are uniform), our qwen2_moe exports and
 OLMoE, and refuses, naming the key, anything emo_jax cannot compute exactly (renormalised

@@ -1,7 +1,7 @@
 """Hugging Face <-> emo_jax conversion, both ways, streamed one tensor (layer slice) at a time.
 
 `export_hf` writes a training workdir or parameter checkpoint as a Hugging Face folder in one of
-two layouts (EMO_SPEC.md, "Hugging Face format of the release"):
+two layouts (docs/algorithm.md, "Hugging Face layouts"):
 
 * `emo`: the release's `EmoForCausalLM` names and config keys, with this project's own
   `configuration_emo.py` / `modeling_emo.py` copied beside the weights (trust_remote_code);
@@ -34,6 +34,7 @@ import ml_dtypes
 import numpy as np
 
 from emo_jax.config import ModelConfig
+from emo_jax.execution import saved_model_config
 from emo_jax.convert import orbax_io, safetensors_io, tokenizer_hf
 from emo_jax.convert.configs import (LAYOUTS, check_exportable, hf_config,  # noqa: F401
                                      model_config_from_hf)
@@ -134,7 +135,7 @@ def export_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, *, layout: 
     raise ConversionError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
   out_dtype = DTYPES[dtype]
   source = orbax_io.ParamSource(checkpoint, step=step)
-  cfg = ModelConfig.from_dict(source.model_config)
+  cfg = saved_model_config(source.model_config)
   check_exportable(cfg, layout)
   specs = param_specs(cfg)
   for path, (shape, _) in specs.items():

@@ -7,7 +7,7 @@ Face tensors made from it, with the function each way. Groups come array-major (
 one layer slice at a time.
 
 Layouts:
-* `emo`: the release's `EmoForCausalLM` names (EMO_SPEC.md): per-expert `gate/up/down_proj`,
+* `emo`: the release's `EmoForCausalLM` names (docs/algorithm.md): per-expert `gate/up/down_proj`,
   the router as `mlp.gate.weight` with a row for every expert (the shared rows unused).
 * `qwen2_moe`: transformers' `Qwen2MoeForCausalLM`: the router over routed experts only; the
   shared expert(s) as Qwen's single shared expert (several are concatenated along the hidden

@@ -28,6 +28,7 @@ import numpy as np
 import tensorstore as ts
 
 from emo_jax import checkpoint as ckpt_lib
+from emo_jax.execution import split_model_fields
 
 log = logging.getLogger(__name__)
 
@@ -104,13 +105,14 @@ class ParamSource:
                          "--step applies to training workdirs only")
       self._base = self.directory / ckpt_lib.PARAMS_ITEM
       self._prefix: Path = ()
-      self.model_config = json.loads((self.directory / ckpt_lib.MODEL_CONFIG_FILE).read_text())
+      self.model_config = split_model_fields(
+          json.loads((self.directory / ckpt_lib.MODEL_CONFIG_FILE).read_text()))[0]
     else:
       step_dir, self.step = _training_step_dir(self.directory, step)
       self._base = step_dir / "state"
       self._prefix = ("params",)
       config = _saved_run_config(step_dir.parent, self.step)
-      self.model_config = config["model"]
+      self.model_config = split_model_fields(config["model"])[0]
       self.data_config = config.get("data")
     metadata = json.loads((self._base / "_METADATA").read_text())
     if not metadata.get("use_ocdbt", True):

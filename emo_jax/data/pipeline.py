@@ -31,6 +31,50 @@ import numpy as np
 FIELDS = ("tokens", "targets", "segment_ids", "positions", "loss_mask", "domain_ids")
 
 
+def empty_rows(num_rows: int, seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
+  """`num_rows` rows of padding in the packed layout: segment id 0, no target, no domain."""
+  shape = (num_rows, seq_len)
+  return {"tokens": np.full(shape, pad_id, np.int32), "targets": np.zeros(shape, np.int32),
+          "segment_ids": np.zeros(shape, np.int32), "positions": np.zeros(shape, np.int32),
+          "loss_mask": np.zeros(shape, np.float32), "domain_ids": np.full(shape, -1, np.int32)}
+
+
+def write_fragment(row: Mapping[str, np.ndarray], start: int, ids, segment: int,
+                   domain: int = -1) -> None:
+  """Writes one fragment into a row (1-D arrays of `empty_rows`) from `start`: its tokens, the
+  next token of the same fragment as target, segment id `segment` (>= 1), positions from 0."""
+  n = len(ids)
+  span = slice(start, start + n)
+  row["tokens"][span] = ids
+  row["targets"][start:start + n - 1] = ids[1:]
+  row["loss_mask"][start:start + n - 1] = 1.0
+  row["segment_ids"][span] = segment
+  row["positions"][span] = np.arange(n)
+  row["domain_ids"][span] = domain
+
+
+def pack_rows(rows: Sequence[Sequence[Sequence[int]]], *, pad_id: int, seq_len: int | None = None,
+              num_rows: int | None = None) -> dict[str, np.ndarray]:
+  """A batch in the packer's layout from hand-placed documents: row i holds the documents
+  `rows[i]` (token-id lists) one after another, segment ids 1, 2, ..., then padding.
+
+  `seq_len` defaults to the longest row; `num_rows` (>= len(rows)) adds rows of padding only.
+  For batches that are not drawn from a corpus: calibration text, benchmarks, tests.
+  """
+  seq_len = seq_len or max(sum(len(d) for d in docs) for docs in rows)
+  batch = empty_rows(num_rows or len(rows), seq_len, pad_id)
+  for i, docs in enumerate(rows):
+    row = {k: v[i] for k, v in batch.items()}
+    fill = 0
+    for segment, ids in enumerate(docs, start=1):
+      if fill + len(ids) > seq_len:
+        raise ValueError(f"row {i} holds {sum(len(d) for d in docs)} tokens, more than "
+                         f"seq_len={seq_len}; cut its documents first")
+      write_fragment(row, fill, np.asarray(ids, np.int32), segment)
+      fill += len(ids)
+  return batch
+
+
 @dataclasses.dataclass(frozen=True)
 class PackingSpec:
   """Static shape of a packed row."""
@@ -85,14 +129,8 @@ class _PackIterator(grain.DatasetIterator):
 
   def __next__(self) -> dict[str, np.ndarray]:
     L, S = self._spec.seq_len, self._spec.max_segments
-    row = {
-        "tokens": np.full(L, self._pad_id, np.int32),
-        "targets": np.zeros(L, np.int32),
-        "segment_ids": np.zeros(L, np.int32),
-        "positions": np.zeros(L, np.int32),
-        "loss_mask": np.zeros(L, np.float32),
-        "domain_ids": np.full(L, -1, np.int32),
-    }
+    row = empty_rows(1, L, self._pad_id)
+    row = {k: v[0] for k, v in row.items()}
     fill, segment = 0, 0
     while fill < L and segment < S:
       if self._doc is None:
@@ -101,15 +139,9 @@ class _PackIterator(grain.DatasetIterator):
         continue
       ids = self._doc["ids"]
       n = min(L - fill, len(ids) - self._offset)
-      piece = ids[self._offset:self._offset + n]
       segment += 1
-      span = slice(fill, fill + n)
-      row["tokens"][span] = piece
-      row["targets"][fill:fill + n - 1] = piece[1:]
-      row["loss_mask"][fill:fill + n - 1] = 1.0
-      row["segment_ids"][span] = segment
-      row["positions"][span] = np.arange(n)
-      row["domain_ids"][span] = self._doc["domain"]
+      write_fragment(row, fill, ids[self._offset:self._offset + n], segment,
+                     self._doc["domain"])
       fill += n
       self._offset += n
       if self._offset == len(ids):

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Downloads (on the development machine, which can reach the package registries) the wheels
-# the lent GPU image lacks, into the git-ignored .whl/ at the repository root. Pass `.whl` in
-# the device tool's `carry`; run_benchmarks.sh installs them there. Versions: shared GPU notes.
+# Downloads (on a machine that can reach the package registries) the wheels a bare jax GPU
+# image lacks, into the git-ignored .whl/ at the repository root. Copy `.whl` to the
+# accelerator machine with the checkout; run_benchmarks.sh installs them there. Versions and
+# the tokamax notes: docs/accelerators.md.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 P="--only-binary=:all: --python-version 3.12 --implementation cp --abi cp312

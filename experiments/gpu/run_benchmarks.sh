@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# On a lent H100/H200 (device tool, `carry: [".whl"]`, after fetch_wheels.sh here): installs the
-# carried wheels, then runs the GPU checks and benchmarks of BENCHMARKS.md ("Pending on a
+# On an H100/H200 machine (with the .whl/ folder that fetch_wheels.sh filled): installs the
+# wheels, then runs the GPU checks and benchmarks of BENCHMARKS.md ("Pending on a
 # GPU"), writing JSON and logs to $OUT (default ./gpu_out). About 10 minutes of device time;
 # pass a step name (tests, moe, step4, step2) to run one part.
 set -uo pipefail
@@ -29,12 +29,12 @@ fi
 if want step4; then
   python3 -m experiments.bench_step --config configs/emo_1b14b.py --layers 4 --batch 2 \
       --seq_len 4096 --param_dtype bfloat16 --backends capacity,ragged:tokamax \
-      --config.model.attention_impl=cudnn --config.model.remat_policy=dots_and_attention \
+      --config.execution.attention_impl=cudnn --config.execution.remat_policy=dots_and_attention \
       --steps 10 --json_out "$OUT/bench_step_l4_bf16.json" 2>&1 | tail -12 | tee "$OUT/step4.log"
 fi
 if want step2; then
   python3 -m experiments.bench_step --config configs/emo_1b14b.py --layers 2 --batch 4 \
-      --seq_len 4096 --backends capacity,ragged:tokamax --config.model.attention_impl=cudnn \
-      --config.model.remat_policy=dots_and_attention --steps 10 \
+      --seq_len 4096 --backends capacity,ragged:tokamax --config.execution.attention_impl=cudnn \
+      --config.execution.remat_policy=dots_and_attention --steps 10 \
       --json_out "$OUT/bench_step_l2_fp32.json" 2>&1 | tail -12 | tee "$OUT/step2.log"
 fi
