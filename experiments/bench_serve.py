@@ -1,7 +1,7 @@
 """Serving throughput and latency against concurrency, full model vs a 25 % expert subset.
 
   python -m experiments.bench_serve --checkpoint W --out bench_serve/ [--calibration C.jsonl]
-      [--concurrency 1,2,4,8] [--requests 4] [--max_tokens 32] [--slots 4]
+      [--concurrency 1,2,4,8] [--requests 8] [--max_tokens 32] [--slots 4]
 
 Starts `experiments.serve` twice on free 127.0.0.1 ports: once serving every expert ("all"),
 once serving only a subset of a quarter of each layer's experts (shared included: keep =
@@ -33,7 +33,7 @@ _OUT = flags.DEFINE_string("out", "bench_serve", "Output folder.")
 _CALIBRATION = flags.DEFINE_string("calibration", None, "JSONL choosing the subset's experts.")
 _TOKENIZER = flags.DEFINE_string("tokenizer", None, "Override the checkpoint's tokenizer.")
 _CONCURRENCY = flags.DEFINE_list("concurrency", ["1", "2", "4", "8"], "Concurrent clients.")
-_REQUESTS = flags.DEFINE_integer("requests", 4, "Requests per client and level.")
+_REQUESTS = flags.DEFINE_integer("requests", 8, "Requests per client and level.")
 _MAX_TOKENS = flags.DEFINE_integer("max_tokens", 32, "Tokens per completion at most.")
 _SLOTS = flags.DEFINE_integer("slots", 4, "Decode slots of the servers.")
 _PROMPT = flags.DEFINE_string("prompt", "The patient was given", "Prompt of every request.")
@@ -117,10 +117,12 @@ def plot(results: dict, path: pathlib.Path) -> None:
     line, = right.plot(c, [r["p50_latency_s"] for r in run["levels"]], "o-", label=f"{name} p50")
     right.plot(c, [r["p95_latency_s"] for r in run["levels"]], "s--", color=line.get_color(),
                label=f"{name} p95")
-  left.set(xlabel="concurrent requests", ylabel="generated tokens / s", xscale="log", xticks=c,
-           xticklabels=c, title="throughput")
-  right.set(xlabel="concurrent requests", ylabel="request latency (s)", xscale="log", xticks=c,
-            xticklabels=c, title="latency")
+  for ax, ylabel, title in ((left, "generated tokens / s", "throughput"),
+                            (right, "request latency (s)", "latency")):
+    ax.set_xscale("log", base=2)
+    ax.minorticks_off()
+    ax.set(xlabel="concurrent requests", ylabel=ylabel, xticks=c, xticklabels=c, title=title)
+    ax.set_ylim(bottom=0)
   left.legend(fontsize=8)
   right.legend(fontsize=8)
   fig.suptitle(f"experiments.serve on CPU: {_SLOTS.value} slots, {_MAX_TOKENS.value} tokens "

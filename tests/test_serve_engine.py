@@ -153,6 +153,8 @@ def test_register_and_delete_change_resident_bytes_by_the_new_experts(engine):
   assert bank.width == width and bank.slots == slots
   with pytest.raises(bank_lib.SubsetError, match="no subset named"):
     engine.delete("d")
+  late = engine_lib.run_sync(engine, TOK.encode("hi"), new.mask(7), max_tokens=3, timeout=60)
+  assert late["finish_reason"] == "error" and "no longer resident" in late["error"]
 
 
 def test_sampled_requests_are_seeded_and_bad_requests_refused(engine):

@@ -257,6 +257,13 @@ class ExpertBank:
       out[layer, :len(ids)] = mask_LxR[layer, ids]
     return out
 
+  def covers(self, mask_LxR: np.ndarray) -> bool:
+    """Whether every expert the mask routes to is resident."""
+    resident = np.zeros_like(mask_LxR, bool)
+    for layer, ids in enumerate(self.slots):
+      resident[layer, ids] = True
+    return bool(np.all(resident | ~mask_LxR)) and bool(np.all(mask_LxR.any(axis=1)))
+
   def holds_everything(self) -> bool:
     R = self.cfg.num_routed_experts
     return all(len(s) == R for s in self.slots)

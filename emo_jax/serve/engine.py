@@ -406,6 +406,10 @@ class Engine:
         if reason:
           self._finish(req, reason)
           continue
+        if not self.bank.covers(req.mask_LxR):  # its subset was deleted before it was queued
+          self._finish(req, "error", error="the request's experts are no longer resident (its "
+                       "subset was deleted); send it again")
+          continue
         try:
           self._prefill_into(row, req)
         except Exception as e:  # pylint: disable=broad-except
