@@ -99,8 +99,9 @@ def _loss(graphdef, params, inputs, targets, mask, rng):
   valid = inputs >= 0
   logits, aux = model(jnp.where(valid, inputs, 0), valid.astype(jnp.int32), None, train=True,
                       rng=rng)
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  nll = -jnp.take_along_axis(logp, jnp.maximum(targets, 0)[..., None], axis=-1)[..., 0]
+  logits = logits.astype(jnp.float32)
+  nll = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(
+      logits, jnp.maximum(targets, 0)[..., None], axis=-1)[..., 0]
   ce = jnp.sum(jnp.where(mask, nll, 0.0)) / jnp.maximum(jnp.sum(mask), 1)
   return ce + aux["aux_loss"], ce
 

@@ -34,9 +34,10 @@ def _target_logprobs(graphdef, params, inputs_BxL, targets_BxL, mask_BxL, keep_e
   valid_BxL = inputs_BxL >= 0
   logits_BxLxV, _ = model(jnp.where(valid_BxL, inputs_BxL, 0), valid_BxL.astype(jnp.int32),
                           None, train=False, keep_experts=keep_experts)
-  logp_BxLxV = jax.nn.log_softmax(logits_BxLxV.astype(jnp.float32), axis=-1)
-  target_BxL = jnp.take_along_axis(logp_BxLxV, jnp.maximum(targets_BxL, 0)[..., None],
-                                   axis=-1)[..., 0]
+  logits_BxLxV = logits_BxLxV.astype(jnp.float32)
+  # log p(target) = logit(target) - logsumexp(logits): no second [B, L, vocab] array.
+  target_BxL = jnp.take_along_axis(logits_BxLxV, jnp.maximum(targets_BxL, 0)[..., None],
+                                   axis=-1)[..., 0] - jax.nn.logsumexp(logits_BxLxV, axis=-1)
   return jnp.sum(jnp.where(mask_BxL, target_BxL, 0.0), axis=-1)
 
 
