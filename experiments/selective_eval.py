@@ -9,7 +9,9 @@ of 128 scaled to the model) and every selection method, the experts are chosen f
 --num_calibration examples of the task's calibration pool and the task is scored 5-shot by
 log-likelihood with only those experts (docs/selective_eval.md). `random` is averaged over
 --random_seeds seeds. With --finetune_steps the greedy subsets are also pruned, fine-tuned on
-the calibration pool and scored again (method `greedy+ft`).
+the calibration pool and scored again (method `greedy+ft`); each tuned subset is saved as a
+parameter checkpoint in DIR/tuned/, and --merge_out writes the full model with every task's
+tuned experts of the smallest subset merged back into its bank.
 
 DIR receives results.json ({"settings", "rows": [{model, task, keep, fraction, method,
 num_calibration, acc, acc_per_char, primary, instances, seconds, ...}]}), results.md (the
@@ -52,6 +54,9 @@ _FT_LR = flags.DEFINE_float("finetune_lr", 5e-5, "Fine-tuning peak learning rate
 _FT_BATCH = flags.DEFINE_integer("finetune_batch", 16, "Fine-tuning batch size.")
 _FT_TRAINABLE = flags.DEFINE_enum("finetune_trainable", "all", ["all", "experts"],
                                   "Train every parameter, or only the expert bank.")
+_MERGE_OUT = flags.DEFINE_string("merge_out", None, "With --finetune_steps: write the full "
+                                 "--checkpoint with every task's tuned experts of the smallest "
+                                 "subset merged back into its bank (a parameter checkpoint).")
 _BATCH = flags.DEFINE_integer("batch_size", 16, "Scoring batch (requests per forward pass).")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 0, "Tokens per request (0 = model's max_seq_len).")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the calibration-example permutation.")
@@ -148,7 +153,8 @@ def sweep_model(label: str, checkpoint: str, tasks: dict, results: Results, args
   from emo_jax import generate, selective, subset_finetune  # pylint: disable=import-outside-toplevel
   from emo_jax import subset_methods  # pylint: disable=import-outside-toplevel
   from emo_jax.tasks import evaluate_task  # pylint: disable=import-outside-toplevel
-  cfg, graphdef, params, tok, _ = generate.load_checkpoint(checkpoint, tokenizer=_TOKENIZER.value)
+  cfg, graphdef, params, tok, spec = generate.load_checkpoint(checkpoint,
+                                                              tokenizer=_TOKENIZER.value)
   if tok is None:
     raise app.UsageError(f"cannot tell which tokenizer {checkpoint} uses; pass --tokenizer")
   if not cfg.is_moe:
@@ -215,11 +221,70 @@ def sweep_model(label: str, checkpoint: str, tasks: dict, results: Results, args
             batch_size=_FT_BATCH.value, trainable=_FT_TRAINABLE.value, seed=_SEED.value)
         tuned, info = subset_finetune.finetune(small_graphdef, small_params, tok,
                                                task.calibration, max_len=seq_len, config=fc)
+        save_tuned(tuned_dir(results.path.parent, label, task.name, keep, n_cal), tuned,
+                   pruned_cfg, selection, checkpoint, spec)
         result = score(task, small_graphdef, tuned)
         result["seconds"] = round(time.perf_counter() - start, 2)
         ft_row = finish(ft_row, result)
         ft_row.update(kept_routed=selection.kept_routed.tolist(), finetune=info)
         results.add(ft_row)
+
+
+def tuned_dir(out: pathlib.Path, label: str, task: str, keep, n_cal) -> pathlib.Path:
+  """Where a fine-tuned subset is saved: OUT/tuned/<model>_<task>_keep<K>_cal<n>."""
+  stem = pathlib.Path(task).stem if task.endswith(".jsonl") else task.replace(":", "-")
+  return out / "tuned" / f"{label}_{stem}_keep{keep}_cal{n_cal}"
+
+
+def save_tuned(directory: pathlib.Path, params, cfg, selection, checkpoint: str, spec):
+  """The tuned pruned model as a parameter checkpoint that generates, exports and trains like
+  experiments/select_experts.py's, with its kept_experts.json and source.json."""
+  import shutil  # pylint: disable=import-outside-toplevel
+
+  from emo_jax import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
+  from emo_jax import generate, selective  # pylint: disable=import-outside-toplevel
+  if directory.exists():  # left by a run killed before its row was written
+    shutil.rmtree(directory)
+  ckpt_lib.save_params(directory, jax_to_numpy(params), cfg.to_dict())
+  selective.write_selection(selection, directory)
+  (directory / generate.SOURCE_FILE).write_text(json.dumps(
+      {"checkpoint": str(pathlib.Path(checkpoint).absolute()), "tokenizer": spec}, indent=1))
+
+
+def merge_tuned(out: pathlib.Path, rows, label: str, checkpoint: str, merge_out: str) -> dict:
+  """The full checkpoint with each task's tuned routed experts (smallest fine-tuned subset)
+  written into its bank, in task order; an expert tuned by two tasks keeps the later one."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+
+  from emo_jax import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
+  from emo_jax import selective, subset_finetune  # pylint: disable=import-outside-toplevel
+  from emo_jax.config import ModelConfig  # pylint: disable=import-outside-toplevel
+  ft = [r for r in rows if r["model"] == label and r["method"] == "greedy+ft"]
+  if not ft:
+    raise app.UsageError("--merge_out needs fine-tuned subsets: pass --finetune_steps and "
+                         "keep the greedy method")
+  keep = min(r["keep"] for r in ft)
+  params, model_config = ckpt_lib.load_params(checkpoint)
+  cfg = ModelConfig.from_dict(model_config)
+  merged, owner, report = params, {}, {}
+  for r in ft:
+    if r["keep"] != keep or r["task"] in report:
+      continue
+    tuned, _ = ckpt_lib.load_params(tuned_dir(out, label, r["task"], keep, r["num_calibration"]))
+    kept = np.asarray(r["kept_routed"], np.int64)
+    selection = selective.Selection(keep=keep, kept_routed=kept, scores=np.zeros(
+        (cfg.num_layers, cfg.num_routed_experts)), num_routed=cfg.num_routed_experts,
+                                    num_shared=cfg.num_shared_experts, greedy=True)
+    merged = subset_finetune.merge_back(merged, tuned, selection)
+    overwritten = sorted({owner[(l, int(e))] for l, row in enumerate(kept) for e in row
+                          if (l, int(e)) in owner})
+    owner.update({(l, int(e)): r["task"] for l, row in enumerate(kept) for e in row})
+    report[r["task"]] = {"kept_routed": kept.tolist(), "overwrites_experts_of": overwritten}
+  ckpt_lib.save_params(merge_out, merged, cfg.to_dict())
+  (pathlib.Path(merge_out) / "merged_tasks.json").write_text(json.dumps(
+      {"keep": keep, "tasks": report}, indent=1))
+  return {"merge_out": str(pathlib.Path(merge_out).absolute()), "keep": keep,
+          "tasks": list(report)}
 
 
 def jax_to_numpy(params):
@@ -244,6 +309,11 @@ def main(argv):
     raise app.UsageError(f"--random_seeds={_RANDOM_SEEDS.value} must be >= 1")
   args = {"methods": methods, "num_calibration": parse_num_calibration(_NUM_CAL.value),
           "finetune_steps": parse_finetune_steps(_FT_STEPS.value)}
+  if _MERGE_OUT.value and (args["finetune_steps"] is None or "greedy" not in methods):
+    raise app.UsageError("--merge_out merges fine-tuned greedy subsets: pass --finetune_steps "
+                         "and keep greedy in --methods")
+  if _MERGE_OUT.value and (pathlib.Path(_MERGE_OUT.value) / "params").exists():
+    raise app.UsageError(f"{_MERGE_OUT.value}/params already exists; choose another --merge_out")
   start = time.time()
   tasks = {}
   for name in _TASKS.value:
@@ -276,8 +346,11 @@ def main(argv):
   plots.plot_selective_eval(rows, out / "results.png",
                             dashed=[_BASELINE_LABEL.value] if _BASELINE.value else [])
   print(table)
-  print(json.dumps({"out": str(out.absolute()), "rows": len(rows),
-                    "seconds": round(time.time() - start, 1)}))
+  summary = {"out": str(out.absolute()), "rows": len(rows)}
+  if _MERGE_OUT.value:
+    summary["merged"] = merge_tuned(out, rows, _LABEL.value, _CHECKPOINT.value, _MERGE_OUT.value)
+  summary["seconds"] = round(time.time() - start, 1)
+  print(json.dumps(summary))
 
 
 if __name__ == "__main__":

@@ -189,7 +189,7 @@ def test_command_writes_rows_table_and_plot_and_resumes(tmp_path, model):
           "--keep", "3,all", "--methods", "greedy,random", "--num_calibration", "4",
           "--random_seeds", "2", "--finetune_steps", "2", "--num_shots", "2",
           "--out", str(tmp_path / "out")]
-  proc = run_cli(*args)
+  proc = run_cli(*args, "--merge_out", str(tmp_path / "merged"))
   assert proc.returncode == 0, proc.stderr[-3000:]
   results = json.loads((tmp_path / "out" / "results.json").read_text())
   rows = {(r["keep"], r["method"]): r for r in results["rows"]}
@@ -200,6 +200,17 @@ def test_command_writes_rows_table_and_plot_and_resumes(tmp_path, model):
   assert rows[(3, "greedy+ft")]["finetune"]["steps"] == 2
   assert "| EMO | 3 | greedy | 4 |" in proc.stdout
   assert (tmp_path / "out" / "results.png").stat().st_size > 10_000
+  # the tuned subset is a checkpoint, and the merged bank holds its routed experts
+  ft = rows[(3, "greedy+ft")]
+  tuned, tuned_cfg = ckpt_lib.load_params(tmp_path / "out" / "tuned" / "EMO_task_keep3_cal4")
+  merged, merged_cfg = ckpt_lib.load_params(tmp_path / "merged")
+  assert tuned_cfg["num_experts"] == 3 and merged_cfg["num_experts"] == CFG.num_experts
+  for layer, kept in enumerate(ft["kept_routed"]):
+    np.testing.assert_array_equal(merged["blocks"]["mlp"]["w_up"][layer, kept],
+                                  tuned["blocks"]["mlp"]["w_up"][layer, :2])
+  np.testing.assert_array_equal(merged["embed"], raw["embed"])
+  assert list(json.loads((tmp_path / "merged" / "merged_tasks.json").read_text())["tasks"]) == [
+      str(task)]
   # a killed sweep: without its last row, the rerun scores only that one
   results["rows"] = results["rows"][:3]
   (tmp_path / "out" / "results.json").write_text(json.dumps(results))
