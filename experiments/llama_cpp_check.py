@@ -159,7 +159,7 @@ def main(argv):
   from emo_jax import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
   from emo_jax import generate, selective  # pylint: disable=import-outside-toplevel
   try:
-    import llama_cpp  # pylint: disable=import-outside-toplevel,unused-import
+    import llama_cpp  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
   except ImportError as e:
     raise app.UsageError("llama-cpp-python is not installed; see this module's docstring") from e
   work = pathlib.Path(_OUT.value or tempfile.mkdtemp(prefix="llama_check_"))

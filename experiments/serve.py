@@ -58,6 +58,7 @@ def main(argv):
   from emo_jax.serve import app as app_lib  # pylint: disable=import-outside-toplevel
   from emo_jax.serve import bank as bank_lib  # pylint: disable=import-outside-toplevel
   from emo_jax.serve import engine as engine_lib  # pylint: disable=import-outside-toplevel
+  from emo_jax.serve import protocol  # pylint: disable=import-outside-toplevel
 
   specs = [parse_subset(s) for s in _SUBSET.value]
   if not specs and not _SERVE_ALL.value:
@@ -73,7 +74,7 @@ def main(argv):
     bank.commit(bank.prepare(subsets), subsets)
   for name, path, keep in specs:
     try:
-      texts = app_lib.calibration_texts(path)[:_NUM_EXAMPLES.value]
+      texts = protocol.calibration_texts(path)[:_NUM_EXAMPLES.value]
       subsets[name] = bank_lib.select_from_texts(
           bank, texts, keep, tokenizer, name=name, source=f"calibration {path}, keep {keep}")
     except (OSError, ValueError) as e:
@@ -84,7 +85,7 @@ def main(argv):
     engine.warmup()
   model_name = _MODEL_NAME.value or pathlib.Path(_CHECKPOINT.value).absolute().name
   api = app_lib.create_app(engine, model_name=model_name, request_timeout=_TIMEOUT.value,
-                           chat_template=app_lib.chat_template_of(tokenizer),
+                           chat_template=protocol.chat_template_of(tokenizer),
                            drain_seconds=_DRAIN.value)
   print(json.dumps({"listening": f"http://{_HOST.value}:{_PORT.value}/v1", "model": model_name,
                     "subsets": sorted(bank.subsets), "slots": _SLOTS.value,

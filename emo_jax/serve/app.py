@@ -7,7 +7,7 @@ API: GET / POST /v1/subsets, DELETE /v1/subsets/{name}.
 The request field `experts` (an extension; the openai client sends it with `extra_body`) names
 a registered subset, a union "a+b", or "all"; `model` may name a subset as BASE:NAME instead.
 Every refusal is an OpenAI-style error body {"error": {"message", "type", "param", "code"}}
-whose message names the field and the fix. Differences from OpenAI's API: `temperature`
+whose message names the field and the fix (`protocol` parses the fields). Differences from OpenAI's API: `temperature`
 defaults to 0 (greedy, as `experiments.generate`), and settings this server cannot honour
 (n > 1, best_of, echo, suffix, penalties, logit_bias) are refused with a 400 rather than
 ignored.
@@ -18,8 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import pathlib
-import re
 import time
 import uuid
 from typing import Any
@@ -30,72 +28,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from emo_jax.serve import bank as bank_lib
 from emo_jax.serve import engine as engine_lib
-
-SUBSET_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-MAX_STOP = 4
-
-
-class ApiError(Exception):
-  """An HTTP error with an OpenAI-style body."""
-
-  def __init__(self, status: int, message: str, *, param: str | None = None,
-               kind: str = "invalid_request_error", code: str | None = None,
-               headers: dict | None = None):
-    super().__init__(message)
-    self.status, self.message, self.param, self.kind = status, message, param, kind
-    self.code, self.headers = code, headers
-
-
-# ---- request parsing --------------------------------------------------------------------------
-def _number(body: dict, name: str, default, kind, low=None, high=None):
-  value = body.get(name, default)
-  if value is None:
-    value = default
-  if value is None:
-    return None
-  if isinstance(value, bool) or not isinstance(value, (int, float)) or (
-      kind is int and not float(value).is_integer()):
-    raise ApiError(400, f"{name} must be {'an integer' if kind is int else 'a number'}, got "
-                   f"{value!r}", param=name)
-  value = kind(value)
-  if (low is not None and value < low) or (high is not None and value > high):
-    raise ApiError(400, f"{name}={value} is out of range [{low}, {high}]", param=name)
-  return value
-
-
-def _refuse_unsupported(body: dict) -> None:
-  """Settings with a non-default value that this server cannot honour."""
-  defaults = {"n": 1, "best_of": 1, "echo": False, "suffix": None, "presence_penalty": 0,
-              "frequency_penalty": 0, "logit_bias": None}
-  for name, default in defaults.items():
-    value = body.get(name, default)
-    if value not in (default, None) and not (name == "logit_bias" and value == {}):
-      raise ApiError(400, f"{name}={value!r} is not supported by this server; leave it at "
-                     f"{default!r}", param=name)
-
-
-def _stop(body: dict) -> tuple[str, ...]:
-  stop = body.get("stop")
-  if stop is None:
-    return ()
-  if isinstance(stop, str):
-    stop = [stop]
-  if (not isinstance(stop, list) or len(stop) > MAX_STOP
-      or not all(isinstance(s, str) and s for s in stop)):
-    raise ApiError(400, f"stop must be a non-empty string or a list of at most {MAX_STOP} "
-                   "non-empty strings", param="stop")
-  return tuple(stop)
-
-
-def _json_object(raw: bytes) -> dict:
-  try:
-    body = json.loads(raw)
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise ApiError(400, f"the request body is not valid JSON ({e}); send a JSON object") from e
-  if not isinstance(body, dict):
-    raise ApiError(400, f"the request body must be a JSON object, got {type(body).__name__}")
-  return body
-
+from emo_jax.serve import protocol
 
 class Server:
   """Request handling shared by the endpoints: subsets, prompts, submission, responses."""
@@ -117,26 +50,26 @@ class Server:
     from_model = None
     if model is not None:
       if not isinstance(model, str):
-        raise ApiError(400, "model must be a string", param="model")
+        raise protocol.ApiError(400, "model must be a string", param="model")
       if model.startswith(self.model_name + ":"):
         from_model = model[len(self.model_name) + 1:]
       elif model != self.model_name:
-        raise ApiError(404, f"model {model!r} is not served here; GET /v1/models lists "
+        raise protocol.ApiError(404, f"model {model!r} is not served here; GET /v1/models lists "
                        f"{self.model_name!r} and {self.model_name}:SUBSET", param="model",
                        code="model_not_found")
     if experts is None:
       experts = from_model or bank_lib.ALL
     elif not isinstance(experts, str) or not experts:
-      raise ApiError(400, "experts must be a subset name, names joined by '+', or 'all'",
+      raise protocol.ApiError(400, "experts must be a subset name, names joined by '+', or 'all'",
                      param="experts")
     elif from_model is not None and experts != from_model:
-      raise ApiError(400, f"model names subset {from_model!r} but experts names {experts!r}; "
+      raise protocol.ApiError(400, f"model names subset {from_model!r} but experts names {experts!r}; "
                      "give one of them", param="experts")
     subsets = self.bank.subsets
     names = tuple(experts.split("+"))
     unknown = [n for n in names if n not in subsets]
     if unknown:
-      raise ApiError(400, f"unknown expert subset {unknown[0]!r}; registered: "
+      raise protocol.ApiError(400, f"unknown expert subset {unknown[0]!r}; registered: "
                      f"{sorted(subsets)} (register one with POST /v1/subsets)",
                      param="experts")
     R = self.bank.cfg.num_routed_experts
@@ -155,7 +88,7 @@ class Server:
     elif isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
       prompts = prompt
     else:
-      raise ApiError(400, f"{param} must be a string, a list of strings, or token ids",
+      raise protocol.ApiError(400, f"{param} must be a string, a list of strings, or token ids",
                      param=param)
     out = []
     for p in prompts:
@@ -164,38 +97,38 @@ class Server:
       elif all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in p):
         ids = list(p)
       else:
-        raise ApiError(400, f"{param} token ids must be integers in [0, {vocab})", param=param)
+        raise protocol.ApiError(400, f"{param} token ids must be integers in [0, {vocab})", param=param)
       if not ids:
-        raise ApiError(400, f"{param} is empty; give at least one token", param=param)
+        raise protocol.ApiError(400, f"{param} is empty; give at least one token", param=param)
       if len(ids) >= self.engine.context:
-        raise ApiError(400, f"{param} is {len(ids)} tokens, the context is "
+        raise protocol.ApiError(400, f"{param} is {len(ids)} tokens, the context is "
                        f"{self.engine.context}; shorten it", param=param)
       out.append(ids)
     return out
 
   def sampling(self, body: dict, prompts: list[list[int]]) -> dict:
-    _refuse_unsupported(body)
+    protocol.refuse_unsupported(body)
     longest = max(len(p) for p in prompts)
     room = self.engine.context - longest
-    max_tokens = _number(body, "max_tokens", None, int, 1, None)
+    max_tokens = protocol.number(body, "max_tokens", None, int, 1, None)
     if max_tokens is None:
-      max_tokens = _number(body, "max_completion_tokens", 16, int, 1, None)
+      max_tokens = protocol.number(body, "max_completion_tokens", 16, int, 1, None)
     if max_tokens > room:
-      raise ApiError(400, f"max_tokens={max_tokens} does not fit: the prompt is {longest} "
+      raise protocol.ApiError(400, f"max_tokens={max_tokens} does not fit: the prompt is {longest} "
                      f"tokens and the context {self.engine.context}; ask for at most {room}",
                      param="max_tokens")
     logprobs = body.get("logprobs")
     if isinstance(logprobs, bool):  # the chat API's logprobs flag + top_logprobs
-      logprobs = (_number(body, "top_logprobs", 0, int, 0, engine_lib.TOP_LOGPROBS) or 1
+      logprobs = (protocol.number(body, "top_logprobs", 0, int, 0, engine_lib.TOP_LOGPROBS) or 1
                   ) if logprobs else 0
     else:
-      logprobs = _number(body, "logprobs", 0, int, 0, engine_lib.TOP_LOGPROBS)
-    seed = _number(body, "seed", None, int, 0, 2**31 - 1)
+      logprobs = protocol.number(body, "logprobs", 0, int, 0, engine_lib.TOP_LOGPROBS)
+    seed = protocol.number(body, "seed", None, int, 0, 2**31 - 1)
     return {"max_tokens": max_tokens,
-            "temperature": _number(body, "temperature", 0.0, float, 0.0, 2.0),
-            "top_p": _number(body, "top_p", 1.0, float, 1e-6, 1.0),
+            "temperature": protocol.number(body, "temperature", 0.0, float, 0.0, 2.0),
+            "top_p": protocol.number(body, "top_p", 1.0, float, 1e-6, 1.0),
             "seed": seed if seed is not None else int(np.random.randint(0, 2**31 - 1)),
-            "stop": _stop(body), "logprobs": logprobs}
+            "stop": protocol.parse_stop(body), "logprobs": logprobs}
 
   # ---- running ---------------------------------------------------------------------------------
   def submit(self, prompts, names, mask, sampling, events: asyncio.Queue):
@@ -213,16 +146,16 @@ class Server:
     except engine_lib.QueueFull as e:
       for r in requests:
         r.cancel()
-      raise ApiError(429, f"the server is busy: {e}", kind="rate_limit_error",
+      raise protocol.ApiError(429, f"the server is busy: {e}", kind="rate_limit_error",
                      headers={"Retry-After": "1"}) from e
     except engine_lib.ShuttingDown as e:
       for r in requests:
         r.cancel()
-      raise ApiError(503, str(e), kind="server_error") from e
+      raise protocol.ApiError(503, str(e), kind="server_error") from e
     except ValueError as e:
       for r in requests:
         r.cancel()
-      raise ApiError(400, str(e), param="prompt") from e
+      raise protocol.ApiError(400, str(e), param="prompt") from e
     return requests
 
   def token_strings(self, ids) -> list[str]:
@@ -304,8 +237,8 @@ def create_app(engine: engine_lib.Engine, *, model_name: str, request_timeout: f
   app = FastAPI(title="emo_jax expert-subset server", lifespan=lifespan)
   app.state.server = server
 
-  @app.exception_handler(ApiError)
-  async def api_error(request: Request, e: ApiError):
+  @app.exception_handler(protocol.ApiError)
+  async def api_error(request: Request, e: protocol.ApiError):
     server.count(request.url.path, e.status)
     return JSONResponse({"error": {"message": e.message, "type": e.kind, "param": e.param,
                                    "code": e.code}}, status_code=e.status, headers=e.headers)
@@ -346,12 +279,12 @@ def create_app(engine: engine_lib.Engine, *, model_name: str, request_timeout: f
     for r in results:
       reason = r["done"]["finish_reason"]
       if reason == "timeout":
-        raise ApiError(504, f"the request did not finish within {request_timeout} s",
+        raise protocol.ApiError(504, f"the request did not finish within {request_timeout} s",
                        kind="timeout_error")
       if reason == "error":
-        raise ApiError(500, r["done"]["error"] or "generation failed", kind="server_error")
+        raise protocol.ApiError(500, r["done"]["error"] or "generation failed", kind="server_error")
       if reason == "cancelled":
-        raise ApiError(503, "the request was cancelled (the server is shutting down)",
+        raise protocol.ApiError(503, "the request was cancelled (the server is shutting down)",
                        kind="server_error")
     return results
 
@@ -387,10 +320,10 @@ def create_app(engine: engine_lib.Engine, *, model_name: str, request_timeout: f
 
   @app.post("/v1/completions")
   async def completions(request: Request):
-    body = _json_object(await request.body())
+    body = protocol.json_object(await request.body())
     names, mask = server.resolve_experts(body)
     if "prompt" not in body:
-      raise ApiError(400, "prompt is required", param="prompt")
+      raise protocol.ApiError(400, "prompt is required", param="prompt")
     prompts = server.prompt_ids(body["prompt"])
     sampling = server.sampling(body, prompts)
     model = body.get("model") or model_name
@@ -430,18 +363,18 @@ def create_app(engine: engine_lib.Engine, *, model_name: str, request_timeout: f
 
   @app.post("/v1/chat/completions")
   async def chat_completions(request: Request):
-    body = _json_object(await request.body())
+    body = protocol.json_object(await request.body())
     names, mask = server.resolve_experts(body)
     messages = body.get("messages")
     if (not isinstance(messages, list) or not messages or not all(
         isinstance(m, dict) and isinstance(m.get("role"), str)
         and isinstance(m.get("content"), str) for m in messages)):
-      raise ApiError(400, "messages must be a non-empty list of {\"role\": str, \"content\": "
+      raise protocol.ApiError(400, "messages must be a non-empty list of {\"role\": str, \"content\": "
                      "str}", param="messages")
     if server.chat_template is None:
-      raise ApiError(400, f"the model's tokenizer ({server.tokenizer!r}) has no chat template; "
+      raise protocol.ApiError(400, f"the model's tokenizer ({server.tokenizer!r}) has no chat template; "
                      "use /v1/completions with a plain prompt", param="messages")
-    text = render_chat(server.chat_template, messages, server.tokenizer)
+    text = protocol.render_chat(server.chat_template, messages, server.tokenizer)
     prompts = server.prompt_ids(text, "messages")
     sampling = server.sampling(body, prompts)
     model = body.get("model") or model_name
@@ -490,24 +423,24 @@ def create_app(engine: engine_lib.Engine, *, model_name: str, request_timeout: f
 
   @app.post("/v1/subsets")
   async def register_subset(request: Request):
-    body = _json_object(await request.body())
+    body = protocol.json_object(await request.body())
     subset = await asyncio.to_thread(subset_from_body, server, body)
     try:
       memory = await asyncio.to_thread(engine.register, subset)
     except bank_lib.SubsetError as e:
-      raise ApiError(400, str(e), param="name") from e
+      raise protocol.ApiError(400, str(e), param="name") from e
     server.count(request.url.path, 200)
     return {**subset_body(server, subset.name), "memory": memory}
 
   @app.delete("/v1/subsets/{name}")
   async def delete_subset(request: Request, name: str):
     if name not in server.bank.subsets:
-      raise ApiError(404, f"no subset named {name!r}; registered: {sorted(server.bank.subsets)}",
+      raise protocol.ApiError(404, f"no subset named {name!r}; registered: {sorted(server.bank.subsets)}",
                      param="name")
     try:
       memory = await asyncio.to_thread(engine.delete, name)
     except bank_lib.SubsetError as e:
-      raise ApiError(409, str(e), param="name") from e
+      raise protocol.ApiError(409, str(e), param="name") from e
     server.count(request.url.path, 200)
     return {"deleted": name, "memory": memory}
 
@@ -525,72 +458,37 @@ def subset_from_body(server: Server, body: dict) -> bank_lib.Subset:
   """A subset from {"name", "experts": [[ids] per layer]} or {"name", "keep", "calibration"
   (a JSONL path on the server) or "texts", "num_examples" (default 5)}."""
   name = body.get("name")
-  if not isinstance(name, str) or not SUBSET_NAME.match(name) or name == bank_lib.ALL:
-    raise ApiError(400, "name must be 1-64 letters, digits, '_', '.' or '-' (not 'all')",
+  if not isinstance(name, str) or not protocol.SUBSET_NAME.match(name) or name == bank_lib.ALL:
+    raise protocol.ApiError(400, "name must be 1-64 letters, digits, '_', '.' or '-' (not 'all')",
                    param="name")
   if "experts" in body:
     try:
       return bank_lib.Subset(name, bank_lib.check_expert_lists(body["experts"], server.bank.cfg),
                              "explicit")
     except bank_lib.SubsetError as e:
-      raise ApiError(400, str(e), param="experts") from e
-  keep = _number(body, "keep", None, int, 1, None)
+      raise protocol.ApiError(400, str(e), param="experts") from e
+  keep = protocol.number(body, "keep", None, int, 1, None)
   if keep is None:
-    raise ApiError(400, "give experts (per-layer lists) or keep (experts per layer, shared "
+    raise protocol.ApiError(400, "give experts (per-layer lists) or keep (experts per layer, shared "
                    "included) with calibration or texts", param="keep")
-  num_examples = _number(body, "num_examples", 5, int, 1, None)
+  num_examples = protocol.number(body, "num_examples", 5, int, 1, None)
   if "texts" in body:
     texts = body["texts"]
     if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
-      raise ApiError(400, "texts must be a non-empty list of strings", param="texts")
+      raise protocol.ApiError(400, "texts must be a non-empty list of strings", param="texts")
     source = f"calibration texts ({min(len(texts), num_examples)}), keep {keep}"
   elif isinstance(body.get("calibration"), str):
     path = body["calibration"]
     try:
-      texts = calibration_texts(path)
+      texts = protocol.calibration_texts(path)
     except (OSError, ValueError) as e:
-      raise ApiError(400, f"calibration {path!r} cannot be read: {e}",
+      raise protocol.ApiError(400, f"calibration {path!r} cannot be read: {e}",
                      param="calibration") from e
     source = f"calibration {path}, keep {keep}"
   else:
-    raise ApiError(400, "give calibration (a JSONL path) or texts", param="calibration")
+    raise protocol.ApiError(400, "give calibration (a JSONL path) or texts", param="calibration")
   try:
     return bank_lib.select_from_texts(server.bank, texts[:num_examples], keep,
                                       server.tokenizer, name=name, source=source)
   except ValueError as e:
-    raise ApiError(400, str(e), param="keep") from e
-
-
-def calibration_texts(path: str) -> list[str]:
-  """The "text" of each document of a JSONL file, as experiments.select_experts reads it."""
-  from emo_jax.data import sources  # pylint: disable=import-outside-toplevel
-  if not pathlib.Path(path).is_file():
-    raise FileNotFoundError(f"{path} is not a file")
-  return [d["text"] for d in sources.load_documents(path)]
-
-
-def chat_template_of(tokenizer) -> str | None:
-  """The tokenizer's chat template (tokenizer_config.json beside a tokenizer.json), if any."""
-  path = getattr(tokenizer, "path", None)
-  if not path or path == "bytes":
-    return None
-  folder = pathlib.Path(path)
-  folder = folder if folder.is_dir() else folder.parent
-  config = folder / "tokenizer_config.json"
-  if config.is_file():
-    template = json.loads(config.read_text()).get("chat_template")
-    if isinstance(template, str):
-      return template
-  return None
-
-
-def render_chat(template: str, messages: list[dict], tokenizer) -> str:
-  import jinja2.sandbox  # pylint: disable=import-outside-toplevel
-  env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-  try:
-    return env.from_string(template).render(messages=messages, add_generation_prompt=True,
-                                            eos_token=tokenizer.decode([tokenizer.eos_id]),
-                                            bos_token="")
-  except jinja2.TemplateError as e:
-    raise ApiError(400, f"the chat template cannot render these messages: {e}",
-                   param="messages") from e
+    raise protocol.ApiError(400, str(e), param="keep") from e
