@@ -7,7 +7,7 @@
 
 The defaults suit the small models trained here: greedy decoding of a model with a validation
 perplexity in the hundreds falls into loops ("the the the ..."), so tokens are sampled at
-temperature 0.8 from the top-p 0.95 nucleus, with a repetition penalty of 1.2 on tokens already
+temperature 0.6 from the top-p 0.9 nucleus, with a repetition penalty of 1.2 on tokens already
 in the row and no 3-gram repeated. --greedy (argmax, no penalty, no ban) gives the model's single
 most likely continuation, e.g. to compare with other implementations. The seed is fixed, so a
 command prints the same text every time.
@@ -27,8 +27,8 @@ from experiments import cli
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training workdir or parameter checkpoint.")
 _PROMPT = flags.DEFINE_multi_string("prompt", None, "A prompt (repeat for a batch).")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate per prompt at most.")
-_TEMPERATURE = flags.DEFINE_float("temperature", 0.8, "Sampling temperature (0 = argmax).")
-_TOP_P = flags.DEFINE_float("top_p", 0.95, "Nucleus sampling mass (1 = off).")
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.6, "Sampling temperature (0 = argmax).")
+_TOP_P = flags.DEFINE_float("top_p", 0.9, "Nucleus sampling mass (1 = off).")
 _REPETITION_PENALTY = flags.DEFINE_float(
     "repetition_penalty", 1.2, "Divides the (positive) logits of tokens already in the row "
     "(1 = off).")
