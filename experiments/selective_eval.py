@@ -150,8 +150,8 @@ def sweep_model(label: str, checkpoint: str, tasks: dict, results: Results, args
   """Every (task, keep, method, num_calibration) row of one checkpoint."""
   import numpy as np  # pylint: disable=import-outside-toplevel
 
-  from emo_jax import generate, selective, subset_finetune  # pylint: disable=import-outside-toplevel
-  from emo_jax import subset_methods  # pylint: disable=import-outside-toplevel
+  # pylint: disable=import-outside-toplevel
+  from emo_jax import generate, selective, subset_finetune, subset_methods
   from emo_jax.tasks import evaluate_task  # pylint: disable=import-outside-toplevel
   cfg, graphdef, params, tok, spec = generate.load_checkpoint(checkpoint,
                                                               tokenizer=_TOKENIZER.value)

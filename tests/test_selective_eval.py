@@ -169,7 +169,7 @@ def test_merge_back_by_default_copies_only_routed_experts(model):
     np.testing.assert_array_equal(mlp["w_gate"][layer, kept], mlp0["w_gate"][layer, kept] + 1.0)
 
 
-# ---- the command ------------------------------------------------------------------------------------
+# ---- the command ---------------------------------------------------------------------------------
 def run_cli(*args):
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
   return subprocess.run([sys.executable, "-m", "experiments.selective_eval", *args],

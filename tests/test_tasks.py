@@ -8,8 +8,6 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
@@ -83,7 +81,7 @@ def test_long_prompts_lose_their_start_never_the_continuation():
   assert ids == TOK.encode("a" * 33) and n == 32
 
 
-# ---- parity with transformers on our export -------------------------------------------------------
+# ---- parity with transformers on our export ------------------------------------------------------
 def test_logliks_equal_transformers_on_the_hf_export(tmp_path):
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
@@ -115,7 +113,7 @@ def test_logliks_equal_transformers_on_the_hf_export(tmp_path):
   assert (a["acc"], a["acc_per_char"]) == (b["acc"], b["acc_per_char"])
 
 
-# ---- prompts and samples ----------------------------------------------------------------------------
+# ---- prompts and samples -------------------------------------------------------------------------
 def write_raw(path, n, split_every=0):
   with open(path, "w") as f:
     for i in range(n):
@@ -178,7 +176,7 @@ def test_bad_jsonl_lines_are_named(tmp_path):
     load_task(str(path))
 
 
-# ---- the installed benchmarks -------------------------------------------------------------------------
+# ---- the installed benchmarks --------------------------------------------------------------------
 @needs_data
 def test_installed_arc_easy_is_olmes_5shot_on_test_calibrated_on_validation():
   task = load_task("arc_easy")

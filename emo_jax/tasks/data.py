@@ -155,7 +155,8 @@ def read_jsonl(path: str | pathlib.Path) -> list[dict[str, Any]]:
       try:
         obj = json.loads(line)
       except json.JSONDecodeError as e:
-        raise DataError(f"{where}: not valid JSON ({e.msg}); each line is {JSONL_FORMATS}") from None
+        raise DataError(f"{where}: not valid JSON ({e.msg}); each line is "
+                        f"{JSONL_FORMATS}") from None
       if not isinstance(obj, dict):
         raise DataError(f"{where}: expected a JSON object; each line is {JSONL_FORMATS}")
       kind = "request" if "context" in obj else "raw"
