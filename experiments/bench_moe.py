@@ -30,7 +30,7 @@ import numpy as np
 from absl import app, flags
 
 from emo_jax import experts
-from experiments.bench_step import measure_matmul
+from experiments.bench_harness import measure_matmul
 
 # Routed experts only (the shared expert is a plain dense SwiGLU, not part of this kernel).
 SHAPES = {

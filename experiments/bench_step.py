@@ -17,18 +17,17 @@ belongs to one measurement, and JAX's GPU preallocation cannot starve PyTorch):
 Both sides count every position of the batch as a token and use one FLOP count
 (`emo_jax.metrics.flops_per_token`), so tokens/s, MFU and the ratio compare like with like. Both
 use a constant learning rate and no gradient accumulation: speed, not the schedule, is measured.
+The peer lives in experiments/bench_torch_peer.py; what every benchmark records (device,
+memory peaks, matmul ceiling, versions) in experiments/bench_harness.py.
 """
 
 from __future__ import annotations
 
 import datetime
-import importlib.metadata
 import importlib.util
 import json
 import os
 import pathlib
-import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -40,27 +39,28 @@ from typing import Any, Mapping, Sequence
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from emo_jax import experts as experts_lib  # noqa: E402
 from emo_jax import metrics as metrics_lib  # noqa: E402
 from emo_jax import train as train_lib  # noqa: E402
-from emo_jax.config import DTYPES, ModelConfig  # noqa: E402
+from emo_jax.config import ModelConfig  # noqa: E402
 from emo_jax.data.pipeline import pack_rows  # noqa: E402
 from emo_jax.execution import ExecutionConfig, run_configs  # noqa: E402
 from emo_jax.model import count_params  # noqa: E402
 from experiments import cli  # noqa: E402
+from experiments.bench_harness import (REPO_ROOT, device_info, git_commit, log,  # noqa: E402
+                                       max_rss_bytes, measure_matmul, peak_device_bytes,
+                                       versions)
+from experiments.bench_torch_peer import measure_torch, torch_available  # noqa: E402
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Every expert on every token: the correctness reference, measured only when asked for.
 REFERENCE_BACKEND = "dense"
 DOCUMENTS_PER_ROW = 3
 
 
 def _log(message: str) -> None:
-  """One progress line per phase on stderr (children inherit it, so their lines show too)."""
-  print(f"[bench_step {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+  log("bench_step", message)
 
 
 # ---- what to measure ------------------------------------------------------------------------
@@ -132,50 +132,6 @@ def bench_train_config(train: Mapping[str, Any] | None) -> train_lib.TrainConfig
 
 
 # ---- measurements (each runs in-process, or in a child with --isolate) ------------------------
-def device_info() -> dict:
-  """The first JAX device and the host, as a reader of the JSON needs to trust a figure."""
-  device = jax.devices()[0]
-  cpu = platform.processor() or platform.machine()
-  try:
-    with open("/proc/cpuinfo", encoding="utf-8") as f:
-      cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), cpu)
-  except OSError:
-    pass
-  return {"platform": device.platform, "device_kind": device.device_kind, "cpu": cpu,
-          "cpu_count": os.cpu_count(), "peak_bf16_flops": metrics_lib.device_peak_flops() or None}
-
-
-def _max_rss_bytes() -> int:
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
-def _peak_device_bytes(device) -> int | None:
-  stats = device.memory_stats()  # None on CPU
-  return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
-
-
-def measure_matmul(size: int | None, dtype: str, min_seconds: float = 0.5) -> dict:
-  """FLOP/s of one dense size^3 matmul in `dtype` on the first device: the run's ceiling.
-
-  `size` None picks 8192 on accelerators and 1024 on CPU (where 8192^3 takes seconds).
-  """
-  device = jax.devices()[0]
-  size = size or (1024 if device.platform == "cpu" else 8192)
-  _log(f"matmul ceiling: {size}^3 {dtype} on {device.device_kind}")
-  keys = jax.random.split(jax.random.key(0))
-  a, b = (jax.device_put(jax.random.normal(k, (size, size), DTYPES[dtype]), device) for k in keys)
-  matmul = jax.jit(jnp.matmul)
-  matmul(a, b).block_until_ready()
-  reps, start = 0, time.perf_counter()
-  while reps < 3 or time.perf_counter() - start < min_seconds:
-    out = matmul(a, b)
-    reps += 1
-  out.block_until_ready()
-  seconds = (time.perf_counter() - start) / reps
-  return {"size": size, "dtype": dtype, "seconds": seconds, "flops_per_s": 2 * size**3 / seconds,
-          "device": device_info()}
-
-
 def measure_emo_jax(cfg: ModelConfig, tc: train_lib.TrainConfig, batch: int, seq_len: int, *,
                     steps: int, warmup: int, seed: int = 0,
                     execution: ExecutionConfig | None = None) -> dict:
@@ -208,150 +164,8 @@ def measure_emo_jax(cfg: ModelConfig, tc: train_lib.TrainConfig, batch: int, seq
           "tokens_per_s": batch * seq_len * steps / seconds, "compile_s": compile_s,
           "loss": float(stats["loss"]), "total_loss": float(stats["total_loss"]),
           "dropped_fraction": None if dropped is None else float(np.mean(dropped)),
-          "peak_device_bytes": _peak_device_bytes(device), "max_rss_bytes": _max_rss_bytes(),
+          "peak_device_bytes": peak_device_bytes(device), "max_rss_bytes": max_rss_bytes(),
           "device": device_info()}
-
-
-def torch_available() -> bool:
-  """Whether the peer can run, without importing torch (the parent of isolated runs never does)."""
-  return all(importlib.util.find_spec(m) is not None for m in ("torch", "transformers"))
-
-
-def _import_torch():
-  """(torch, transformers, OpenMP wait policy in effect).
-
-  PyTorch's CPU kernels use OpenMP, whose threads spin at every barrier by default. On a CPU
-  shared with other work (the 2-core machines this project tests on) a spinning thread waits
-  for a descheduled sibling and steps slow down 10-100x at random (measured here: 25 ms to 5 s
-  per step for the tiny model). Passive waiting removes that and costs little, so it is the
-  default unless the user set OMP_WAIT_POLICY; it only takes effect if torch is not yet loaded.
-  """
-  preloaded = "torch" in sys.modules
-  if not preloaded:
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-  import torch
-  import transformers
-  policy = os.environ.get("OMP_WAIT_POLICY", "default")
-  return torch, transformers, policy + (" (torch was already loaded)" if preloaded else "")
-
-
-def torch_peer_config(cfg: ModelConfig) -> dict:
-  """Qwen2MoeConfig keyword arguments of the peer: our qwen2_moe export, trained with aux loss.
-
-  The export (emo_jax.convert.configs.hf_config) is the same architecture EMO's inference
-  reduces to; the peer adds the load-balancing loss at our weight and drops the KV cache.
-  """
-  from emo_jax.convert.configs import hf_config  # the converter needs nothing from torch
-  values = hf_config(cfg, "qwen2_moe")
-  for key in ("architectures", "model_type", "torch_dtype"):
-    values.pop(key, None)
-  values.update(output_router_logits=True, router_aux_loss_coef=cfg.lb_loss_weight,
-                use_cache=False)
-  return values
-
-
-def _grouped_mm_kernel(torch, device, dtype) -> str:
-  """Which kernel transformers' grouped_mm experts call on this device and dtype."""
-  try:
-    from transformers.integrations import moe as hf_moe
-    x = torch.zeros(4, 16, device=device, dtype=dtype)
-    w = torch.zeros(2, 16, 16, device=device, dtype=dtype)
-    offs = torch.tensor([2, 4], device=device, dtype=torch.int32)
-    if not hf_moe._can_use_grouped_mm(x, w, offs):
-      return "transformers grouped_mm_fallback"
-  except Exception:  # a private helper: its absence must not break the benchmark
-    return "unknown"
-  if hasattr(torch.nn.functional, "grouped_mm"):
-    return "torch.nn.functional.grouped_mm"
-  return "torch._grouped_mm"
-
-
-def measure_torch(cfg: ModelConfig, tc: train_lib.TrainConfig, batch: int, seq_len: int, *,
-                  steps: int, warmup: int, seed: int = 0) -> dict:
-  """The PyTorch peer's training step: Qwen2MoeForCausalLM, AdamW, same batch shape.
-
-  Weights in bf16 when emo_jax's are; otherwise float32 master weights, under bf16 autocast when
-  emo_jax computes in bf16. Experts run through transformers' grouped_mm implementation where
-  the model accepts it (recorded, with the kernel it reaches), else its default.
-  """
-  if not torch_available():
-    raise ImportError("torch and transformers are needed for the PyTorch peer")
-  torch, transformers, omp_policy = _import_torch()
-  device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-  if device.type == "cpu":
-    torch.set_num_threads(os.cpu_count())
-  else:
-    torch.cuda.reset_peak_memory_stats(device)
-  torch.manual_seed(seed)
-  _log(f"torch: building Qwen2MoeForCausalLM on {device.type} ({batch} x {seq_len})")
-  values = torch_peer_config(cfg)
-  with torch.device(device):
-    try:
-      model = transformers.Qwen2MoeForCausalLM(
-          transformers.Qwen2MoeConfig(**values, experts_implementation="grouped_mm"))
-    except (ValueError, ImportError) as e:
-      _log(f"torch: grouped_mm experts refused ({e}); using transformers' default")
-      model = transformers.Qwen2MoeForCausalLM(transformers.Qwen2MoeConfig(**values))
-  weights_bf16 = cfg.param_dtype == "bfloat16"
-  if weights_bf16:
-    model.to(torch.bfloat16)
-  autocast = not weights_bf16 and cfg.compute_dtype == "bfloat16"
-  weight_dtype = torch.bfloat16 if weights_bf16 else torch.float32
-  experts_impl = model.config._experts_implementation
-  kernel = _grouped_mm_kernel(torch, device, weight_dtype) if experts_impl == "grouped_mm" else None
-  model.train()
-
-  # emo_jax decays every weight but the embedding and the norm scales (train.decay_mask).
-  decay, no_decay = [], []
-  for name, p in model.named_parameters():
-    (no_decay if "embed_tokens" in name or "norm" in name or name.endswith(".bias")
-     else decay).append(p)
-  fused = device.type == "cuda"
-  optimizer = torch.optim.AdamW(
-      [{"params": decay, "weight_decay": tc.weight_decay},
-       {"params": no_decay, "weight_decay": 0.0}],
-      lr=tc.learning_rate, betas=(tc.b1, tc.b2), eps=tc.eps, fused=fused or None)
-  generator = torch.Generator().manual_seed(seed)
-  ids = torch.randint(0, cfg.vocab_size, (batch, seq_len), generator=generator).to(device)
-
-  def step():
-    optimizer.zero_grad(set_to_none=True)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-      out = model(input_ids=ids, labels=ids)  # the model shifts labels itself
-    out.loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-    optimizer.step()
-    return out.loss
-
-  def sync():
-    if device.type == "cuda":
-      torch.cuda.synchronize(device)
-
-  _log(f"torch: experts_implementation={experts_impl} ({kernel}); {max(warmup, 1)} warm-up + "
-       f"{steps} timed steps")
-  start = time.perf_counter()
-  for _ in range(max(warmup, 1)):  # the first step allocates optimiser state: never timed
-    loss = step()
-  sync()
-  first_steps_s = time.perf_counter() - start
-  start = time.perf_counter()
-  for _ in range(steps):
-    loss = step()
-  sync()
-  seconds = time.perf_counter() - start
-  return {"implementation": "torch", "step_s": seconds / steps,
-          "tokens_per_s": batch * seq_len * steps / seconds, "warmup_s": first_steps_s,
-          "loss": float(loss.item()), "dropped_fraction": 0.0,  # grouped / eager experts: dropless
-          "peak_device_bytes": (int(torch.cuda.max_memory_allocated(device))
-                                if device.type == "cuda" else None),
-          "max_rss_bytes": _max_rss_bytes(),
-          "experts_implementation": experts_impl, "grouped_mm_kernel": kernel,
-          "attn_implementation": model.config._attn_implementation,
-          "weights": "bfloat16" if weights_bf16 else "float32",
-          "autocast_bf16": autocast, "optimizer": "AdamW(fused)" if fused else "AdamW(foreach)",
-          "omp_wait_policy": omp_policy,
-          "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
-                     else f"cpu, {torch.get_num_threads()} threads")}
 
 
 def measure(spec: Mapping[str, Any]) -> dict:
@@ -407,29 +221,6 @@ def _guarded(spec: Mapping[str, Any], isolate: bool) -> dict:
 
 
 # ---- the whole comparison ---------------------------------------------------------------------
-def git_commit() -> str | None:
-  """The checkout's commit (with "+dirty" for local changes): the code moves under a benchmark."""
-  try:
-    def git(*args):
-      return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True,
-                            check=True).stdout.strip()
-    return git("rev-parse", "--short", "HEAD") + ("+dirty" if git("status", "--porcelain",
-                                                                   "--untracked-files=no") else "")
-  except (OSError, subprocess.CalledProcessError):
-    return None
-
-
-def versions() -> dict:
-  """Installed versions, read from package metadata so that nothing is imported for them."""
-  found = {}
-  for name in ("jax", "jaxlib", "flax", "optax", "torch", "transformers"):
-    try:
-      found[name] = importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-      found[name] = None
-  return found
-
-
 def _add_rates(row: dict, flops_per_token: float, peak: float | None, ceiling: float | None,
                torch_tps: float | None) -> None:
   """Model FLOP/s, MFU against the bf16 peak and the measured matmul, and the ratio to torch."""
