@@ -267,3 +267,18 @@ def test_fraction_axis_is_labelled_in_percent():
   assert ax.get_xscale() == "log" and "%" in ax.get_xlabel()
   legend = ax.legend(handlelength=plots.LEGEND_HANDLE_LENGTH)
   assert legend.get_lines()[0].get_linestyle() == "--"
+
+
+# ---- progress lines ---------------------------------------------------------------------------
+
+def test_progress_line_rate_and_eta_count_from_the_first_document(monkeypatch):
+  import logging
+  from emo_jax.data import progress
+  clock = iter([0.0, 10.0, 12.0, 12.0])  # start, first document, second, line
+  monkeypatch.setattr(progress.time, "perf_counter", lambda: next(clock))
+  p = progress.ProgressLog(logging.getLogger("test"), "source x", total_bytes=4_000_000,
+                           every_s=1e9)
+  p.update(1_000_000)
+  p.update(1_000_000)
+  # 1 MB in the 2 s since the first document: 500 kB/s, 2 MB left -> 4 s (not 10 s of unpacking).
+  assert p.line() == ("source x: 2.0 MB of ~4.0 MB (50%), 2 documents, 500.0 kB/s, ETA 4s")

@@ -29,6 +29,10 @@ def size(num_bytes: float) -> str:
   return f"{int(num_bytes)} B"
 
 
+def _documents(n: int) -> str:
+  return f"{n:,} document{'' if n == 1 else 's'}"
+
+
 class ProgressLog:
   """Logs `what: 12.3 MB, 4,567 documents, 2.1 MB/s, ETA 6s` at most every `every_s` seconds.
 
@@ -44,30 +48,38 @@ class ProgressLog:
     self.bytes = 0
     self.documents = 0
     self.start = self._last = time.perf_counter()
+    # The rate (and so the ETA) counts from the first document, not from the start: a source
+    # may spend seconds unpacking before it yields anything.
+    self._first: tuple[float, int] | None = None
 
   def update(self, num_bytes: int, documents: int = 1) -> None:
+    now = time.perf_counter()
     self.bytes += num_bytes
     self.documents += documents
-    now = time.perf_counter()
+    if self._first is None:
+      self._first = (now, self.bytes)
     if now - self._last >= self.every_s:
       self._last = now
       self.logger.info("%s", self.line(now))
 
   def line(self, now: float | None = None) -> str:
-    elapsed = max((time.perf_counter() if now is None else now) - self.start, 1e-9)
-    rate = self.bytes / elapsed
+    now = time.perf_counter() if now is None else now
+    first_time, first_bytes = self._first or (self.start, 0)
+    elapsed = now - first_time
+    rate = (self.bytes - first_bytes) / elapsed if elapsed > 0.5 else 0.0
     parts = [f"{self.what}: {size(self.bytes)}"]
     if self.total:
       parts[0] += f" of ~{size(self.total)} ({min(100 * self.bytes / self.total, 100):.0f}%)"
-    parts.append(f"{self.documents:,} documents")
-    parts.append(f"{size(rate)}/s")
+    parts.append(_documents(self.documents))
+    if rate > 0:
+      parts.append(f"{size(rate)}/s")
     if self.total and rate > 0:
       parts.append(f"ETA {duration(max(self.total - self.bytes, 0) / rate)}")
     return ", ".join(parts)
 
   def done(self) -> str:
     """The final line (logged): totals and time taken."""
-    line = (f"{self.what}: {size(self.bytes)}, {self.documents:,} documents in "
+    line = (f"{self.what}: {size(self.bytes)}, {_documents(self.documents)} in "
             f"{duration(time.perf_counter() - self.start)}")
     self.logger.info("%s", line)
     return line
