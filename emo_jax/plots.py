@@ -308,7 +308,8 @@ def plot_reproduction(rows: Sequence[Mapping], path: str | pathlib.Path,
                     label=f"{r['model']} (from scratch)")
         fractions.add(frac)
     ax.axhline(0.0, color="gray", linewidth=0.8)
-    ax.set_title(domain)
+    held = any(r["domain"] == domain and r["group"] == "held-out" for r in rows)
+    ax.set_title(f"{domain} (held out of training)" if held else domain)
     ax.set_ylabel("loss - full EMO's loss (nats per token)")
     ax.grid(True, alpha=0.3)
   for ax in axes:

@@ -229,12 +229,27 @@ def train_cached(label: str, config, models_dir: pathlib.Path, seed: int) -> Tra
   log.info("%s seed %d: training %d steps into %s", label, seed, config.train.steps, path)
   last = train_and_evaluate(config, path)
   seconds = round(time.time() - start, 1)
+  reached = last_logged_step(path)
+  if reached < config.train.steps:
+    raise StudyError(f"{label} seed {seed} stopped before step {config.train.steps} (its log ends "
+                     f"at step {reached}"
+                     "); run the same command again to resume it from its checkpoint in "
+                     f"{path}")
   from emo_jax.model import count_params  # pylint: disable=import-outside-toplevel
   counts = count_params(_model(config))
   summary = {k: v for k, v in last.items() if k.startswith(("val_", "unigram_val_"))}
   summary.update(counts, steps=int(config.train.steps), loss=last.get("loss"))
   done.write_text(json.dumps({"key": key, "seconds": seconds, "summary": summary}, indent=1))
   return Trained(label, seed, str(path), key, seconds, False, summary)
+
+
+def last_logged_step(workdir: pathlib.Path) -> int:
+  """The last step a training run logged (0 when it logged none)."""
+  path = pathlib.Path(workdir) / "metrics.jsonl"
+  if not path.is_file():
+    return 0
+  lines = [line for line in path.read_text().splitlines() if line.strip()]
+  return int(json.loads(lines[-1])["step"]) if lines else 0
 
 
 # ---- held-out domains ---------------------------------------------------------------------------------

@@ -129,10 +129,12 @@ def _percent(fraction: float) -> str:
   return f"{100 * fraction:.3g} %"
 
 
-def results_table(rows: Sequence[Mapping], *, random_floor: bool = True) -> str:
+def results_table(rows: Sequence[Mapping], *, random_floor: bool = True,
+                  groups: Sequence[str] | None = None) -> str:
   """Loss with all experts and its increase at each subset (experts selected from the main
-  calibration set), per model and domain group; "≈" marks a cell within noise of EMO's."""
-  moe = [r for r in rows if r["subsets"]]
+  calibration set), per model and domain group (all, or those in `groups`); "≈" marks a cell
+  within noise of EMO's."""
+  moe = [r for r in rows if r["subsets"] and (groups is None or r["group"] in groups)]
   if not moe:
     return ""
   keeps = list(moe[0]["subsets"])

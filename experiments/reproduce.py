@@ -141,8 +141,14 @@ def run_models(config, s: dict, models_dir: pathlib.Path):
         first, model_config = study.anneal_configs(seeded, s["anneal_fraction"])
         base = study.train_cached(f"StdMoE-first-{first.train.steps}", first, models_dir, seed)
         model_config.train.init_from = base.path
-      trained.setdefault(label, []).append(study.train_cached(label, model_config, models_dir,
-                                                              seed))
+      run = study.train_cached(label, model_config, models_dir, seed)
+      if label == "EMO-anneal":  # the whole recipe: the StdMoE's steps and time, then the anneal's
+        run.summary = {**run.summary, "stdmoe_steps": base.summary["steps"],
+                       "steps": base.summary["steps"] + run.summary["steps"],
+                       "unigram_val_perplexity": base.summary.get("unigram_val_perplexity")}
+        run.seconds = round(base.seconds + run.seconds, 1)
+        run.cached = run.cached and base.cached
+      trained.setdefault(label, []).append(run)
       if keep is not None:
         matched[label] = keep
   return trained, matched
