@@ -125,6 +125,20 @@ def test_greedy_text_equals_generate_on_the_pruned_checkpoint(client, files, tmp
   assert served != complete(client, prompt, "all", max_tokens=10).choices[0].text
 
 
+def test_stop_strings_logprobs_and_seeded_sampling(client):
+  text = complete(client, "x = ", "code", max_tokens=16).choices[0].text
+  stop = next(ch for ch in text[2:] if ch.isascii() and ch.isprintable())
+  cut = complete(client, "x = ", "code", max_tokens=16, stop=[stop]).choices[0]
+  assert cut.text == text[:text.index(stop)] and cut.finish_reason == "stop"
+  scored = complete(client, "x = ", "code", max_tokens=6, logprobs=2).choices[0]
+  assert len(scored.logprobs.token_logprobs) == 6
+  assert all(len(t) <= 2 and max(t.values()) >= lp - 1e-6 for t, lp in
+             zip(scored.logprobs.top_logprobs, scored.logprobs.token_logprobs))
+  sampled = [client.completions.create(model=BASE, prompt="x = ", max_tokens=12, temperature=1.0,
+                                       top_p=0.9, seed=11).choices[0].text for _ in range(2)]
+  assert sampled[0] == sampled[1]
+
+
 def test_model_may_name_a_subset(client):
   ids = [m.id for m in client.models.list().data]
   assert ids == [BASE, f"{BASE}:all", f"{BASE}:code"]

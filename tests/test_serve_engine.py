@@ -1,6 +1,7 @@
 """The serving engine and expert bank without HTTP: per-row subsets, memory, equivalences."""
 
 import threading
+import time
 
 import jax
 import jax.numpy as jnp
@@ -164,6 +165,9 @@ def test_sampled_requests_are_seeded_and_bad_requests_refused(engine):
   two = engine_lib.run_sync(engine, prompt, mask("a"), max_tokens=8, temperature=1.0,
                             top_p=0.9, seed=7, timeout=60)
   assert one["tokens"] == two["tokens"]
+  late = engine_lib.run_sync(engine, prompt, mask("a"), max_tokens=8, timeout=60,
+                            deadline=time.monotonic() - 1)
+  assert late["finish_reason"] == "timeout" and late["tokens"] == []
   with pytest.raises(ValueError, match="exceeds the context"):
     engine_lib.run_sync(engine, prompt, mask("a"), max_tokens=64)
   with pytest.raises(ValueError, match="empty"):

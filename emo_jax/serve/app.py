@@ -158,18 +158,23 @@ class Server:
       raise protocol.ApiError(400, str(e), param="prompt") from e
     return requests
 
+  def token_string(self, token: int) -> str:
+    """A token's text, or "token_id:N" when it is no whole character (a partial UTF-8 byte),
+    so that distinct tokens stay distinct keys of top_logprobs."""
+    text = self.tokenizer.decode([int(token)])
+    return f"token_id:{int(token)}" if "\ufffd" in text else text
+
   def token_strings(self, ids) -> list[str]:
-    return [self.tokenizer.decode([t]) for t in ids]
+    return [self.token_string(t) for t in ids]
 
   def logprobs_body(self, tokens, logprobs, top) -> dict:
     strings = self.token_strings(tokens)
-    offsets, at = [], 0
-    for s in strings:
-      offsets.append(at)
-      at += len(s)
+    eos = self.tokenizer.eos_id
+    offsets = [len(self.tokenizer.decode([t for t in tokens[:i] if t != eos]))
+               for i in range(len(tokens))]  # where each token starts in the text
     return {"tokens": strings, "token_logprobs": logprobs, "text_offset": offsets,
             "top_logprobs": None if top is None else [
-                {self.tokenizer.decode([i]): lp for i, lp in t.items()} for t in top]}
+                {self.token_string(i): lp for i, lp in t.items()} for t in top]}
 
   def count(self, path: str, status: int) -> None:
     self.http_counts[(path, status)] = self.http_counts.get((path, status), 0) + 1
