@@ -189,3 +189,16 @@ def test_queue_bound_refuses_with_queue_full(checkpoint):
   eng.start()
   eng.stop(drain_seconds=30)
   assert eng.stats["finished_length"] + eng.stats["finished_stop"] == 3, eng.stats
+
+
+def test_chat_template_renders_and_bad_templates_are_400s():
+  from emo_jax.serve import protocol
+  template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{{ eos_token }}"
+              "{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}")
+  messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+  eos = TOK.decode([TOK.eos_id])
+  assert (protocol.render_chat(template, messages, TOK)
+          == f"<system>Be brief.{eos}<user>Hi{eos}<assistant>")
+  with pytest.raises(protocol.ApiError, match="cannot render"):
+    protocol.render_chat("{{ messages[0].content | nosuchfilter }}", messages, TOK)
+  assert protocol.chat_template_of(TOK) is None
