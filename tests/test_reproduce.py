@@ -186,7 +186,7 @@ def _trained(label, seeds, params=1e6):
 
 
 def test_rows_average_seeds_and_mark_differences_within_noise(tmp_path):
-  groups = {"a": "trained", "b": "trained", "math": "held-out"}
+  groups = {"a": "trained", "b": "trained", "math": "held-out", "law": "eval-corpus"}
   results = {"EMO": {}, "StdMoE": {}, "Dense, 25 % params": {}}
   for seed, shift in ((0, 0.0), (1, 0.01), (2, -0.01)):
     noise = (seed - 1) * 0.05                                 # StdMoE's 50 % cell: noise only
@@ -263,3 +263,40 @@ def test_bad_settings_are_refused():
     study.anneal_configs(tiny.get_config(), 1.0)
   with pytest.raises(ConfigError):
     study.training_key({**tiny.get_config().to_dict(), "train": {"steps": 0}})
+
+
+def test_measure_model_scores_the_selected_and_random_subsets(tmp_path):
+  """The study's numbers equal evaluate.perplexity with the masks selective picks itself."""
+  from random_model import random_params
+  from emo_jax import evaluate, generate, selective
+  from emo_jax.data.tokenizer import ByteTokenizer
+  cfg = ModelConfig(vocab_size=258, d_model=32, num_layers=2, num_heads=4, num_kv_heads=4,
+                    head_dim=8, num_experts=8, num_shared_experts=1, top_k=1, expert_hidden=16,
+                    pool_min=2, pool_max=8, max_segments=4, max_seq_len=32,
+                    compute_dtype="float32", init_std=0.3)
+  _, params = random_params(cfg)
+  ckpt_lib.save_params(tmp_path / "m", params, cfg.to_dict())
+  tok = ByteTokenizer()
+  docs = _docs(4, ("code", "math"))
+  sets = [study.EvalSet("math", "held-out", [d["text"] for d in docs[4:]], docs[4:]),
+          study.EvalSet("code", "trained", [d["text"] for d in docs[:3]], docs[:4])]
+  out = study.measure_model(str(tmp_path / "m"), sets, tok, fractions=[1, 0.25],
+                            calibrations=["1", "all"], seq_len=32, batch_size=2,
+                            num_batches=2, random_floor=True, seed=0)
+  assert out["num_experts"] == 8 and out["active_experts"] == 2
+  math_ = out["domains"]["math"]
+  assert math_["calibration_documents"] == {"1": 1, "all": 4}
+  assert set(math_["select"]["all"]) == set(math_["random"]) == {"2"}
+  graphdef, p = generate.build_model(cfg, ckpt_lib.load_params(tmp_path / "m")[0])
+  batches = study.scoring_batches(docs[4:], tok, seq_len=32, batch_size=2, max_segments=4,
+                                  num_batches=2)
+  np.testing.assert_allclose(math_["full"], evaluate.perplexity(graphdef, p, batches, [])["loss"],
+                             rtol=1e-6)
+  calib = study.calibration_batches([d["text"] for d in docs[4:5]], tok, seq_len=32, rows=2)
+  mask = selective.select_experts(graphdef, p, cfg, calib, 2).mask
+  want = evaluate.perplexity(graphdef, p, batches, [], keep_experts=mask)["loss"]
+  np.testing.assert_allclose(math_["select"]["1"]["2"], want, rtol=1e-6)
+  assert math_["random"]["2"] != math_["select"]["all"]["2"]
+  with pytest.raises(study.StudyError, match="fewer than the 2"):
+    study.measure_model(str(tmp_path / "m"), sets, tok, fractions=[0.125], calibrations=["1"],
+                        seq_len=32, batch_size=2, num_batches=1, random_floor=False, seed=0)
