@@ -227,6 +227,13 @@ def write_outputs(workdir, command, s, trained, results, rows, clusters, timings
 
 def main(argv):
   cli.start(argv)
+  try:
+    run(argv)
+  except study.StudyError as e:  # a setting that cannot be honoured: one line, no traceback
+    sys.exit(f"error: {e}")
+
+
+def run(argv):
   from emo_jax.data import corpus as corpus_lib  # pylint: disable=import-outside-toplevel
   start = time.time()
   s = settings()
