@@ -36,6 +36,9 @@ _DRAIN = flags.DEFINE_float("drain_seconds", 5.0, "At shutdown, seconds running 
 _MODEL_NAME = flags.DEFINE_string("model_name", None, "Model id (default: the checkpoint "
                                   "folder's name).")
 _TOKENIZER = flags.DEFINE_string("tokenizer", None, "Override the checkpoint's tokenizer.")
+_EXPERT_BACKEND = flags.DEFINE_enum("expert_backend", None, ["capacity", "ragged", "dense"],
+                                    "Routed-expert kernel (default: the one experiments.generate "
+                                    "runs, so outputs equal its outputs).")
 _WARMUP = flags.DEFINE_bool("warmup", True, "Compile the decode step and the prefill buckets "
                             "before listening.")
 
@@ -80,7 +83,12 @@ def main(argv):
     except (OSError, ValueError) as e:
       raise app.UsageError(f"--subset {name}={path}:{keep}: {e}") from e
   bank.commit(bank.prepare(subsets), subsets)
-  engine = engine_lib.Engine(bank, tokenizer, slots=_SLOTS.value, max_queue=_MAX_QUEUE.value)
+  execution = None
+  if _EXPERT_BACKEND.value:
+    from emo_jax.execution import ExecutionConfig  # pylint: disable=import-outside-toplevel
+    execution = ExecutionConfig(expert_backend=_EXPERT_BACKEND.value)
+  engine = engine_lib.Engine(bank, tokenizer, slots=_SLOTS.value, max_queue=_MAX_QUEUE.value,
+                             execution=execution)
   if _WARMUP.value:
     engine.warmup()
   model_name = _MODEL_NAME.value or pathlib.Path(_CHECKPOINT.value).absolute().name

@@ -181,12 +181,15 @@ class Engine:
   """Fixed decode slots over one KV cache, fed by a bounded queue; see the module docstring."""
 
   def __init__(self, bank: bank_lib.ExpertBank, tokenizer, *, slots: int = 4,
-               max_queue: int = 64, shift_every: int | None = None):
+               max_queue: int = 64, shift_every: int | None = None, execution=None):
+    """execution: an execution.ExecutionConfig (expert kernel, attention kernel) for the
+    compact model; default the one `generate` uses, so outputs equal its outputs."""
     if slots < 1:
       raise ValueError(f"slots={slots} must be >= 1")
     if max_queue < 0:
       raise ValueError(f"max_queue={max_queue} must be >= 0")
     self.bank = bank
+    self.execution = execution
     self.tokenizer = tokenizer
     self.slots = slots
     self.max_queue = max_queue
@@ -215,7 +218,7 @@ class Engine:
     params = self.bank.compact_params()
     width = self.bank.width
     if width not in self._graphdefs:
-      self._graphdefs[width] = generate.build_model(cfg, {})[0]
+      self._graphdefs[width] = generate.build_model(cfg, {}, self.execution)[0]
     self._graphdef, self._params = self._graphdefs[width], params
     occupied = np.zeros((self.bank.cfg.num_layers, width), bool)
     for layer, ids in enumerate(self.bank.slots):
