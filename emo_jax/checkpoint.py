@@ -8,10 +8,13 @@ short is never mistaken for a checkpoint); this module adds what a trainer needs
 * the Grain iterator state (one file per process) beside the train state, so a resumed run sees
   exactly the batches it would have seen;
 * the experiment config, so an incompatible restart is refused with the fields that differ
-  (every architecture field, config.ModelConfig, and the data stream; the execution section,
+  (every architecture field, config.ModelConfig; the data stream, with the fingerprint of its
+  documents, data.fingerprint; the length of the learning-rate schedule; the execution section,
   execution.ExecutionConfig, is free to change);
-* restore-latest that falls back to the previous checkpoint, saying so, when the latest one is
-  unreadable (corrupted or truncated files).
+* restore-latest that falls back to the previous checkpoint, saying so and naming the error,
+  when the latest one is unreadable (corrupted or truncated files). A checkpoint that reads but
+  does not fit the data is refused like a config change and stays where it is: only what cannot
+  be read is moved to `corrupt_checkpoints/`.
 """
 
 from __future__ import annotations
@@ -26,14 +29,19 @@ import grain
 import orbax.checkpoint as ocp
 
 from emo_jax.config import ModelConfig
+from emo_jax.data import fingerprint as fingerprint_lib
+from emo_jax.data.pipeline import IteratorStateMismatchError
 from emo_jax.execution import split_model_fields
 
 log = logging.getLogger(__name__)
 
 # Data fields that decide which documents come in which order: the saved iterator state means
 # nothing under other values. (seq_len and batch_size may change: the state points at a
-# document and an offset into it.)
-DATA_STREAM_FIELDS = ("corpus", "tokenizer", "seed")
+# document and an offset into it.) The `data_stream` section adds the fingerprint of the
+# documents themselves (data.fingerprint).
+DATA_STREAM_FIELDS = ("corpus", "data_dir", "tokenizer", "seed", "synthetic_documents")
+# Train fields a resumed run must keep: the schedule's length decides every later learning rate.
+TRAIN_FIELDS = ("schedule_steps",)
 
 
 class CheckpointMismatchError(ValueError):
@@ -60,11 +68,15 @@ def incompatible_fields(saved: Mapping[str, Any], current: Mapping[str, Any]) ->
   """
   architecture = tuple(f.name for f in dataclasses.fields(ModelConfig))
   out = []
-  for section, fields in (("model", architecture), ("data", DATA_STREAM_FIELDS)):
+  for section, fields in (("model", architecture), ("data", DATA_STREAM_FIELDS),
+                          ("train", TRAIN_FIELDS)):
     old, new = saved.get(section, {}), current.get(section, {})
     for name in fields:
       if name in old and name in new and old[name] != new[name]:
         out.append(f"{section}.{name}: checkpoint has {old[name]!r}, config has {new[name]!r}")
+  if not any(line.startswith("data.") for line in out):  # the fingerprint only adds news
+    out += fingerprint_lib.changed_fields(saved.get("data_stream", {}),
+                                          current.get("data_stream", {}))
   return out
 
 
@@ -99,6 +111,15 @@ class Checkpointer:
     restored = self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
     return dict(restored["config"])
 
+  def latest_readable_config(self) -> dict | None:
+    """The config of the newest checkpoint whose config reads, or None."""
+    for step in sorted(self._manager.all_steps(), reverse=True):
+      try:
+        return self.saved_config(step)
+      except Exception:  # pylint: disable=broad-except  (restore_latest reports it)
+        continue
+    return None
+
   def restore_latest(self, abstract_state: Any, data_iterator,
                      config: Mapping[str, Any]) -> Restored | None:
     """Restores the newest readable checkpoint into `data_iterator` and returns the state.
@@ -129,6 +150,12 @@ class Checkpointer:
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
                                           data=grain.checkpoint.CheckpointRestore(data_iterator)))
       except Exception as e:  # pylint: disable=broad-except
+        mismatch = _cause_of_type(e, IteratorStateMismatchError)
+        if mismatch is not None:  # readable, but written on other data: not corruption
+          raise CheckpointMismatchError(
+              f"the checkpoint at step {step} in {self.directory} was written on another data "
+              f"stream ({mismatch}); restore the data it was trained on, or use a new "
+              "--workdir for the new data") from None
         failures.append(f"step {step}: {type(e).__name__}: {e}")
         log.warning("checkpoint at step %d is unreadable (%s: %s); falling back to an earlier "
                     "one", step, type(e).__name__, e)
@@ -136,8 +163,8 @@ class Checkpointer:
       if step != steps[0]:
         bad = [s for s in steps if s > step]
         moved = self._quarantine(bad)
-        log.warning("resumed from step %d because the newer checkpoint(s) %s could not be read; "
-                    "they were moved to %s", step, bad, moved)
+        log.warning("resumed from step %d because the newer checkpoint(s) %s could not be read "
+                    "(%s); they were moved to %s", step, bad, "; ".join(failures), moved)
       return Restored(step=step, state=restored["state"], config=saved)
     raise NoUsableCheckpointError(
         f"no checkpoint in {self.directory} can be read:\n  " + "\n  ".join(failures) +
@@ -166,6 +193,17 @@ class Checkpointer:
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def _cause_of_type(error: BaseException, kind: type) -> BaseException | None:
+  """`error` or the first exception in its cause / context chain that is a `kind`."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    if isinstance(error, kind):
+      return error
+    seen.add(id(error))
+    error = error.__cause__ or error.__context__
+  return None
 
 
 # ---- parameter-only checkpoints (conversion, pruning, evaluation, init_from) -----------------

@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import pathlib
+import shutil
 import signal
 from typing import Any
 
@@ -30,6 +31,7 @@ from emo_jax import evaluate, metrics as metrics_lib
 from emo_jax.losses import token_losses
 from emo_jax.config import ConfigError, ConfigMixin, ModelConfig
 from emo_jax.data import corpus as corpus_lib
+from emo_jax.data import fingerprint as fingerprint_lib
 from emo_jax.execution import ExecutionConfig, run_configs
 from emo_jax.model import Transformer, count_params
 from emo_jax.workdir import WorkdirLock
@@ -42,6 +44,10 @@ class TrainConfig(ConfigMixin):
   """Optimiser, schedule and loop settings. Defaults are the release's recipe
   (docs/algorithm.md)."""
   steps: int = 1000
+  # Length of the learning-rate schedule; 0 = `steps`. A run's first start fixes it and resumes
+  # keep it, so raising `steps` later extends training along the same curve (past its end the
+  # rate stays at the final value) instead of rewriting the rates of steps already taken.
+  schedule_steps: int = 0
   learning_rate: float = 4e-3
   warmup_steps: int = 2000
   # "cosine": warm-up then cosine to final_lr_fraction * peak; "linear": warm-up then linear
@@ -77,6 +83,9 @@ class TrainConfig(ConfigMixin):
     if self.schedule not in ("cosine", "linear", "constant"):
       raise ConfigError(f"TrainConfig.schedule={self.schedule!r} is invalid: allowed values are "
                         "['cosine', 'linear', 'constant']")
+    if self.schedule_steps < 0:
+      raise ConfigError(f"TrainConfig.schedule_steps={self.schedule_steps!r} is invalid: must "
+                        "be >= 0 (0 = train.steps)")
     if self.warmup_steps < 0:
       raise ConfigError(f"TrainConfig.warmup_steps={self.warmup_steps!r} is invalid: must be >= 0")
     if self.eval_batches < 1:
@@ -84,8 +93,9 @@ class TrainConfig(ConfigMixin):
                         "evaluation needs at least one batch; set eval_batches >= 1 (it runs "
                         "every eval_every steps and at the last step)")
     if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
-      raise ConfigError(f"TrainConfig.learning_rate={self.learning_rate!r} is invalid: must be "
-                        "a finite number > 0 (the release's peak is 4e-3)")
+      raise ConfigError(f"TrainConfig.learning_rate={self.learning_rate!r} is invalid: it "
+                        "would make the update of step 1 non-finite; set a finite number > 0 "
+                        "(the release's peak is 4e-3)")
     if not (math.isfinite(self.grad_clip) and self.grad_clip > 0):
       raise ConfigError(f"TrainConfig.grad_clip={self.grad_clip!r} is invalid: it is the "
                         "largest global gradient norm, so it must be a finite number > 0 "
@@ -113,7 +123,7 @@ class TrainState(struct.PyTreeNode):
 # ---- optimiser ------------------------------------------------------------------------------
 def learning_rate_schedule(tc: TrainConfig) -> optax.Schedule:
   warmup = max(tc.warmup_steps, 0)
-  decay_steps = max(tc.steps - warmup, 1)
+  decay_steps = max((tc.schedule_steps or tc.steps) - warmup, 1)
   peak = tc.learning_rate
   if tc.schedule == "cosine":
     after = optax.cosine_decay_schedule(peak, decay_steps, alpha=tc.final_lr_fraction)
@@ -185,8 +195,15 @@ def train_step(state: TrainState, batch, *, graphdef, optimizer, cfg: ModelConfi
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   stats["grad_norm"] = optax.tree.norm(grads)
+  # Checked on the host before any save: a state that is not finite is never written.
+  stats["state_finite"] = _all_finite((params, opt_state))
   stats["learning_rate"] = learning_rate_schedule(tc)(state.step)
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), stats
+
+
+def _all_finite(tree) -> jax.Array:
+  leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
 def init_state(cfg: ModelConfig, tc: TrainConfig, mesh=None,
@@ -240,7 +257,7 @@ def initial_params(path: str, cfg: ModelConfig, like: Any) -> Any:
 
 # ---- the loop ---------------------------------------------------------------------------------
 class NonFiniteLossError(FloatingPointError):
-  """The loss became NaN or infinite; the last good checkpoint is kept."""
+  """The loss or the updated train state became NaN or infinite; nothing of it was saved."""
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
@@ -251,33 +268,53 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   on a busy workdir is refused (workdir.WorkdirBusyError) before it touches anything.
   """
   workdir = pathlib.Path(workdir)
+  cfg, execution = run_configs(config)  # a bad config is refused before the workdir is touched
+  tc = TrainConfig.from_dict(config.train)
+  dc = corpus_lib.DataConfig.from_dict(config.data)
+  created = not workdir.exists()
   lock = WorkdirLock(workdir, jax.process_index())
   try:
-    return _train_and_evaluate(config, workdir)
+    return _train_and_evaluate(config, workdir, cfg, execution, tc, dc)
+  except BaseException:
+    lock.release()
+    if created and not (workdir / "config.json").exists():
+      _remove_if_only_empty_folders(workdir)  # failed before its first step: leave no trace
+    raise
   finally:
     lock.release()
 
 
-def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
-  cfg, execution = run_configs(config)
-  tc = TrainConfig.from_dict(config.train)
-  dc = corpus_lib.DataConfig.from_dict(config.data)
+def _remove_if_only_empty_folders(workdir: pathlib.Path) -> None:
+  entries = [p for p in workdir.rglob("*") if not p.name.startswith(".lock.process_")]
+  if all(p.is_dir() and not any(q.is_file() for q in p.rglob("*")) for p in entries):
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path,
+                        cfg: ModelConfig, execution: ExecutionConfig, tc: TrainConfig,
+                        dc: corpus_lib.DataConfig) -> dict:
   if dc.batch_size % tc.grad_accum_steps:
     raise ConfigError(f"data.batch_size={dc.batch_size} must be a multiple of "
                       f"train.grad_accum_steps={tc.grad_accum_steps}")
+  if dc.seq_len > cfg.max_seq_len:
+    raise ConfigError(f"data.seq_len={dc.seq_len} exceeds model.max_seq_len={cfg.max_seq_len}; "
+                      f"lower data.seq_len or raise model.max_seq_len to {dc.seq_len}")
   mc = sharding_lib.MeshConfig.from_dict(config.get("mesh", {}))
   mesh = sharding_lib.make_mesh(mc)
   sharding_lib.check_divisible(cfg.num_experts, dc.batch_size, mesh)
-  experiment = {"model": cfg.to_dict(), "execution": execution.to_dict(), "data": dc.to_dict(),
-                "train": tc.to_dict(), "mesh": mc.to_dict()}
-  if jax.process_index() == 0:
-    (workdir / "config.json").write_text(json.dumps(experiment, indent=2, sort_keys=True))
 
   corpus = corpus_lib.load_corpus(dc)
   if corpus.tokenizer.vocab_size > cfg.vocab_size:
     raise ConfigError(f"the tokenizer has {corpus.tokenizer.vocab_size} ids but "
                       f"model.vocab_size={cfg.vocab_size}; raise model.vocab_size to at least "
                       f"{corpus.tokenizer.vocab_size}")
+  checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", save_every=tc.checkpoint_every,
+                                       keep=tc.keep_checkpoints, async_save=tc.async_checkpoint)
+  tc = _resolve_schedule_steps(tc, checkpointer.latest_readable_config())
+  experiment = {"model": cfg.to_dict(), "execution": execution.to_dict(), "data": dc.to_dict(),
+                "data_stream": fingerprint_lib.data_stream_fingerprint(
+                    dc, corpus, corpus_lib.resolved_data_dir(dc)),
+                "train": tc.to_dict(), "mesh": mc.to_dict()}
   train_data = corpus.dataset("train", seq_len=dc.seq_len, batch_size=dc.batch_size,
                               max_segments=cfg.max_segments, seed=dc.seed, num_epochs=None,
                               num_workers=dc.num_workers)
@@ -285,18 +322,27 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
 
   graphdef, optimizer, state = init_state(cfg, tc, mesh, execution)
   shardings = state_shardings_for(state, mesh)
-  checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", save_every=tc.checkpoint_every,
-                                       keep=tc.keep_checkpoints, async_save=tc.async_checkpoint)
-  restored = checkpointer.restore_latest(state, data_iter, experiment)
+  try:
+    restored = checkpointer.restore_latest(state, data_iter, experiment)
+  except Exception:
+    checkpointer.close()
+    raise
   if restored is not None:
     state = restored.state
     log.info("resumed from step %d in %s", restored.step, checkpointer.directory)
+    if restored.step >= tc.steps:
+      log.warning("train.steps=%d is not past the restored step %d: nothing to train (raise "
+                  "train.steps to continue this run)", tc.steps, restored.step)
   elif tc.init_from:
     params = initial_params(tc.init_from, cfg, state.params)
     state = jax.jit(lambda p: state.replace(params=p, opt_state=optimizer.init(p)),
                     out_shardings=shardings)(params)
     log.info("initialised the parameters from %s", tc.init_from)
   start_step = int(state.step)
+  # Only a run whose checks all passed describes the workdir (atomically: never half a file).
+  if jax.process_index() == 0:
+    _write_atomically(workdir / "config.json",
+                      json.dumps(experiment, indent=2, sort_keys=True))
 
   writer = metrics_lib.MetricsWriter(workdir, resume_step=start_step, total_steps=tc.steps)
   step_fn = jax.jit(lambda s, b: train_step(s, b, graphdef=graphdef, optimizer=optimizer,
@@ -333,7 +379,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
       wants_eval = is_last or step % tc.eval_every == 0
       wants_log = wants_eval or step % tc.log_every == 0
       if wants_log or wants_save:  # nothing non-finite may reach a checkpoint
-        checked += _check_finite(pending)
+        checked += _check_finite(pending, state, checkpointer)
         pending = []
       if wants_log:
         tokens = float(np.sum([s["tokens"] for _, s in checked]))
@@ -349,7 +395,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
         writer.write(step, row)
         last = row
       if stop_requested:
-        checked += _check_finite(pending)
+        checked += _check_finite(pending, state, checkpointer)
         pending = []
         log.warning("received %s at step %d: saving a checkpoint and stopping",
                     signal.Signals(stop_requested[0]).name, step)
@@ -365,13 +411,56 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
   return last
 
 
-def _check_finite(pending):
-  """Fetches pending step stats; raises at the first step whose loss is not finite."""
+def _resolve_schedule_steps(tc: TrainConfig, saved: dict | None) -> TrainConfig:
+  """`tc` with schedule_steps fixed: the saved run's on resume, else `steps` on a first start.
+
+  An explicit value that differs from the saved one is left for the restart check to refuse.
+  """
+  saved_length = ((saved or {}).get("train") or {}).get("schedule_steps")
+  if tc.schedule_steps:
+    return tc
+  if saved_length:
+    if tc.steps > saved_length:
+      log.warning("train.steps=%d extends a run whose learning-rate schedule ends at step %d: "
+                  "the rate stays at its final value from there (a longer schedule needs a new "
+                  "run with train.schedule_steps=%d)", tc.steps, saved_length, tc.steps)
+    return tc.replace(schedule_steps=saved_length)
+  return tc.replace(schedule_steps=tc.steps)
+
+
+def _write_atomically(path: pathlib.Path, text: str) -> None:
+  tmp = path.with_name(f".{path.name}.tmp")
+  tmp.write_text(text)
+  tmp.replace(path)
+
+
+def _first_non_finite(state) -> str:
+  """The name of the first parameter or optimizer tensor holding NaN or inf."""
+  for path, x in jax.tree_util.tree_leaves_with_path({"params": state.params,
+                                                      "opt_state": state.opt_state}):
+    if jnp.issubdtype(x.dtype, jnp.inexact) and not bool(jnp.all(jnp.isfinite(x))):
+      return jax.tree_util.keystr(path)
+  return "none found in the newest state"
+
+
+def _check_finite(pending, state, checkpointer):
+  """Fetches pending step stats; raises at the first step whose loss or new state is not finite.
+
+  Runs before every save, so every checkpoint on disk holds a finite state.
+  """
   host = [(s, jax.device_get(stats)) for s, stats in pending]
   for s, stats in host:
-    if not (np.isfinite(stats["loss"]) and np.isfinite(stats["total_loss"])):
-      raise NonFiniteLossError(
-          f"loss became {float(stats['total_loss'])} at step {s}; stopping. The last good "
-          "checkpoint is kept in the workdir: lower train.learning_rate or check the data, "
-          "then restart to resume from it.")
+    loss_ok = np.isfinite(stats["loss"]) and np.isfinite(stats["total_loss"])
+    if loss_ok and bool(stats["state_finite"]):
+      continue
+    what = (f"loss became {float(stats['total_loss'])} at step {s}" if not loss_ok else
+            f"the update of step {s} left non-finite values in the train state (grad norm "
+            f"{float(stats['grad_norm'])}; first tensor: {_first_non_finite(state)})")
+    checkpointer.wait()
+    saved = checkpointer.all_steps()
+    kept = (f"The last checkpoint, step {saved[-1]}, holds a finite state: lower "
+            "train.learning_rate or check the data, then restart to resume from it."
+            if saved else "No checkpoint was written before it: lower train.learning_rate or "
+            "check the data, and start again.")
+    raise NonFiniteLossError(f"{what}; stopping without saving it. {kept}")
   return host

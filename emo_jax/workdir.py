@@ -18,13 +18,22 @@ class WorkdirBusyError(RuntimeError):
   """Another live process holds the workdir."""
 
 
+class WorkdirUnusableError(RuntimeError):
+  """The workdir cannot be created or written (a file, under a file, a read-only place)."""
+
+
 class WorkdirLock:
   """Holds `workdir/.lock.process_<index>` until `release` (or the process's death)."""
 
   def __init__(self, workdir: str | pathlib.Path, process_index: int = 0):
     self.path = pathlib.Path(workdir) / f".lock.process_{process_index}"
-    self.path.parent.mkdir(parents=True, exist_ok=True)
-    self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      self.path.parent.mkdir(parents=True, exist_ok=True)
+      self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+      raise WorkdirUnusableError(
+          f"--workdir {workdir} cannot be used: {e.strerror or e} ({e.filename or workdir}); "
+          "pass a directory path you can write to") from None
     try:
       fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

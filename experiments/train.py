@@ -16,8 +16,8 @@ from ml_collections import config_flags
 from emo_jax.checkpoint import CheckpointMismatchError
 from emo_jax.config import ConfigError
 from emo_jax.sharding import initialize_distributed
-from emo_jax.train import train_and_evaluate
-from emo_jax.workdir import WorkdirBusyError
+from emo_jax.train import NonFiniteLossError, train_and_evaluate
+from emo_jax.workdir import WorkdirBusyError, WorkdirUnusableError
 from experiments import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
@@ -35,8 +35,9 @@ def main(argv):
     initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   try:
     train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except (ConfigError, CheckpointMismatchError, WorkdirBusyError) as e:
-    sys.exit(f"error: {e}")  # a setting or a workdir to fix: the message says how
+  except (ConfigError, CheckpointMismatchError, WorkdirBusyError, WorkdirUnusableError,
+          NonFiniteLossError) as e:
+    sys.exit(f"error: {e}")  # a setting, a workdir or a diverged run: the message says what to do
 
 
 if __name__ == "__main__":

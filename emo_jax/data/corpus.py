@@ -126,6 +126,13 @@ def default_data_dir(dc: DataConfig) -> pathlib.Path:
   return demo_corpus.cache_root() / "corpora" / f"{pathlib.Path(dc.corpus).stem}-{tag}"
 
 
+def resolved_data_dir(dc: DataConfig) -> pathlib.Path | None:
+  """The folder `load_corpus` reads the prepared splits from (None for the synthetic corpus)."""
+  if dc.corpus == "synthetic":
+    return None
+  return pathlib.Path(dc.data_dir) if dc.data_dir else default_data_dir(dc)
+
+
 RESULT_FILE = "prepare_data.json"
 
 
@@ -337,7 +344,7 @@ def load_corpus(dc: DataConfig) -> Corpus:
     tok = (tokenizer_lib.ByteTokenizer() if dc.tokenizer in ("", "bytes")
            else tokenizer_lib.load_tokenizer(dc.tokenizer))
     return Corpus(splits, tok, sorted({d["domain"] for d in docs}))
-  data_dir = pathlib.Path(dc.data_dir) if dc.data_dir else default_data_dir(dc)
+  data_dir = resolved_data_dir(dc)
   # A folder prepared earlier (e.g. by experiments/prepare_data with its own flags) is used as
   # it is, so training never rewrites a tokenizer under an existing run.
   summary = _previous_result(data_dir, None)

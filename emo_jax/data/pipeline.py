@@ -75,6 +75,10 @@ def pack_rows(rows: Sequence[Sequence[Sequence[int]]], *, pad_id: int, seq_len: 
   return batch
 
 
+class IteratorStateMismatchError(ValueError):
+  """A saved iterator state points at documents this data does not have (the data changed)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class PackingSpec:
   """Static shape of a packed row."""
@@ -163,11 +167,13 @@ class _PackIterator(grain.DatasetIterator):
     self._exhausted = bool(state.get("exhausted", 0))
     if state["offset"]:
       if not self._next_document() or self._doc is None:
-        raise ValueError("iterator state does not match the data: the document it points "
-                         "into is missing; was the corpus or its shuffle seed changed?")
+        raise IteratorStateMismatchError(
+            "iterator state does not match the data: the document it points into is missing; "
+            "was the corpus or its shuffle seed changed?")
       if state["offset"] >= len(self._doc["ids"]):
-        raise ValueError("iterator state does not match the data: offset "
-                         f"{state['offset']} lies past the end of the document it points into")
+        raise IteratorStateMismatchError(
+            f"iterator state does not match the data: offset {state['offset']} lies past the "
+            "end of the document it points into")
       self._offset = int(state["offset"])
 
 

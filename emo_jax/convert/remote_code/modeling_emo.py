@@ -10,7 +10,7 @@ Written by emo_jax to run its `--layout emo` exports and the released checkpoint
   model.layers.{i}.mlp.gate.weight                  [num_experts, hidden] (shared rows unused),
   model.layers.{i}.mlp.experts.{j}.{gate,up,down}_proj.weight.
 
-Inference routing is the release's (EMO_SPEC.md): softmax over the routed logits only, top-k
+Inference routing is the release's (docs/algorithm.md): softmax over the routed logits only, top-k
 without renormalisation, and every shared expert (the last rows of the bank) added with weight
 exactly 1.0; no document pool. The router runs in float32 whatever the model dtype, as in
 training. Attention is plain causal (left padding through `attention_mask`), eager, with
