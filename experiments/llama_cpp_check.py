@@ -22,6 +22,7 @@ has none; llama.cpp refuses a BPE vocabulary without the merges key, so one unus
 written). Both only concern text tokenization, which this check bypasses by feeding token ids.
 """
 
+import importlib.util
 import json
 import pathlib
 import subprocess
@@ -158,10 +159,8 @@ def main(argv):
   cli.start(argv)
   from emo_jax import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
   from emo_jax import generate, selective  # pylint: disable=import-outside-toplevel
-  try:
-    import llama_cpp  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
-  except ImportError as e:
-    raise app.UsageError("llama-cpp-python is not installed; see this module's docstring") from e
+  if importlib.util.find_spec("llama_cpp") is None:
+    raise app.UsageError("llama-cpp-python is not installed; see this module's docstring")
   work = pathlib.Path(_OUT.value or tempfile.mkdtemp(prefix="llama_check_"))
   work.mkdir(parents=True, exist_ok=True)
   converter = unpack_converter(_SDIST.value, work / "src")

@@ -7,7 +7,6 @@ experiments/llama_cpp_check.py's docstring downloads it).
 
 import glob
 import os
-import pathlib
 
 import numpy as np
 import pytest
