@@ -3,14 +3,15 @@
   python -m experiments.generate --checkpoint workdirs/demo --prompt "The patient" \
       --prompt "def main(" --max_new_tokens 64
   python -m experiments.generate --checkpoint pruned/ --prompt "To be"   # a pruned model
-  python -m experiments.generate --checkpoint workdirs/demo --prompt "The patient" --greedy
+  python -m experiments.generate --checkpoint workdirs/demo --prompt "The patient" --sample
 
-The defaults suit the small models trained here: greedy decoding of a model with a validation
-perplexity in the hundreds falls into loops ("the the the ..."), so tokens are sampled at
-temperature 0.6 from the top-p 0.9 nucleus, with a repetition penalty of 1.2 on tokens already
-in the row and no 3-gram repeated. --greedy (argmax, no penalty, no ban) gives the model's single
-most likely continuation, e.g. to compare with other implementations. The seed is fixed, so a
-command prints the same text every time.
+By default decoding is greedy (argmax): the model's single most likely continuation, the same
+tokens the server (experiments.serve), transformers and llama.cpp give for the same model, so
+outputs can be compared. Greedy decoding of a model with a validation perplexity in the hundreds
+falls into loops ("the the the ..."); --sample reads better on the small models trained here:
+tokens sampled at temperature 0.6 from the top-p 0.9 nucleus, with a repetition penalty of 1.2
+on tokens already in the row and no 3-gram repeated (each adjustable with its flag). The seed is
+fixed, so a command prints the same text every time.
 
 Prompts run as one batch; each row stops at EOS. Prints each continuation, then one JSON line
 with new tokens, seconds and tokens/s (the first call includes compilation; --warmup runs the
@@ -27,15 +28,18 @@ from experiments import cli
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training workdir or parameter checkpoint.")
 _PROMPT = flags.DEFINE_multi_string("prompt", None, "A prompt (repeat for a batch).")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate per prompt at most.")
-_TEMPERATURE = flags.DEFINE_float("temperature", 0.6, "Sampling temperature (0 = argmax).")
-_TOP_P = flags.DEFINE_float("top_p", 0.9, "Nucleus sampling mass (1 = off).")
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.6, "Sampling temperature with --sample "
+                                  "(0 = argmax).")
+_TOP_P = flags.DEFINE_float("top_p", 0.9, "Nucleus sampling mass with --sample (1 = off).")
 _REPETITION_PENALTY = flags.DEFINE_float(
     "repetition_penalty", 1.2, "Divides the (positive) logits of tokens already in the row "
     "(1 = off).")
 _NO_REPEAT_NGRAM = flags.DEFINE_integer("no_repeat_ngram", 3, "Never repeat an n-gram of this "
                                         "many tokens (0 = off).")
-_GREEDY = flags.DEFINE_bool("greedy", False, "Argmax decoding: temperature 0, no repetition "
-                            "penalty, no n-gram ban (overrides those flags).")
+_SAMPLE = flags.DEFINE_bool("sample", False, "Sample with --temperature, --top_p, "
+                            "--repetition_penalty and --no_repeat_ngram instead of argmax.")
+_GREEDY = flags.DEFINE_bool("greedy", False, "Argmax decoding, the default (overrides "
+                            "--sample).")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _TOKENIZER = flags.DEFINE_string("tokenizer", None, "Override the checkpoint's tokenizer.")
 _WARMUP = flags.DEFINE_bool("warmup", True, "Compile with one untimed run first.")
@@ -48,7 +52,7 @@ def main(argv):
                                                            tokenizer=_TOKENIZER.value)
   if tok is None:
     raise app.UsageError("cannot tell which tokenizer the checkpoint uses; pass --tokenizer")
-  if _GREEDY.value:
+  if _GREEDY.value or not _SAMPLE.value:
     sampling = generate.SamplingConfig(max_new_tokens=_MAX_NEW.value, seed=_SEED.value)
   else:
     sampling = generate.SamplingConfig(
