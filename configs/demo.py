@@ -40,9 +40,13 @@ def get_config() -> ml_collections.ConfigDict:
       max_seq_len=256,
       compute_dtype="float32",  # bf16 matmuls are slow on most CPUs; use bfloat16 on GPU/TPU
   ).to_dict()
-  # A short run's routers stay far from balanced: at capacity 1.25 about a quarter of the
-  # assignments overflowed (EMO and StdMoE alike); 2.0 keeps drops small.
-  config.execution = ExecutionConfig(remat=False, capacity_factor=2.0).to_dict()
+  # Dropless experts: a short run's routers stay far from balanced (at capacity 1.25 about a
+  # quarter of the assignments overflowed), and on CPU the "ragged" bank pads each expert's
+  # rows to whole blocks instead of to a capacity, so it is also faster than capacity 2.0.
+  # "chunked" attention skips the keys causality hides from each chunk of queries. Both are
+  # exact (BENCHMARKS.md has the figures). capacity_factor applies if expert_backend=capacity.
+  config.execution = ExecutionConfig(remat=False, expert_backend="ragged",
+                                     attention_impl="chunked", capacity_factor=2.0).to_dict()
   config.data = DataConfig(corpus="demo", vocab_size=8192, seq_len=256, batch_size=16).to_dict()
   config.train = TrainConfig(steps=400, learning_rate=3e-3, warmup_steps=40, log_every=20,
                              eval_every=200, eval_batches=8, checkpoint_every=200).to_dict()

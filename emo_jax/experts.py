@@ -13,7 +13,9 @@ function with backends that agree with each other (tests compare them to ``dense
   ``expert_bank_swiglu`` and ``capacity_combine`` because expert parallelism sends the [E, C, D]
   buffers across devices with ``all_to_all`` between dispatch and combine.
 * ``ragged``: assignments are sorted by expert and the bank runs as a grouped matmul.
-  Dropless. ``ragged_dot_impl`` picks the kernel (``grouped_matmul``): XLA's
+  Dropless. ``ragged_dot_impl`` picks the kernel (``grouped_matmul``): "blocked" pads each
+  expert's rows to whole blocks and runs one batched matmul over the blocks (the CPU default,
+  ``blocked_partial``; padding under one block per expert instead of a capacity), XLA's
   ``jax.lax.ragged_dot`` (exact everywhere, but on H100 XLA expands it to a dense product,
   ~5 TFLOP/s, see docs/accelerators.md), tokamax's Pallas kernels (GPU and TPU) or Pallas megablox
   (TPU; runs interpreted elsewhere, which is how the tests check it).
@@ -42,7 +44,9 @@ from emo_jax.matmul import flat_matmul
 
 BACKENDS = ("dense", "capacity", "ragged")
 # Grouped-matmul kernels of the ragged backend; "auto" resolves per platform when traced.
-RAGGED_DOT_IMPLS = ("auto", "xla", "tokamax", "megablox")
+RAGGED_DOT_IMPLS = ("auto", "xla", "blocked", "tokamax", "megablox")
+# Rows per block of the "blocked" grouped SwiGLU (``blocked_swiglu``).
+GROUP_BLOCK_ROWS = 128
 
 
 def swiglu(x_TxD, w_gate_DxH, w_up_DxH, w_down_HxD, compute_dtype=jnp.float32):
@@ -61,13 +65,21 @@ def swiglu(x_TxD, w_gate_DxH, w_up_DxH, w_down_HxD, compute_dtype=jnp.float32):
 
 def expert_bank_swiglu(x_ExNxD, w_gate_ExDxH, w_up_ExDxH, w_down_ExHxD,
                        compute_dtype=jnp.float32):
-  """Runs expert e's SwiGLU on its own rows ``x_ExNxD[e]``: one batched matmul per projection.
+  """Runs expert e's SwiGLU on its own rows ``x_ExNxD[e]``: two batched matmuls.
+
+  The gate and up projections run as one product against the concatenated [E, D, 2H]
+  weights: on XLA:CPU batched matmuls cost more per flop than 2-D ones, so fewer and wider
+  ones are faster. The result equals ``swiglu`` per expert.
 
   This is the compute step between ``capacity_dispatch`` and ``capacity_combine``; under expert
   parallelism it runs on the local slice of the bank after the ``all_to_all``.
   """
-  bank = jax.vmap(functools.partial(swiglu, compute_dtype=compute_dtype))
-  return bank(x_ExNxD, w_gate_ExDxH, w_up_ExDxH, w_down_ExHxD)
+  cast = lambda a: jnp.asarray(a, compute_dtype)
+  hidden = w_gate_ExDxH.shape[-1]
+  w_gate_up_ExDx2H = jnp.concatenate([cast(w_gate_ExDxH), cast(w_up_ExDxH)], axis=-1)
+  gate_up_ExNx2H = jnp.matmul(cast(x_ExNxD), w_gate_up_ExDx2H)
+  h_ExNxH = jax.nn.silu(gate_up_ExNx2H[..., :hidden]) * gate_up_ExNx2H[..., hidden:]
+  return jnp.matmul(h_ExNxH, cast(w_down_ExHxD))
 
 
 def expert_capacity(num_tokens: int, top_k: int, num_experts: int,
@@ -141,7 +153,8 @@ def inverse_permutation(perm_N):
 # ---- grouped matmul kernels ----------------------------------------------------------------
 def resolve_ragged_dot_impl(impl: str) -> str:
   """"auto" -> the best kernel this platform has: tokamax on GPU/TPU when installed, megablox
-  on TPU otherwise, XLA elsewhere. Explicit choices are returned unchanged."""
+  on TPU otherwise, "blocked" on CPU (XLA:CPU expands ``ragged_dot`` to every expert on every
+  row), XLA elsewhere. Explicit choices are returned unchanged."""
   if impl not in RAGGED_DOT_IMPLS:
     raise ValueError(f"Unknown ragged_dot_impl {impl!r}; allowed values are "
                      f"{list(RAGGED_DOT_IMPLS)}.")
@@ -156,8 +169,9 @@ def resolve_ragged_dot_impl(impl: str) -> str:
       pass
   if platform == "tpu":
     return "megablox"
-  if platform != "cpu":
-    _warn_slow_ragged_dot(platform)
+  if platform == "cpu":
+    return "blocked"
+  _warn_slow_ragged_dot(platform)
   return "xla"
 
 
@@ -204,6 +218,14 @@ def grouped_matmul(lhs_AxD, rhs_GxDxH, group_sizes_G, *, impl: str = "xla",
     # implementation=None: tokamax picks its Mosaic/Triton kernel for the device and shape.
     return tokamax.ragged_dot(lhs_AxD, rhs_GxDxH, group_sizes_G,
                               preferred_element_type=out_dtype)
+  if impl == "blocked":
+    layout, block = _sorted_block_layout(group_sizes_G, lhs_AxD.shape[0], rhs_GxDxH.shape[0])
+    lhs_SxD = _gather_slots(lhs_AxD, layout.row_of_slot_S, layout.slot_A[:, None])
+    lhs_NxBxD = lhs_SxD.reshape(-1, block, lhs_AxD.shape[1])
+    out_NxBxH = jnp.matmul(lhs_NxBxD, rhs_GxDxH[layout.expert_of_block_N],
+                           preferred_element_type=out_dtype)
+    return _gather_slots(out_NxBxH.reshape(-1, rhs_GxDxH.shape[-1]), layout.slot_A,
+                         layout.row_of_slot_S[:, None])
   from jax.experimental.pallas.ops.tpu.megablox import gmm  # Pallas TPU grouped matmul
   num_rows, d_in = lhs_AxD.shape
   tile_m = min(128, -(-num_rows // 8) * 8)
@@ -219,9 +241,122 @@ def grouped_matmul(lhs_AxD, rhs_GxDxH, group_sizes_G, *, impl: str = "xla",
   return out[:num_rows]
 
 
+class BlockLayout(NamedTuple):
+  """Groups of rows padded to whole blocks, so that every block belongs to one expert.
+
+  slot_A: int32, the padded row (slot) of each row; ``S`` (out of range) for invalid rows.
+  row_of_slot_S: int32, which row fills each slot; ``A`` (out of range) for padding slots.
+  expert_of_block_N: int32, the expert of each block (blocks past the last group: the last
+    expert, over zero rows).
+  """
+  slot_A: jax.Array
+  row_of_slot_S: jax.Array
+  expert_of_block_N: jax.Array
+
+
+def num_blocks_needed(num_rows: int, num_groups: int, block: int) -> int:
+  """Blocks that always suffice: each group wastes less than one block."""
+  return -(-num_rows // block) + num_groups - 1
+
+
+def block_layout(group_A, rank_A, valid_A, num_groups: int, block: int) -> BlockLayout:
+  """Slots of rows given each row's group and its rank among the rows of that group.
+
+  Group g takes ``ceil(n_g / block)`` consecutive blocks; row r of g lands at slot
+  ``first_block(g) * block + rank(r)``. Static shapes, no row is ever dropped.
+  """
+  num_rows = group_A.shape[0]
+  num_blocks = num_blocks_needed(num_rows, num_groups, block)
+  num_slots = num_blocks * block
+  sizes_G = jnp.bincount(jnp.where(valid_A, group_A, num_groups),
+                         length=num_groups + 1)[:num_groups].astype(jnp.int32)
+  blocks_G = -(-sizes_G // block)
+  first_block_G = jnp.cumsum(blocks_G) - blocks_G
+  safe_group_A = jnp.minimum(group_A, num_groups - 1)
+  slot_A = jnp.where(valid_A, first_block_G[safe_group_A] * block + rank_A, num_slots)
+  row_of_slot_S = jnp.full((num_slots,), num_rows, jnp.int32).at[slot_A].set(
+      jnp.arange(num_rows, dtype=jnp.int32), mode="drop")
+  expert_of_block_N = jnp.minimum(
+      jnp.repeat(jnp.arange(num_groups, dtype=jnp.int32), blocks_G,
+                 total_repeat_length=num_blocks), num_groups - 1)
+  return BlockLayout(slot_A.astype(jnp.int32), row_of_slot_S, expert_of_block_N)
+
+
+def blocked_bank_swiglu(x_SxD, layout: BlockLayout, w_gate_ExDxH, w_up_ExDxH, w_down_ExHxD, *,
+                        block: int, compute_dtype):
+  """Each block's rows through its expert's SwiGLU: one batched matmul per projection."""
+  num_slots, d_model = x_SxD.shape
+  e_N = layout.expert_of_block_N
+  out_NxBxD = expert_bank_swiglu(x_SxD.reshape(num_slots // block, block, d_model),
+                                 w_gate_ExDxH[e_N], w_up_ExDxH[e_N], w_down_ExHxD[e_N],
+                                 compute_dtype)
+  return out_NxBxD.reshape(num_slots, d_model)
+
+
+def _sorted_block_layout(group_sizes_G, num_rows: int, num_groups: int,
+                         block: int | None = None) -> tuple[BlockLayout, int]:
+  """The block layout of rows that already come in consecutive groups, and its block size."""
+  block = max(1, min(block or GROUP_BLOCK_ROWS, num_rows))
+  sizes_G = group_sizes_G.astype(jnp.int32)
+  starts_G = jnp.cumsum(sizes_G) - sizes_G
+  group_A = jnp.repeat(jnp.arange(num_groups, dtype=jnp.int32), sizes_G,
+                       total_repeat_length=num_rows)
+  rank_A = jnp.arange(num_rows, dtype=jnp.int32) - starts_G[group_A]
+  return block_layout(group_A, rank_A, jnp.ones((num_rows,), bool), num_groups, block), block
+
+
+def blocked_swiglu(x_sorted_AxD, w_gate_ExDxH, w_up_ExDxH, w_down_ExHxD, group_sizes_E, *,
+                   compute_dtype, block: int | None = None):
+  """The bank's SwiGLU on expert-sorted rows (consecutive groups), dropless, via blocks.
+
+  ``ragged_partial`` does not come here on one device: it places tokens in their blocks
+  directly (``blocked_partial``); this entry serves callers that hold expert-sorted rows.
+  """
+  layout, block = _sorted_block_layout(group_sizes_E, x_sorted_AxD.shape[0],
+                                       w_gate_ExDxH.shape[0], block)
+  x_SxD = _gather_slots(jnp.asarray(x_sorted_AxD, compute_dtype), layout.row_of_slot_S,
+                        layout.slot_A[:, None])
+  out_SxD = blocked_bank_swiglu(x_SxD, layout, w_gate_ExDxH, w_up_ExDxH, w_down_ExHxD,
+                                block=block, compute_dtype=compute_dtype)
+  return _gather_slots(out_SxD, layout.slot_A, layout.row_of_slot_S[:, None])
+
+
+def blocked_partial(x_TxD, local_A, valid_A, expert_weights_TxK, w_gate, w_up, w_down, *,
+                    compute_dtype, block: int | None = None):
+  """float32 [T, D]: ``ragged_partial`` by blocks, tokens gathered straight into their slots.
+
+  The same slot gathers and weighted combine as the capacity backend (custom VJPs that are
+  gathers both ways), but with a slot map that pads each expert's rows to whole blocks instead
+  of cutting them at a capacity: dropless, and the bank's batched matmul runs over at most
+  ``A + E * block`` rows.
+  """
+  num_tokens, top_k = expert_weights_TxK.shape
+  bank_size = w_gate.shape[0]
+  num_rows = num_tokens * top_k
+  block = max(1, min(block or GROUP_BLOCK_ROWS, num_rows))
+  expert_A = jnp.where(valid_A, local_A, bank_size)
+  rank_A = _rank_within_expert(expert_A, bank_size + 1)
+  layout = block_layout(expert_A, rank_A, valid_A, bank_size, block)
+  token_of_slot_S = jnp.where(layout.row_of_slot_S < num_rows,
+                              layout.row_of_slot_S // top_k, num_tokens)
+  choice_of_slot_S = layout.row_of_slot_S % top_k
+  slot_TxK = layout.slot_A.reshape(num_tokens, top_k)
+  x_SxD = _gather_slots(jnp.asarray(x_TxD, compute_dtype), token_of_slot_S, slot_TxK)
+  out_SxD = blocked_bank_swiglu(x_SxD, layout, w_gate, w_up, w_down, block=block,
+                                compute_dtype=compute_dtype)
+  weights_TxK = jnp.where(valid_A.reshape(num_tokens, top_k),
+                          expert_weights_TxK.astype(jnp.float32), 0.0)
+  y_TxD = _combine_slots(out_SxD.astype(jnp.float32), weights_TxK, slot_TxK, token_of_slot_S,
+                         choice_of_slot_S)
+  return y_TxD
+
+
 def grouped_swiglu(x_sorted_AxD, w_gate_ExDxH, w_up_ExDxH, w_down_ExHxD, group_sizes_E, *,
                    impl: str, compute_dtype):
-  """The bank's SwiGLU on expert-sorted rows: three grouped matmuls."""
+  """The bank's SwiGLU on expert-sorted rows: three grouped matmuls (or ``blocked_swiglu``)."""
+  if resolve_ragged_dot_impl(impl) == "blocked":
+    return blocked_swiglu(x_sorted_AxD, w_gate_ExDxH, w_up_ExDxH, w_down_ExHxD, group_sizes_E,
+                          compute_dtype=compute_dtype)
   cast = lambda w: jnp.asarray(w, compute_dtype)
   x = jnp.asarray(x_sorted_AxD, compute_dtype)
   gate_AxH = grouped_matmul(x, cast(w_gate_ExDxH), group_sizes_E, impl=impl)
@@ -472,6 +607,9 @@ def ragged_partial(x_TxD, expert_ids_TxK, expert_weights_TxK, w_gate, w_up, w_do
   valid_A = (local_A >= 0) & (local_A < bank_size)
   if token_mask_T is not None:
     valid_A &= jnp.repeat(token_mask_T.astype(bool), top_k)
+  if resolve_ragged_dot_impl(ragged_dot_impl) == "blocked":
+    return blocked_partial(x_TxD, local_A, valid_A, expert_weights_TxK, w_gate, w_up, w_down,
+                           compute_dtype=compute_dtype)
   order = sort_by_expert(jnp.where(valid_A, local_A, bank_size), bank_size)
   x_sorted_AxD = take_sorted_copies(jnp.asarray(x_TxD, compute_dtype), order.order_A,
                                     order.inverse_A, top_k)

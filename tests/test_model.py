@@ -328,6 +328,8 @@ def test_segment_runs_cover_every_token():
 # of rows and heads as in a sharded run.
 @pytest.mark.parametrize("impl, dtype, tol", [("jax_xla", "float32", 1e-5),
                                               ("jax_xla", "bfloat16", 2e-2),
+                                              ("chunked", "float32", 1e-5),
+                                              ("chunked", "bfloat16", 2e-2),
                                               ("splash", "float32", 1e-5)])
 def test_attention_impls_equal_the_reference(impl, dtype, tol):
   args, segment_ids, want = qkv_and_reference(4, 128, 4, 2, 8, jnp.dtype(dtype), seed=13)
@@ -341,6 +343,17 @@ def test_attention_impls_equal_the_reference(impl, dtype, tol):
   assert got[0].dtype == jnp.dtype(dtype)
   for g, w in zip(got, want):  # output, dq, dk, dv
     assert_close(g, w, tol)
+
+
+@pytest.mark.parametrize("chunk", [32, 48, 128, 200])
+def test_chunked_attention_any_chunk_equals_the_reference(chunk):
+  """Chunks that do not divide the row (a short last chunk), single-query chunks and one chunk
+  covering the whole row all give the reference output and gradients."""
+  args, segment_ids, want = qkv_and_reference(2, 128, 4, 2, 8, jnp.float32, seed=14)
+  fn = lambda q, k, v: attention.chunked_attention(q, k, v, segment_ids, chunk)
+  got = jax.jit(lambda *a: attention_and_grads(fn, *a))(*args)
+  for g, w in zip(got, want):
+    assert_close(g, w, 1e-5)
 
 
 def emulate_cudnn_packed(q, k, v, seqlens, q_offsets, kv_offsets):
