@@ -35,13 +35,17 @@ from absl import app, flags
 
 from experiments import cli
 
-_SDIST = flags.DEFINE_string("sdist", None, "llama-cpp-python source archive (.tar.gz).")
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A qk_norm=False MoE checkpoint "
-                                  "(default: a random tiny one).")
-_KEEP = flags.DEFINE_integer("keep", 4, "Also check a pruned export keeping this many experts "
-                             "per layer (0 = skip).")
-_OUT = flags.DEFINE_string("out", None, "Work folder (default: a temporary one).")
-_TOKENS = flags.DEFINE_integer("tokens", 24, "Token ids compared per model.")
+
+def define_flags() -> None:
+  """The command's flags, defined only when it runs as a command (tests import the module
+  beside others that define flags of the same names)."""
+  flags.DEFINE_string("sdist", None, "llama-cpp-python source archive (.tar.gz).")
+  flags.DEFINE_string("checkpoint", None, "A qk_norm=False MoE checkpoint (default: a random "
+                      "tiny one).")
+  flags.DEFINE_integer("keep", 4, "Also check a pruned export keeping this many experts per "
+                       "layer (0 = skip).")
+  flags.DEFINE_string("out", None, "Work folder (default: a temporary one).")
+  flags.DEFINE_integer("tokens", 24, "Token ids compared per model.")
 
 # llama.cpp's qwen2moe graph computes the shared expert's sigmoid gate as silu(x) / x, which is
 # 0 / 0 = NaN at x = 0, and our export's gate is exactly zero (sigmoid(0) = 0.5, with the down
@@ -161,26 +165,26 @@ def main(argv):
   from emo_jax import generate, selective  # pylint: disable=import-outside-toplevel
   if importlib.util.find_spec("llama_cpp") is None:
     raise app.UsageError("llama-cpp-python is not installed; see this module's docstring")
-  work = pathlib.Path(_OUT.value or tempfile.mkdtemp(prefix="llama_check_"))
+  work = pathlib.Path(flags.FLAGS.out or tempfile.mkdtemp(prefix="llama_check_"))
   work.mkdir(parents=True, exist_ok=True)
-  converter = unpack_converter(_SDIST.value, work / "src")
-  checkpoint = (pathlib.Path(_CHECKPOINT.value) if _CHECKPOINT.value
+  converter = unpack_converter(flags.FLAGS.sdist, work / "src")
+  checkpoint = (pathlib.Path(flags.FLAGS.checkpoint) if flags.FLAGS.checkpoint
                 else random_checkpoint(work / "random"))
-  ids = list(np.random.default_rng(0).integers(2, 258, _TOKENS.value))
+  ids = list(np.random.default_rng(0).integers(2, 258, flags.FLAGS.tokens))
   results = [check("full", checkpoint, converter, work, ids),
              check("full_gate_eps", checkpoint, converter, work, ids, GATE_EPSILON)]
-  if _KEEP.value:
+  if flags.FLAGS.keep:
     cfg, _, params, _, _ = generate.load_checkpoint(checkpoint, tokenizer="none")
-    n = selective.routed_to_keep(cfg, _KEEP.value)
+    n = selective.routed_to_keep(cfg, flags.FLAGS.keep)
     kept = np.stack([np.arange(layer % 2, cfg.num_routed_experts, 2)[:n]
                      for layer in range(cfg.num_layers)])
-    selection = selective.Selection(keep=_KEEP.value, kept_routed=kept,
+    selection = selective.Selection(keep=flags.FLAGS.keep, kept_routed=kept,
                                     scores=np.zeros((cfg.num_layers, cfg.num_routed_experts)),
                                     num_routed=cfg.num_routed_experts,
                                     num_shared=cfg.num_shared_experts, greedy=True)
     pruned, pruned_cfg = selective.prune(jax_to_numpy(params), cfg, selection)
     ckpt_lib.save_params(work / "pruned", pruned, pruned_cfg.to_dict())
-    results.append(check(f"pruned_keep{_KEEP.value}", work / "pruned", converter, work, ids,
+    results.append(check(f"pruned_keep{flags.FLAGS.keep}", work / "pruned", converter, work, ids,
                          GATE_EPSILON))
   for r in results:
     print(json.dumps(r))
@@ -192,5 +196,6 @@ def jax_to_numpy(tree):
 
 
 if __name__ == "__main__":
+  define_flags()
   flags.mark_flags_as_required(["sdist"])
   app.run(main)
