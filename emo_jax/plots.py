@@ -338,23 +338,3 @@ def plot_fraction_curves(curves: Mapping[str, Sequence[tuple[float, float]]], pa
   ax.legend(fontsize=7, ncol=2, handlelength=LEGEND_HANDLE_LENGTH)
   fig.savefig(path, dpi=DPI, bbox_inches="tight")
   return path
-
-
-def plot_fraction_curves(curves: Mapping[str, Sequence[tuple[float, float]]], path, *,
-                         ylabel: str, title: str = "", styles: Mapping[str, dict] | None = None):
-  """One line per curve of (fraction of experts kept, value); log-2 x axis like the paper,
-  labelled in percent of the experts."""
-  fig = Figure(figsize=(6.4, 4.2))
-  ax = fig.add_subplot(1, 1, 1)
-  for label, points in curves.items():
-    points = sorted(points)
-    ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label,
-            **(styles or {}).get(label, {}))
-  fraction_axis(ax, [p[0] for points in curves.values() for p in points])
-  ax.set_ylabel(ylabel)
-  if title:
-    ax.set_title(title)
-  ax.grid(True, alpha=0.3)
-  ax.legend(fontsize=7, ncol=2, handlelength=LEGEND_HANDLE_LENGTH)
-  fig.savefig(path, dpi=DPI, bbox_inches="tight")
-  return path
