@@ -119,32 +119,44 @@ def read_multiple_choice(path) -> list[dict[str, Any]]:
         obj = json.loads(line)
       except json.JSONDecodeError as e:
         raise DataError(f"{where}: not valid JSON ({e.msg}); each line must be an object "
-                        '{"question": str, "choices": [str, ...], "answer": int}') from None
+                        f"{ITEM_FORMAT}") from None
       items.append(check_item(obj, where))
   if not items:
     raise DataError(f"{path} holds no multiple-choice items")
   return items
 
 
-def check_item(obj: Any, where: str) -> dict[str, Any]:
-  """Validates one multiple-choice item; the error says where and what is wrong."""
+ITEM_FORMAT = '{"question": str, "choices": [str, ...], "answer": int}'
+ITEM_FIELDS = ("question", "choices", "answer")
+
+
+def check_item(obj: Any, where: str, *, fields: Sequence[str] = ITEM_FIELDS,
+               format_hint: str = "") -> dict[str, Any]:
+  """Validates one multiple-choice item; the error says where and what is wrong.
+
+  `fields` names the (text, choices, gold index) keys, so finished requests
+  {context, continuations, gold} are checked by the same rules; `format_hint` describes a
+  valid line in the errors about the line's shape.
+  """
+  text_key, choices_key, gold_key = fields
+  hint = f"; each line is {format_hint}" if format_hint else ""
   if not isinstance(obj, dict):
-    raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-  missing = [k for k in ("question", "choices", "answer") if k not in obj]
+    raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}{hint}")
+  missing = [k for k in fields if k not in obj]
   if missing:
-    raise DataError(f"{where}: missing field(s) {missing}; an item is "
-                    '{"question": str, "choices": [str, ...], "answer": int}')
-  if not isinstance(obj["question"], str):
-    raise DataError(f"{where}: question must be a string")
-  choices = obj["choices"]
+    raise DataError(f"{where}: missing field(s) {missing}" +
+                    (hint or f"; an item is {ITEM_FORMAT}"))
+  if not isinstance(obj[text_key], str):
+    raise DataError(f"{where}: {text_key} must be a string")
+  choices = obj[choices_key]
   if (not isinstance(choices, list) or len(choices) < 2
       or not all(isinstance(c, str) and c for c in choices)):
-    raise DataError(f"{where}: choices must be a list of at least two non-empty strings")
-  answer = obj["answer"]
-  if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < len(choices):
-    raise DataError(f"{where}: answer must be an index into choices (0..{len(choices) - 1}), "
-                    f"got {answer!r}")
-  return {"question": obj["question"], "choices": list(choices), "answer": answer}
+    raise DataError(f"{where}: {choices_key} must be a list of at least two non-empty strings")
+  gold = obj[gold_key]
+  if isinstance(gold, bool) or not isinstance(gold, int) or not 0 <= gold < len(choices):
+    raise DataError(f"{where}: {gold_key} must be an index into {choices_key} "
+                    f"(0..{len(choices) - 1}), got {gold!r}")
+  return {text_key: obj[text_key], choices_key: list(choices), gold_key: gold}
 
 
 def format_question(item: Mapping[str, Any]) -> str:

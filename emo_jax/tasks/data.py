@@ -21,6 +21,7 @@ import json
 import pathlib
 from typing import Any, Sequence
 
+from emo_jax import evaluate
 from emo_jax.data.sources import DataError
 
 EXTRA_HINT = 'pip install -e ".[eval]"'
@@ -132,6 +133,7 @@ def read_arrow_rows(folder: pathlib.Path) -> list[dict[str, Any]]:
 
 
 # ---- JSONL of your own ---------------------------------------------------------------------------
+REQUEST_FIELDS = ("context", "continuations", "gold")
 JSONL_FORMATS = ('{"context": str, "continuations": [str, ...], "gold": int} (a finished '
                  'prompt) or {"question": str, "choices": [str, ...], "answer": int} (formatted '
                  'here, with few-shot examples from the same file)')
@@ -157,25 +159,12 @@ def read_jsonl(path: str | pathlib.Path) -> list[dict[str, Any]]:
       except json.JSONDecodeError as e:
         raise DataError(f"{where}: not valid JSON ({e.msg}); each line is "
                         f"{JSONL_FORMATS}") from None
-      if not isinstance(obj, dict):
-        raise DataError(f"{where}: expected a JSON object; each line is {JSONL_FORMATS}")
-      kind = "request" if "context" in obj else "raw"
-      fields = ("context", "continuations", "gold") if kind == "request" else (
-          "question", "choices", "answer")
-      missing = [k for k in fields if k not in obj]
-      if missing:
-        raise DataError(f"{where}: missing field(s) {missing}; each line is {JSONL_FORMATS}")
-      text, choices, gold = (obj[k] for k in fields)
-      if not isinstance(text, str):
-        raise DataError(f"{where}: {fields[0]} must be a string")
-      if (not isinstance(choices, list) or len(choices) < 2
-          or not all(isinstance(c, str) and c for c in choices)):
-        raise DataError(f"{where}: {fields[1]} must be a list of at least two non-empty strings")
-      if isinstance(gold, bool) or not isinstance(gold, int) or not 0 <= gold < len(choices):
-        raise DataError(f"{where}: {fields[2]} must be an index into {fields[1]} "
-                        f"(0..{len(choices) - 1}), got {gold!r}")
+      kind = "request" if isinstance(obj, dict) and "context" in obj else "raw"
+      fields = REQUEST_FIELDS if kind == "request" else evaluate.ITEM_FIELDS
+      text, choices, gold = evaluate.check_item(obj, where, fields=fields,
+                                                format_hint=JSONL_FORMATS).values()
       kinds.add(kind)
-      items.append({"kind": kind, "text": text, "choices": list(choices), "gold": gold,
+      items.append({"kind": kind, "text": text, "choices": choices, "gold": gold,
                     "split": obj.get("split", "")})
   if not items:
     raise DataError(f"{path} holds no task items; each line is {JSONL_FORMATS}")
