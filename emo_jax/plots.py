@@ -259,9 +259,11 @@ def plot_selective_eval(rows: Sequence[Mapping], path: str | pathlib.Path, *,
           ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o",
                   color=colors[method], label=f"{model} {method}")
     fraction_axis(ax, [r["fraction"] for r in rows])
-    ax.set(ylabel="accuracy (primary metric)", title=task)
+    ax.set(ylabel="accuracy (primary metric)", title=pathlib.Path(task).name)  # JSONL tasks: a path
     ax.grid(True, alpha=0.3)
   axes[0].legend(fontsize=7, handlelength=LEGEND_HANDLE_LENGTH)
+  fig.suptitle("Benchmark accuracy on expert subsets: selection method by colour"
+               + (", model by line style" if len(models) > 1 else ""), fontsize=10)
   return _save(fig, pathlib.Path(path))
 
 
