@@ -69,19 +69,24 @@ def server(files):
        "--max_queue=1", "--request_timeout=60", "--drain_seconds=2"],
       cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "JAX_PLATFORMS": "cpu"})
   url = f"http://127.0.0.1:{port}"
-  deadline = time.time() + 180
-  while True:
-    assert proc.poll() is None, log.seek(0) or log.read().decode(errors="replace")[-3000:]
-    try:
-      if httpx.get(url + "/health", timeout=2).status_code == 200:
-        break
-    except httpx.HTTPError:
-      pass
-    assert time.time() < deadline, "the server did not come up in 180 s"
-    time.sleep(0.5)
-  yield url
-  proc.send_signal(signal.SIGTERM)
-  assert proc.wait(timeout=60) == 0, log.seek(0) or log.read().decode(errors="replace")[-3000:]
+  try:
+    deadline = time.time() + 180
+    while True:
+      assert proc.poll() is None, log.seek(0) or log.read().decode(errors="replace")[-3000:]
+      try:
+        if httpx.get(url + "/health", timeout=2).status_code == 200:
+          break
+      except httpx.HTTPError:
+        pass
+      assert time.time() < deadline, "the server did not come up in 180 s"
+      time.sleep(0.5)
+    yield url
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0, log.seek(0) or log.read().decode(errors="replace")[-3000:]
+  finally:  # stopped by its pid however the tests or the graceful stop went
+    if proc.poll() is None:
+      os.kill(proc.pid, signal.SIGKILL)
+      proc.wait()
 
 
 @pytest.fixture(scope="module")

@@ -115,7 +115,7 @@ def test_checkpoint_written_under_one_mesh_resumes_under_another(tmp_path):
                              rtol=1e-5)
 
 
-def test_two_processes_reach_the_single_process_losses(tmp_path):
+def test_two_processes_reach_the_single_process_losses(tmp_path, reap):
   """jax.distributed over gloo on localhost: each host feeds its own data shard."""
   steps, port = 3, portpicker.pick_unused_port()
   env = dict(os.environ, JAX_PLATFORMS="cpu",
@@ -128,6 +128,8 @@ def test_two_processes_reach_the_single_process_losses(tmp_path):
   procs = [subprocess.Popen(command + ["--process_id", str(i)], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
            for i in range(2)]
+  for proc in procs:
+    reap(proc)
   outputs = [p.communicate(timeout=300)[0] for p in procs]
   assert all(p.returncode == 0 for p in procs), outputs[0][-3000:] + outputs[1][-3000:]
   got = _metrics(tmp_path / "w")

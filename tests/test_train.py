@@ -170,7 +170,7 @@ def _train_command(workdir, steps):
           "--config.train.eval_every=100000", "--config.data.synthetic_documents=400"]
 
 
-def test_sigkill_then_restart_reproduces_the_uninterrupted_losses(tmp_path):
+def test_sigkill_then_restart_reproduces_the_uninterrupted_losses(tmp_path, reap):
   steps = 300
   env = dict(os.environ, PYTHONUNBUFFERED="1")
   reference = tmp_path / "reference"
@@ -179,6 +179,7 @@ def test_sigkill_then_restart_reproduces_the_uninterrupted_losses(tmp_path):
   killed = tmp_path / "killed"
   proc = subprocess.Popen(_train_command(killed, steps), cwd=ROOT, env=env,
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  reap(proc)
   deadline = time.time() + 240
   while time.time() < deadline and proc.poll() is None:
     ckpts = killed / "checkpoints"
@@ -198,11 +199,12 @@ def test_sigkill_then_restart_reproduces_the_uninterrupted_losses(tmp_path):
   assert got == want
 
 
-def test_sigterm_saves_a_checkpoint_at_the_current_step_and_exits_cleanly(tmp_path):
+def test_sigterm_saves_a_checkpoint_at_the_current_step_and_exits_cleanly(tmp_path, reap):
   """Also: a second trainer on the busy workdir is refused in one line naming the holder, and
   the first one's checkpoints and metrics go on undisturbed."""
   proc = subprocess.Popen(_train_command(tmp_path, 100000), cwd=ROOT,
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  reap(proc)
   deadline = time.time() + 240
   while time.time() < deadline and proc.poll() is None:
     ckpts = tmp_path / "checkpoints"
@@ -225,13 +227,14 @@ def test_sigterm_saves_a_checkpoint_at_the_current_step_and_exits_cleanly(tmp_pa
   assert all(s % 5 == 0 for s in steps[:-1])  # the first trainer's own saves, nothing else
 
 
-def test_a_killed_trainer_leaves_no_lock_behind(tmp_path):
+def test_a_killed_trainer_leaves_no_lock_behind(tmp_path, reap):
   """The lock dies with its process: after kill -9 the next trainer takes the workdir."""
   from emo_jax.workdir import WorkdirBusyError, WorkdirLock
   holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, "
                              f"{str(ROOT)!r}); from emo_jax.workdir import WorkdirLock; "
                              f"lock = WorkdirLock({str(tmp_path)!r}); print('held', flush=True); "
                              "time.sleep(600)"], stdout=subprocess.PIPE, text=True)
+  reap(holder)
   assert holder.stdout.readline().strip() == "held"
   with pytest.raises(WorkdirBusyError, match=rf"\(pid {holder.pid}\)"):
     WorkdirLock(tmp_path)
