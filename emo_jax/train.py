@@ -276,7 +276,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   try:
     return _train_and_evaluate(config, workdir, cfg, execution, tc, dc)
   except BaseException:
-    lock.release()
     if created and not (workdir / "config.json").exists():
       _remove_if_only_empty_folders(workdir)  # failed before its first step: leave no trace
     raise
