@@ -74,9 +74,8 @@ def incompatible_fields(saved: Mapping[str, Any], current: Mapping[str, Any]) ->
     for name in fields:
       if name in old and name in new and old[name] != new[name]:
         out.append(f"{section}.{name}: checkpoint has {old[name]!r}, config has {new[name]!r}")
-  if not any(line.startswith("data.") for line in out):  # the fingerprint only adds news
-    out += fingerprint_lib.changed_fields(saved.get("data_stream", {}),
-                                          current.get("data_stream", {}))
+  out += fingerprint_lib.changed_fields(saved.get("data_stream", {}),
+                                        current.get("data_stream", {}))
   return out
 
 

@@ -312,7 +312,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
   tc = _resolve_schedule_steps(tc, checkpointer.latest_readable_config())
   experiment = {"model": cfg.to_dict(), "execution": execution.to_dict(), "data": dc.to_dict(),
                 "data_stream": fingerprint_lib.data_stream_fingerprint(
-                    dc, corpus, corpus_lib.resolved_data_dir(dc)),
+                    corpus, corpus_lib.resolved_data_dir(dc)),
                 "train": tc.to_dict(), "mesh": mc.to_dict()}
   train_data = corpus.dataset("train", seq_len=dc.seq_len, batch_size=dc.batch_size,
                               max_segments=cfg.max_segments, seed=dc.seed, num_epochs=None,

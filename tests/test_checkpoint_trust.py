@@ -108,9 +108,9 @@ def test_a_changed_synthetic_corpus_is_refused_and_nothing_moves(trained):
 def test_fingerprint_names_what_changed_in_the_documents():
   dc = corpus_lib.DataConfig(corpus="synthetic", tokenizer="bytes", synthetic_documents=200)
   corpus = corpus_lib.load_corpus(dc)
-  before = fingerprint_lib.data_stream_fingerprint(dc, corpus)
+  before = fingerprint_lib.data_stream_fingerprint(corpus)
   corpus.splits["train"][len(corpus.splits["train"]) // 2 + 1]["text"] += " edited"
-  after = fingerprint_lib.data_stream_fingerprint(dc, corpus)
+  after = fingerprint_lib.data_stream_fingerprint(corpus)
   changed = fingerprint_lib.changed_fields(before, after)
   assert len(changed) == 1 and changed[0].startswith("data_stream.train_sample_digest")
   assert fingerprint_lib.changed_fields(before, before) == []

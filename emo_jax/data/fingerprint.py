@@ -6,8 +6,9 @@ fingerprint of the stream it was written on and a restart compares it before res
 (checkpoint.Checkpointer.restore_latest). A changed corpus is then refused, naming what changed,
 instead of being mistaken for a damaged checkpoint.
 
-The fingerprint holds the config fields that choose the documents and their order, the number
-of training documents, a digest of a fixed sample of them (first, last and up to 1,024 evenly
+The config fields that choose the documents and their order are compared as config
+(checkpoint.DATA_STREAM_FIELDS); the fingerprint adds what they cannot say: the number of
+training documents, a digest of a fixed sample of them (first, last and up to 1,024 evenly
 spaced: cheap for corpora of any size, and any edit that changes a document's length or the
 document count also shows in the count or in the prepared file's size), the size of the
 prepared training split file, and the tokenizer's identity (its class, vocabulary size and the
@@ -44,14 +45,11 @@ def tokenizer_identity(tokenizer) -> str:
           f"{hashlib.sha256(ids.encode()).hexdigest()[:12]}")
 
 
-def data_stream_fingerprint(dc, corpus, data_dir: str | pathlib.Path | None = None) -> dict:
-  """The fingerprint of the training stream of `corpus` loaded for the DataConfig `dc`."""
+def data_stream_fingerprint(corpus, data_dir: str | pathlib.Path | None = None) -> dict:
+  """The fingerprint of the training documents of `corpus` (prepared in `data_dir`, if any)."""
   train = corpus.splits.get("train", [])
-  out = {"corpus": dc.corpus, "data_dir": dc.data_dir, "seed": dc.seed,
-         "train_documents": len(train), "train_sample_digest": _document_digest(train),
-         "tokenizer": tokenizer_identity(corpus.tokenizer)}
-  if dc.corpus == "synthetic":
-    out["synthetic_documents"] = dc.synthetic_documents
+  out = {"train_documents": len(train), "train_sample_digest": _document_digest(train),
+         "tokenizer_identity": tokenizer_identity(corpus.tokenizer)}
   if data_dir is not None and (pathlib.Path(data_dir) / "train.jsonl").is_file():
     out["train_file_bytes"] = (pathlib.Path(data_dir) / "train.jsonl").stat().st_size
   return out
