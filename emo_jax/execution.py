@@ -49,6 +49,11 @@ class ExecutionConfig(ConfigMixin):
   # `remat_policy` names (remat.checkpoint_policy).
   remat: bool = True
   remat_policy: str = "full"
+  # Run the decoder blocks as one `jax.lax.scan` (compiled once whatever the depth: the choice
+  # for deep models and pods) or unrolled, one copy of the block per layer (longer compiles;
+  # on CPU each step then skips the scan's stacked-residual buffers, which it must zero, fill
+  # and slice every step: docs/accelerators.md).
+  scan_layers: bool = True
 
   def __post_init__(self):
     _validate(self)

@@ -149,6 +149,22 @@ def layer_major_keep(keep_experts, cfg: ModelConfig, batch: int) -> jax.Array:
                    f"{keep_experts.shape}")
 
 
+def run_layers(body, carry, stacked_xs, scan: bool):
+  """`jax.lax.scan(body, carry, stacked_xs)`, or the same layers unrolled when `scan` is False.
+
+  Unrolled, each layer reads its slice of the stacked parameters with a static index and the
+  per-layer outputs are stacked at the end, so results and output layout are the scan's.
+  """
+  if scan:
+    return jax.lax.scan(body, carry, stacked_xs)
+  length = jax.tree.leaves(stacked_xs)[0].shape[0]
+  outputs = []
+  for i in range(length):
+    carry, out = body(carry, jax.tree.map(lambda a: a[i], stacked_xs))
+    outputs.append(out)
+  return carry, jax.tree.map(lambda *ys: jnp.stack(ys), *outputs)
+
+
 class Transformer(nnx.Module):
   """The whole decoder. Call: `logits_BxLxV, aux = model(tokens_BxL, segment_ids, positions)`.
 
@@ -237,7 +253,7 @@ class Transformer(nnx.Module):
     remat, policy = checkpoint_policy(self.execution.remat, self.execution.remat_policy)
     if remat:
       one_block = jax.checkpoint(one_block, prevent_cse=False, policy=policy)
-    x, aux = jax.lax.scan(one_block, x, (block_state, layer_keys, keep))
+    x, aux = run_layers(one_block, x, (block_state, layer_keys, keep), self.execution.scan_layers)
 
     x = self.final_norm(x)
     head = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]

@@ -42,6 +42,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from emo_jax import experts as experts_lib  # noqa: E402
+from emo_jax import host_memory  # noqa: E402
 from emo_jax import metrics as metrics_lib  # noqa: E402
 from emo_jax import train as train_lib  # noqa: E402
 from emo_jax.config import ModelConfig  # noqa: E402
@@ -184,8 +185,10 @@ def measure(spec: Mapping[str, Any]) -> dict:
 def child_main(spec_path: str, out_path: str) -> None:
   """Entry point of an isolated measurement: spec JSON in, result (or its error) JSON out."""
   spec = json.loads(pathlib.Path(spec_path).read_text())
+  allocator = host_memory.configure(spec.get("host_allocator", "system"))
   try:
     result = measure(spec)
+    result["host_allocator"] = allocator
   except Exception as e:  # reported in the parent's table, not lost in a traceback
     import traceback
     traceback.print_exc()
@@ -237,11 +240,14 @@ def run(config, *, batch: int | None = None, seq_len: int | None = None,
         layers: int | None = None, param_dtype: str | None = None,
         backends: Sequence[str] | None = None, steps: int = 20, warmup: int = 3,
         torch: bool = True, isolate: bool = True, matmul_size: int | None = None,
-        seed: int = 0) -> dict:
+        seed: int = 0, host_allocator: str | None = None) -> dict:
   """Measures the matmul ceiling, emo_jax per backend and the PyTorch peer; returns the JSON.
 
   `config` is an experiment config (ml_collections, with `.model` and optionally `.data`,
   `.train`); only the model's shape and the optimiser are used, never the corpus.
+  `host_allocator` ("retain" or "system", default EMO_JAX_HOST_ALLOCATOR's: host_memory.py)
+  is set in every measurement process alike, the peer's included; each row records what took
+  effect. Without --isolate every measurement shares this process's setting.
   """
   if steps < 1 or warmup < 0:
     raise ValueError(f"steps={steps} must be >= 1 and warmup={warmup} >= 0")
@@ -262,10 +268,15 @@ def run(config, *, batch: int | None = None, seq_len: int | None = None,
   variants = [(label, execution.replace(**c)) for label, c in parse_backends(backends, execution)]
   counts = count_params(cfg)
   flops_per_token = metrics_lib.flops_per_token(cfg, counts, seq_len)
+  host_allocator = host_allocator or host_memory.requested()
+  if host_allocator not in host_memory.CHOICES:
+    raise ValueError(f"host_allocator={host_allocator!r} is invalid: use one of "
+                     f"{list(host_memory.CHOICES)}")
   common = {"train": tc.to_dict(), "batch": batch, "seq_len": seq_len, "steps": steps,
-            "warmup": warmup, "seed": seed}
+            "warmup": warmup, "seed": seed, "host_allocator": host_allocator}
 
-  matmul = _guarded({"what": "matmul", "size": matmul_size, "dtype": cfg.compute_dtype}, isolate)
+  matmul = _guarded({"what": "matmul", "size": matmul_size, "dtype": cfg.compute_dtype,
+                     "host_allocator": host_allocator}, isolate)
   device = matmul.pop("device", None) or {}
   rows = []
   for label, variant in variants:
@@ -294,6 +305,7 @@ def run(config, *, batch: int | None = None, seq_len: int | None = None,
   return {
       "config": config.get("name", None), "date": datetime.date.today().isoformat(),
       "device": device, "versions": versions(), "git_commit": git_commit(), "isolate": isolate,
+      "host_allocator": host_allocator,
       "shapes": {"batch": batch, "seq_len": seq_len, "tokens_per_step": batch * seq_len,
                  "num_layers": cfg.num_layers, "d_model": cfg.d_model,
                  "num_heads": cfg.num_heads, "num_experts": cfg.num_experts,
@@ -378,6 +390,9 @@ def _define_flags():
   flags.DEFINE_bool("isolate", True, "Each measurement in its own process (per-measurement "
                     "peak memory; JAX cannot hold GPU memory PyTorch needs).")
   flags.DEFINE_string("json_out", None, "Where to write the JSON results.")
+  flags.DEFINE_enum("host_allocator", None, list(host_memory.CHOICES),
+                    "Host malloc settings of every measurement process, the peer's included "
+                    "(emo_jax/host_memory.py; default: $EMO_JAX_HOST_ALLOCATOR, else retain).")
   flags.DEFINE_integer("matmul_size", None, "Side of the ceiling matmul (default 8192 on "
                        "accelerators, 1024 on CPU).")
   flags.mark_flags_as_required(["config"])
@@ -389,7 +404,8 @@ def main(argv):
   f = flags.FLAGS
   result = run(f.config, batch=f.batch, seq_len=f.seq_len, layers=f.layers,
                param_dtype=f.param_dtype, backends=f.backends, steps=f.steps, warmup=f.warmup,
-               torch=f.torch, isolate=f.isolate, matmul_size=f.matmul_size)
+               torch=f.torch, isolate=f.isolate, matmul_size=f.matmul_size,
+               host_allocator=f.host_allocator)
   print(format_table(result))
   if f.json_out:
     pathlib.Path(f.json_out).write_text(json.dumps(result, indent=1))

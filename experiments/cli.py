@@ -1,5 +1,5 @@
 """What every entry point does first: parse flags with one-line errors, refuse stray arguments,
-set log levels."""
+set log levels, keep freed host memory in the process (emo_jax/host_memory.py)."""
 
 import difflib
 import importlib.util
@@ -8,13 +8,20 @@ import sys
 
 from absl import app, flags, logging
 
+from emo_jax import host_memory
+
 
 def start(argv) -> None:
   """Rejects positional arguments (a mistyped flag would otherwise be ignored) and logs our
   progress at INFO while the libraries' chatter (Orbax logs every file it renames) stays at
-  WARNING."""
+  WARNING. Runs before any JAX computation, so the host allocator setting reaches every
+  thread of the backend (host_memory.configure; EMO_JAX_HOST_ALLOCATOR=system opts out)."""
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  try:
+    host_memory.configure()
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
   logging.set_verbosity(logging.WARNING)
   std_logging.getLogger("emo_jax").setLevel(std_logging.INFO)
 

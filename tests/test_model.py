@@ -451,18 +451,24 @@ def abstract_graphdef(cfg: ModelConfig, execution: ExecutionConfig = DENSE):
       lambda: model_lib.Transformer(cfg, rngs=nnx.Rngs(0), execution=execution)))
 
 
-def test_remat_policies_equal_no_remat():
-  """Loss and gradients of every policy equal remat=False (float32, tight tolerance).
+def test_remat_policies_and_unrolled_layers_equal_no_remat():
+  """Loss, per-layer routing statistics and gradients of every remat policy, and of the layers
+  unrolled instead of scanned (with and without remat), equal the scanned remat=False model
+  (float32, tight tolerance).
 
-  All variants run in one compiled program at XLA optimisation level 0: compiling five
+  All variants run in one compiled program at XLA optimisation level 0: compiling seven
   gradients one by one would take most of a minute on two cores.
   """
   rng = np.random.default_rng(16)
   tokens, segment_ids, positions = packed_batch(rng, [9, 7], 16, TINY.vocab_size)
   params = nnx.state(make_model(TINY))
-  policies = ("full", "dots", "save_attention_and_moe_input", "dots_and_attention", "none")
+  variants = {p: DENSE.replace(remat_policy=p)
+              for p in ("full", "dots", "save_attention_and_moe_input", "dots_and_attention",
+                        "none")}
+  variants["unrolled"] = DENSE.replace(remat=False, scan_layers=False)
+  variants["unrolled, remat full"] = DENSE.replace(scan_layers=False)
   graphdefs = [abstract_graphdef(TINY, DENSE.replace(remat=False))]
-  graphdefs += [abstract_graphdef(TINY, DENSE.replace(remat_policy=p)) for p in policies]
+  graphdefs += [abstract_graphdef(TINY, run) for run in variants.values()]
 
   def all_losses_and_grads(params):
     results = []
@@ -470,18 +476,20 @@ def test_remat_policies_equal_no_remat():
       def loss_fn(params):
         logits, aux = nnx.merge(graphdef, params)(tokens, segment_ids, positions, train=True,
                                                   rng=jax.random.key(4))
-        return jnp.mean(logits * jnp.cos(logits)) + aux["aux_loss"]
-      results.append(jax.value_and_grad(loss_fn)(params))
+        return jnp.mean(logits * jnp.cos(logits)) + aux["aux_loss"], aux["expert_load"]
+      results.append(jax.value_and_grad(loss_fn, has_aux=True)(params))
     return results
 
   compiled = jax.jit(all_losses_and_grads).trace(params).lower().compile(
       compiler_options={"xla_backend_optimization_level": 0})
-  (want_loss, want_grads), *results = compiled(params)
-  for policy, (loss, grads) in zip(policies, results):
-    np.testing.assert_allclose(float(loss), float(want_loss), rtol=1e-6, err_msg=policy)
+  ((want_loss, want_load), want_grads), *results = compiled(params)
+  assert want_load.shape == (TINY.num_layers, TINY.num_routed_experts)
+  for name, ((loss, load), grads) in zip(variants, results):
+    np.testing.assert_allclose(float(loss), float(want_loss), rtol=1e-6, err_msg=name)
+    np.testing.assert_allclose(np.asarray(load), np.asarray(want_load), rtol=1e-6, err_msg=name)
     for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
       np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-7,
-                                 err_msg=policy)
+                                 err_msg=name)
 
 
 # ---- GPU checks (skipped elsewhere): run `python -m pytest tests/test_model.py -k gpu` -------
