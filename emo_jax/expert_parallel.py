@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
-from emo_jax import experts
+from emo_jax import expert_slots, experts
 from emo_jax.sharding import BATCH_AXES
 
 TRANSPORTS = ("auto", "all_to_all", "ragged_all_to_all", "all_gather")
@@ -176,7 +176,7 @@ def _ragged_all_to_all(x_TxD, ids_TxK, weights_TxK, mask_T, wg, wu, wd, *, n, co
   valid_A = jnp.repeat(mask_T.astype(bool), K)
   expert_A = jnp.where(valid_A, ids_TxK.reshape(-1), E).astype(jnp.int32)
   sent = experts.sort_by_expert(expert_A, E)
-  x_sorted_AxD = experts.take_sorted_copies(x_TxD.astype(compute_dtype), sent.order_A,
+  x_sorted_AxD = expert_slots.take_sorted_copies(x_TxD.astype(compute_dtype), sent.order_A,
                                             sent.inverse_A, K)
   counts_NxEl = jnp.bincount(expert_A, length=E + 1)[:E].reshape(n, E_local).astype(jnp.int32)
   send_sizes_N = counts_NxEl.sum(1)
@@ -197,15 +197,15 @@ def _ragged_all_to_all(x_TxD, ids_TxK, weights_TxK, mask_T, wg, wu, wd, *, n, co
   segment_R = jnp.cumsum(jnp.zeros(R + 1, jnp.int32).at[starts].add(1))[:R] - 1
   expert_R = jnp.where(rows_R < recv_sizes_N.sum(), segment_R % E_local, E_local)
   group = experts.sort_by_expert(expert_R, E_local)
-  h = experts.permute_rows(received_RxD, group.order_A, group.inverse_A)
+  h = expert_slots.permute_rows(received_RxD, group.order_A, group.inverse_A)
   out = experts.sorted_swiglu(h, group, wg, wu, wd, impl=ragged_dot_impl,
                               compute_dtype=compute_dtype)
-  out_RxD = experts.permute_rows(out, group.inverse_A, group.order_A)
+  out_RxD = expert_slots.permute_rows(out, group.inverse_A, group.order_A)
 
   # Send every row back to where it came from, into this device's sorted order.
   back_offsets_N = jax.lax.all_to_all(send_offsets_N, "expert", 0, 0, tiled=True)
   returned_AxD = exchange(out_RxD, jnp.zeros((A, D), compute_dtype), recv_offsets_N,
                           recv_sizes_N, back_offsets_N, send_sizes_N, axis_name="expert")
-  out_TxKxD = experts.permute_rows(returned_AxD, sent.inverse_A, sent.order_A).reshape(T, K, D)
+  out_TxKxD = expert_slots.permute_rows(returned_AxD, sent.inverse_A, sent.order_A).reshape(T, K, D)
   y = experts.combine_choices(out_TxKxD, weights_TxK, valid_A.reshape(T, K))
   return y.astype(compute_dtype), jnp.zeros((), jnp.float32)

@@ -20,11 +20,8 @@ function with backends that agree with each other (tests compare them to ``dense
   ~5 TFLOP/s, see docs/accelerators.md), tokamax's Pallas kernels (GPU and TPU) or Pallas megablox
   (TPU; runs interpreted elsewhere, which is how the tests check it).
 
-Moving rows between token order and expert order is the other half of the cost. Autodiff of a
-gather is a scatter-add, which serialises on GPU when K copies of a token land on one row; the
-permutations here carry custom VJPs that are gathers in both directions (``take_sorted_copies``,
-``permute_rows``, and the slot gathers of the capacity path), because every index map involved
-is a permutation or a K-to-1 map whose inverse is known.
+Moving rows between token order and expert order is the other half of the cost; the index
+maps and their gather-only gradients live in expert_slots.py.
 
 All backends take an optional token mask: padding tokens are not dispatched, take no capacity,
 output exactly zero and do not count in the dropped fraction.
@@ -40,6 +37,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from emo_jax.expert_slots import (BlockLayout, block_layout, combine_slots, gather_slots,
+                                  inverse_permutation, permute_rows, rank_within_expert,
+                                  sorted_block_layout, take_sorted_copies)
 from emo_jax.matmul import flat_matmul
 
 BACKENDS = ("dense", "capacity", "ragged")
@@ -95,59 +95,6 @@ def expert_capacity(num_tokens: int, top_k: int, num_experts: int,
     raise ValueError(f"capacity_factor must be > 0, got {capacity_factor}; 1.25 is usual and "
                      f"E / K ({num_experts} / {top_k}) never drops.")
   return max(1, min(num_tokens, math.ceil(capacity_factor * num_tokens * top_k / num_experts)))
-
-
-# ---- permutations with gather-only gradients ------------------------------------------------
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def take_sorted_copies(x_TxD, order_A, inverse_A, top_k: int):
-  """``x_TxD[order_A // top_k]``: the K copies of every token, in expert-sorted order.
-
-  ``order_A`` sorts the token-major assignments ``a = t * K + k`` (``inverse_A`` is its inverse
-  permutation). Autodiff would scatter-add the K copies back into x; the custom VJP instead
-  gathers each assignment's cotangent back to token-major order and sums over K.
-  """
-  return x_TxD[order_A // top_k]
-
-
-def _take_sorted_copies_fwd(x_TxD, order_A, inverse_A, top_k):
-  return take_sorted_copies(x_TxD, order_A, inverse_A, top_k), inverse_A
-
-
-def _take_sorted_copies_bwd(top_k, inverse_A, g_AxD):
-  num_tokens = inverse_A.shape[0] // top_k
-  g_TxKxD = g_AxD[inverse_A].reshape(num_tokens, top_k, -1)
-  g_TxD = jnp.sum(g_TxKxD.astype(jnp.float32), axis=1).astype(g_AxD.dtype)
-  return g_TxD, None, None
-
-
-take_sorted_copies.defvjp(_take_sorted_copies_fwd, _take_sorted_copies_bwd)
-
-
-@jax.custom_vjp
-def permute_rows(x_NxD, perm_N, inverse_N):
-  """``x_NxD[perm_N]`` for a permutation whose inverse is known; the VJP is ``g[inverse_N]``.
-
-  Autodiff would produce a scatter into zeros; a permutation's transpose is a gather by the
-  inverse permutation.
-  """
-  return x_NxD[perm_N]
-
-
-def _permute_rows_fwd(x_NxD, perm_N, inverse_N):
-  return x_NxD[perm_N], inverse_N
-
-
-def _permute_rows_bwd(inverse_N, g_NxD):
-  return g_NxD[inverse_N], None, None
-
-
-permute_rows.defvjp(_permute_rows_fwd, _permute_rows_bwd)
-
-
-def inverse_permutation(perm_N):
-  """The inverse of a permutation (an int scatter: no gradient flows through indices)."""
-  n = perm_N.shape[0]
-  return jnp.zeros_like(perm_N).at[perm_N].set(jnp.arange(n, dtype=perm_N.dtype))
 
 
 # ---- grouped matmul kernels ----------------------------------------------------------------
@@ -219,13 +166,14 @@ def grouped_matmul(lhs_AxD, rhs_GxDxH, group_sizes_G, *, impl: str = "xla",
     return tokamax.ragged_dot(lhs_AxD, rhs_GxDxH, group_sizes_G,
                               preferred_element_type=out_dtype)
   if impl == "blocked":
-    layout, block = _sorted_block_layout(group_sizes_G, lhs_AxD.shape[0], rhs_GxDxH.shape[0])
-    lhs_SxD = _gather_slots(lhs_AxD, layout.row_of_slot_S, layout.slot_A[:, None])
+    layout, block = sorted_block_layout(group_sizes_G, lhs_AxD.shape[0], rhs_GxDxH.shape[0],
+                                        GROUP_BLOCK_ROWS)
+    lhs_SxD = gather_slots(lhs_AxD, layout.row_of_slot_S, layout.slot_A[:, None])
     lhs_NxBxD = lhs_SxD.reshape(-1, block, lhs_AxD.shape[1])
     out_NxBxH = jnp.matmul(lhs_NxBxD, rhs_GxDxH[layout.expert_of_block_N],
                            preferred_element_type=out_dtype)
-    return _gather_slots(out_NxBxH.reshape(-1, rhs_GxDxH.shape[-1]), layout.slot_A,
-                         layout.row_of_slot_S[:, None])
+    return gather_slots(out_NxBxH.reshape(-1, rhs_GxDxH.shape[-1]), layout.slot_A,
+                        layout.row_of_slot_S[:, None])
   from jax.experimental.pallas.ops.tpu.megablox import gmm  # Pallas TPU grouped matmul
   num_rows, d_in = lhs_AxD.shape
   tile_m = min(128, -(-num_rows // 8) * 8)
@@ -241,47 +189,6 @@ def grouped_matmul(lhs_AxD, rhs_GxDxH, group_sizes_G, *, impl: str = "xla",
   return out[:num_rows]
 
 
-class BlockLayout(NamedTuple):
-  """Groups of rows padded to whole blocks, so that every block belongs to one expert.
-
-  slot_A: int32, the padded row (slot) of each row; ``S`` (out of range) for invalid rows.
-  row_of_slot_S: int32, which row fills each slot; ``A`` (out of range) for padding slots.
-  expert_of_block_N: int32, the expert of each block (blocks past the last group: the last
-    expert, over zero rows).
-  """
-  slot_A: jax.Array
-  row_of_slot_S: jax.Array
-  expert_of_block_N: jax.Array
-
-
-def num_blocks_needed(num_rows: int, num_groups: int, block: int) -> int:
-  """Blocks that always suffice: each group wastes less than one block."""
-  return -(-num_rows // block) + num_groups - 1
-
-
-def block_layout(group_A, rank_A, valid_A, num_groups: int, block: int) -> BlockLayout:
-  """Slots of rows given each row's group and its rank among the rows of that group.
-
-  Group g takes ``ceil(n_g / block)`` consecutive blocks; row r of g lands at slot
-  ``first_block(g) * block + rank(r)``. Static shapes, no row is ever dropped.
-  """
-  num_rows = group_A.shape[0]
-  num_blocks = num_blocks_needed(num_rows, num_groups, block)
-  num_slots = num_blocks * block
-  sizes_G = jnp.bincount(jnp.where(valid_A, group_A, num_groups),
-                         length=num_groups + 1)[:num_groups].astype(jnp.int32)
-  blocks_G = -(-sizes_G // block)
-  first_block_G = jnp.cumsum(blocks_G) - blocks_G
-  safe_group_A = jnp.minimum(group_A, num_groups - 1)
-  slot_A = jnp.where(valid_A, first_block_G[safe_group_A] * block + rank_A, num_slots)
-  row_of_slot_S = jnp.full((num_slots,), num_rows, jnp.int32).at[slot_A].set(
-      jnp.arange(num_rows, dtype=jnp.int32), mode="drop")
-  expert_of_block_N = jnp.minimum(
-      jnp.repeat(jnp.arange(num_groups, dtype=jnp.int32), blocks_G,
-                 total_repeat_length=num_blocks), num_groups - 1)
-  return BlockLayout(slot_A.astype(jnp.int32), row_of_slot_S, expert_of_block_N)
-
-
 def blocked_bank_swiglu(x_SxD, layout: BlockLayout, w_gate_ExDxH, w_up_ExDxH, w_down_ExHxD, *,
                         block: int, compute_dtype):
   """Each block's rows through its expert's SwiGLU: one batched matmul per projection."""
@@ -293,18 +200,6 @@ def blocked_bank_swiglu(x_SxD, layout: BlockLayout, w_gate_ExDxH, w_up_ExDxH, w_
   return out_NxBxD.reshape(num_slots, d_model)
 
 
-def _sorted_block_layout(group_sizes_G, num_rows: int, num_groups: int,
-                         block: int | None = None) -> tuple[BlockLayout, int]:
-  """The block layout of rows that already come in consecutive groups, and its block size."""
-  block = max(1, min(block or GROUP_BLOCK_ROWS, num_rows))
-  sizes_G = group_sizes_G.astype(jnp.int32)
-  starts_G = jnp.cumsum(sizes_G) - sizes_G
-  group_A = jnp.repeat(jnp.arange(num_groups, dtype=jnp.int32), sizes_G,
-                       total_repeat_length=num_rows)
-  rank_A = jnp.arange(num_rows, dtype=jnp.int32) - starts_G[group_A]
-  return block_layout(group_A, rank_A, jnp.ones((num_rows,), bool), num_groups, block), block
-
-
 def blocked_swiglu(x_sorted_AxD, w_gate_ExDxH, w_up_ExDxH, w_down_ExHxD, group_sizes_E, *,
                    compute_dtype, block: int | None = None):
   """The bank's SwiGLU on expert-sorted rows (consecutive groups), dropless, via blocks.
@@ -312,13 +207,13 @@ def blocked_swiglu(x_sorted_AxD, w_gate_ExDxH, w_up_ExDxH, w_down_ExHxD, group_s
   ``ragged_partial`` does not come here on one device: it places tokens in their blocks
   directly (``blocked_partial``); this entry serves callers that hold expert-sorted rows.
   """
-  layout, block = _sorted_block_layout(group_sizes_E, x_sorted_AxD.shape[0],
-                                       w_gate_ExDxH.shape[0], block)
-  x_SxD = _gather_slots(jnp.asarray(x_sorted_AxD, compute_dtype), layout.row_of_slot_S,
-                        layout.slot_A[:, None])
+  layout, block = sorted_block_layout(group_sizes_E, x_sorted_AxD.shape[0],
+                                      w_gate_ExDxH.shape[0], block or GROUP_BLOCK_ROWS)
+  x_SxD = gather_slots(jnp.asarray(x_sorted_AxD, compute_dtype), layout.row_of_slot_S,
+                       layout.slot_A[:, None])
   out_SxD = blocked_bank_swiglu(x_SxD, layout, w_gate_ExDxH, w_up_ExDxH, w_down_ExHxD,
                                 block=block, compute_dtype=compute_dtype)
-  return _gather_slots(out_SxD, layout.slot_A, layout.row_of_slot_S[:, None])
+  return gather_slots(out_SxD, layout.slot_A, layout.row_of_slot_S[:, None])
 
 
 def blocked_partial(x_TxD, local_A, valid_A, expert_weights_TxK, w_gate, w_up, w_down, *,
@@ -335,19 +230,19 @@ def blocked_partial(x_TxD, local_A, valid_A, expert_weights_TxK, w_gate, w_up, w
   num_rows = num_tokens * top_k
   block = max(1, min(block or GROUP_BLOCK_ROWS, num_rows))
   expert_A = jnp.where(valid_A, local_A, bank_size)
-  rank_A = _rank_within_expert(expert_A, bank_size + 1)
+  rank_A = rank_within_expert(expert_A, bank_size + 1)
   layout = block_layout(expert_A, rank_A, valid_A, bank_size, block)
   token_of_slot_S = jnp.where(layout.row_of_slot_S < num_rows,
                               layout.row_of_slot_S // top_k, num_tokens)
   choice_of_slot_S = layout.row_of_slot_S % top_k
   slot_TxK = layout.slot_A.reshape(num_tokens, top_k)
-  x_SxD = _gather_slots(jnp.asarray(x_TxD, compute_dtype), token_of_slot_S, slot_TxK)
+  x_SxD = gather_slots(jnp.asarray(x_TxD, compute_dtype), token_of_slot_S, slot_TxK)
   out_SxD = blocked_bank_swiglu(x_SxD, layout, w_gate, w_up, w_down, block=block,
                                 compute_dtype=compute_dtype)
   weights_TxK = jnp.where(valid_A.reshape(num_tokens, top_k),
                           expert_weights_TxK.astype(jnp.float32), 0.0)
-  y_TxD = _combine_slots(out_SxD.astype(jnp.float32), weights_TxK, slot_TxK, token_of_slot_S,
-                         choice_of_slot_S)
+  y_TxD = combine_slots(out_SxD.astype(jnp.float32), weights_TxK, slot_TxK, token_of_slot_S,
+                        choice_of_slot_S)
   return y_TxD
 
 
@@ -386,75 +281,6 @@ class DispatchInfo(NamedTuple):
   dropped_fraction: jax.Array
 
 
-def _rank_within_expert(expert_A, num_groups):
-  """Position of each assignment among the assignments to the same expert, in array order.
-
-  A stable sort by expert keeps array order inside each expert, so the rank is the sorted
-  index minus where the expert's run starts. O(A log A) and no [A, E] one-hot.
-  """
-  num_assignments = expert_A.shape[0]
-  order_A = jnp.argsort(expert_A, stable=True)
-  counts_G = jnp.bincount(expert_A, length=num_groups)
-  start_G = jnp.cumsum(counts_G) - counts_G
-  rank_sorted_A = jnp.arange(num_assignments, dtype=jnp.int32) - start_G[expert_A[order_A]]
-  return jnp.zeros(num_assignments, jnp.int32).at[order_A].set(rank_sorted_A.astype(jnp.int32))
-
-
-@jax.custom_vjp
-def _gather_slots(x_TxD, token_of_slot_S, slot_TxK):
-  """``buffers[s] = x[token_of_slot[s]]`` (zeros for empty slots).
-
-  The VJP is a gather too: token t's gradient is the sum of its K slots' gradients (its
-  dropped choices read the out-of-range slot, i.e. zero). Autodiff would scatter-add instead.
-  """
-  return x_TxD.at[token_of_slot_S].get(mode="fill", fill_value=0)
-
-
-def _gather_slots_fwd(x_TxD, token_of_slot_S, slot_TxK):
-  return _gather_slots(x_TxD, token_of_slot_S, slot_TxK), slot_TxK
-
-
-def _gather_slots_bwd(slot_TxK, g_SxD):
-  g_TxKxD = g_SxD.at[slot_TxK].get(mode="fill", fill_value=0)
-  g_TxD = jnp.sum(g_TxKxD.astype(jnp.float32), axis=1).astype(g_SxD.dtype)
-  return g_TxD, None, None
-
-
-_gather_slots.defvjp(_gather_slots_fwd, _gather_slots_bwd)
-
-
-@jax.custom_vjp
-def _combine_slots(out_SxD, weights_TxK, slot_TxK, token_of_slot_S, choice_of_slot_S):
-  """``y[t] = sum_k weights[t, k] * out[slot[t, k]]`` in float32, in out's dtype.
-
-  The VJP with respect to the slots is a gather (slot s takes its token's output gradient
-  times the weight of the choice that filled it), not the scatter autodiff would emit.
-  """
-  out_TxKxD = out_SxD.at[slot_TxK].get(mode="fill", fill_value=0)
-  y_TxD = jnp.einsum("tkd,tk->td", out_TxKxD.astype(jnp.float32), weights_TxK)
-  return y_TxD.astype(out_SxD.dtype)
-
-
-def _combine_slots_fwd(out_SxD, weights_TxK, slot_TxK, token_of_slot_S, choice_of_slot_S):
-  y_TxD = _combine_slots(out_SxD, weights_TxK, slot_TxK, token_of_slot_S, choice_of_slot_S)
-  return y_TxD, (out_SxD, weights_TxK, slot_TxK, token_of_slot_S, choice_of_slot_S)
-
-
-def _combine_slots_bwd(residuals, g_TxD):
-  out_SxD, weights_TxK, slot_TxK, token_of_slot_S, choice_of_slot_S = residuals
-  g_TxD = g_TxD.astype(jnp.float32)
-  weight_of_slot_S = weights_TxK.at[token_of_slot_S, choice_of_slot_S].get(
-      mode="fill", fill_value=0)
-  g_rows_SxD = g_TxD.at[token_of_slot_S].get(mode="fill", fill_value=0)
-  g_out_SxD = (weight_of_slot_S[:, None] * g_rows_SxD).astype(out_SxD.dtype)
-  out_TxKxD = out_SxD.at[slot_TxK].get(mode="fill", fill_value=0)
-  g_weights_TxK = jnp.einsum("tkd,td->tk", out_TxKxD.astype(jnp.float32), g_TxD)
-  return g_out_SxD, g_weights_TxK.astype(weights_TxK.dtype), None, None, None
-
-
-_combine_slots.defvjp(_combine_slots_fwd, _combine_slots_bwd)
-
-
 def capacity_dispatch(x_TxD, expert_ids_TxK, num_experts: int, capacity: int,
                       token_mask_T=None):
   """Copies each token into its experts' padded buffers: returns (buffers_ExCxD, DispatchInfo).
@@ -476,7 +302,7 @@ def capacity_dispatch(x_TxD, expert_ids_TxK, num_experts: int, capacity: int,
   valid_A = jnp.tile(token_mask_T.astype(bool), top_k)
   expert_A = jnp.where(valid_A, expert_A, num_experts)
 
-  pos_A = _rank_within_expert(expert_A, num_experts + 1)
+  pos_A = rank_within_expert(expert_A, num_experts + 1)
   keep_A = valid_A & (pos_A < capacity)
   num_slots = num_experts * capacity
   slot_A = jnp.where(keep_A, expert_A * capacity + pos_A, num_slots)
@@ -486,7 +312,7 @@ def capacity_dispatch(x_TxD, expert_ids_TxK, num_experts: int, capacity: int,
   choice_of_slot_S = jnp.zeros((num_slots,), jnp.int32).at[slot_A].set(choice_A, mode="drop")
   slot_TxK = slot_A.reshape(top_k, num_tokens).T
   # Empty slots point at token T, which does not exist: filled with zeros.
-  buffers_SxD = _gather_slots(x_TxD, token_of_slot_S, slot_TxK)
+  buffers_SxD = gather_slots(x_TxD, token_of_slot_S, slot_TxK)
 
   num_valid = jnp.sum(valid_A).astype(jnp.float32)
   num_dropped = jnp.sum(valid_A & ~keep_A).astype(jnp.float32)
@@ -511,8 +337,8 @@ def capacity_combine(expert_out_ExCxD, info: DispatchInfo, expert_weights_TxK):
   num_experts, capacity, d_model = expert_out_ExCxD.shape
   out_SxD = expert_out_ExCxD.reshape(num_experts * capacity, d_model)
   weights_TxK = jnp.where(info.keep_TxK, expert_weights_TxK.astype(jnp.float32), 0.0)
-  return _combine_slots(out_SxD, weights_TxK, info.slot_TxK, info.token_of_slot_ExC.reshape(-1),
-                        info.choice_of_slot_ExC.reshape(-1))
+  return combine_slots(out_SxD, weights_TxK, info.slot_TxK, info.token_of_slot_ExC.reshape(-1),
+                       info.choice_of_slot_ExC.reshape(-1))
 
 
 def _dense(x_TxD, expert_ids_TxK, expert_weights_TxK, w_gate, w_up, w_down, token_mask_T,

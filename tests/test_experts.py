@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from emo_jax import experts
+from emo_jax import expert_slots, experts
 
 T, D, H, E, K = 24, 16, 8, 6, 2
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -203,17 +203,17 @@ def test_permutation_vjps_match_autodiff():
   rng = np.random.default_rng(15)
   x_TxD = jnp.asarray(rng.normal(size=(T, D)), jnp.float32)
   order_A = jnp.asarray(rng.permutation(T * K), jnp.int32)
-  inverse_A = experts.inverse_permutation(order_A)
+  inverse_A = expert_slots.inverse_permutation(order_A)
   np.testing.assert_array_equal(np.asarray(order_A)[np.asarray(inverse_A)], np.arange(T * K))
   g_AxD = jnp.asarray(rng.normal(size=(T * K, D)), jnp.float32)
 
-  out, vjp = jax.vjp(lambda x: experts.take_sorted_copies(x, order_A, inverse_A, K), x_TxD)
+  out, vjp = jax.vjp(lambda x: expert_slots.take_sorted_copies(x, order_A, inverse_A, K), x_TxD)
   out_ref, vjp_ref = jax.vjp(lambda x: x[order_A // K], x_TxD)
   np.testing.assert_array_equal(out, out_ref)
   np.testing.assert_allclose(vjp(g_AxD)[0], vjp_ref(g_AxD)[0], **TOL)
 
   y_AxD = jnp.asarray(rng.normal(size=(T * K, D)), jnp.float32)
-  out, vjp = jax.vjp(lambda y: experts.permute_rows(y, order_A, inverse_A), y_AxD)
+  out, vjp = jax.vjp(lambda y: expert_slots.permute_rows(y, order_A, inverse_A), y_AxD)
   out_ref, vjp_ref = jax.vjp(lambda y: y[order_A], y_AxD)
   np.testing.assert_array_equal(out, out_ref)
   np.testing.assert_array_equal(vjp(g_AxD)[0], vjp_ref(g_AxD)[0])
@@ -248,10 +248,10 @@ def test_block_layout_gives_each_block_one_expert():
   for g in range(E):
     rows = np.flatnonzero(valid_A & (group_A == g))
     rank_A[rows] = np.arange(len(rows))
-  layout = experts.block_layout(jnp.asarray(group_A), jnp.asarray(rank_A), jnp.asarray(valid_A),
+  layout = expert_slots.block_layout(jnp.asarray(group_A), jnp.asarray(rank_A), jnp.asarray(valid_A),
                                 E, block=4)
   slot_A, row_of_slot, expert_of_block = map(np.asarray, layout)
-  num_slots = experts.num_blocks_needed(50, E, 4) * 4
+  num_slots = expert_slots.num_blocks_needed(50, E, 4) * 4
   assert (slot_A[~valid_A] == num_slots).all()
   kept = slot_A[valid_A]
   assert len(set(kept.tolist())) == len(kept) and kept.max() < num_slots
@@ -385,3 +385,4 @@ def test_auto_on_a_gpu_without_tokamax_warns_about_the_xla_fallback(monkeypatch,
   with caplog.at_level("WARNING"):
     assert experts.resolve_ragged_dot_impl("auto") == "xla"
   assert "pip install tokamax" in caplog.text and "capacity" in caplog.text
+
