@@ -54,6 +54,11 @@ class ExecutionConfig(ConfigMixin):
   # on CPU each step then skips the scan's stacked-residual buffers, which it must zero, fill
   # and slice every step: docs/accelerators.md).
   scan_layers: bool = True
+  # The training loss's LM head: 0 forms the full [B, L, V] logits; N > 0 runs the head, the
+  # cross-entropy and the output z-loss fused over chunks of at most N tokens, gradient computed
+  # in the same pass, logits never formed (losses.fused_head_loss; about 256 suits CPU caches,
+  # a few thousand an accelerator).
+  head_chunk_tokens: int = 0
 
   def __post_init__(self):
     _validate(self)
@@ -78,6 +83,10 @@ def _validate(c: ExecutionConfig) -> None:
     _fail("remat_policy", c.remat_policy,
           f"allowed values are {list(REMAT_POLICIES)}; remat=False alone also turns "
           "rematerialisation off")
+  if (isinstance(c.head_chunk_tokens, bool) or not isinstance(c.head_chunk_tokens, int)
+      or c.head_chunk_tokens < 0):
+    _fail("head_chunk_tokens", c.head_chunk_tokens,
+          "must be an int >= 0 (0: full logits; e.g. 256 on CPU, 4096 on an accelerator)")
   if not isinstance(c.capacity_factor, (int, float)) or not c.capacity_factor > 0:
     _fail("capacity_factor", c.capacity_factor, "must be > 0")
   if c.expert_backend == "capacity" and c.capacity_factor < 1.0:

@@ -12,8 +12,10 @@ allocations from the heap instead of fresh mappings and never trims the heap, so
 are reused by the next step as they are. The cost: the process keeps its peak heap size until
 it exits (resident memory does not shrink after a peak), which suits a training, benchmark or
 serving process. It must run before the JAX backend starts its threads (before the first JAX
-computation or `jax.devices()`): threads that already have an arena keep it. The entry points
-call it through `experiments/cli.py`; `EMO_JAX_HOST_ALLOCATOR=system` leaves malloc as it is.
+computation or `jax.devices()`, and best before importing the libraries, some of which start
+native threads): threads that already have an arena keep it, and later threads may be handed
+theirs. The entry points apply it when the `experiments` package is imported, before anything
+else (`configure_early`); `EMO_JAX_HOST_ALLOCATOR=system` leaves malloc as it is.
 """
 
 from __future__ import annotations
@@ -30,6 +32,12 @@ _NEVER_TRIM = 2**31 - 1
 
 ENV_VAR = "EMO_JAX_HOST_ALLOCATOR"
 CHOICES = ("retain", "system")
+_in_effect = "system"
+
+
+def in_effect() -> str:
+  """What this process runs with: "retain" once the settings took effect, else "system"."""
+  return _in_effect
 
 
 def requested() -> str:
@@ -57,10 +65,21 @@ def retain_freed_memory() -> bool:
 
 def configure(choice: str | None = None) -> str:
   """Sets the host allocator to `choice` (default: the environment's) and returns what is in
-  effect: "retain" when the settings took effect, "system" otherwise."""
+  effect: "retain" when the settings took effect (they cannot be undone: "system" after
+  "retain" leaves "retain"), "system" otherwise."""
   choice = requested() if choice is None else choice
   if choice not in CHOICES:
     raise ValueError(f"host allocator {choice!r} is invalid: use one of {list(CHOICES)}")
-  if choice == "retain" and retain_freed_memory():
-    return "retain"
-  return "system"
+  global _in_effect
+  if choice == "retain" and (_in_effect == "retain" or retain_freed_memory()):
+    _in_effect = "retain"
+  return _in_effect
+
+
+def configure_early() -> str:
+  """`configure()` for package import time: an invalid EMO_JAX_HOST_ALLOCATOR leaves malloc as
+  it is here (experiments/cli.py reports it as a usage error when the entry point starts)."""
+  try:
+    return configure()
+  except ValueError:
+    return "system"

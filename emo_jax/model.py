@@ -197,7 +197,7 @@ class Transformer(nnx.Module):
                positions_BxL: jax.Array | None = None, *, train: bool = False,
                rng: jax.Array | None = None, data_axes: Sequence[str] = (),
                keep_experts: jax.Array | None = None, collect_routing: bool = False,
-               mesh=None):
+               mesh=None, return_hidden: bool = False):
     """Forward pass.
 
     Args:
@@ -216,6 +216,8 @@ class Transformer(nnx.Module):
         unmasked routed softmax of every layer.
       mesh: the device mesh of a sharded run (sharding.make_mesh): activations are kept
         batch-sharded and the experts run expert-parallel.
+      return_hidden: return the final-normed hidden state [B, L, D] instead of the logits (for
+        a loss that applies `head_matrix()` itself, losses.fused_head_loss).
     """
     cfg = self.cfg
     if tokens_BxL.ndim != 2:
@@ -256,16 +258,21 @@ class Transformer(nnx.Module):
     x, aux = run_layers(one_block, x, (block_state, layer_keys, keep), self.execution.scan_layers)
 
     x = self.final_norm(x)
-    head = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
-    logits = flat_matmul(x, head.astype(cfg.compute_jnp_dtype),
-                         preferred_element_type=jnp.float32)
     aux = dict(aux)
     if cfg.is_moe:
       aux["aux_loss"] = (cfg.lb_loss_weight * jnp.mean(aux["lb_loss"])
                          + cfg.router_z_loss_weight * jnp.mean(aux["router_z_loss"]))
     else:
       aux["aux_loss"] = jnp.zeros((), jnp.float32)
+    if return_hidden:
+      return x, aux
+    logits = flat_matmul(x, self.head_matrix().astype(cfg.compute_jnp_dtype),
+                         preferred_element_type=jnp.float32)
     return logits, aux
+
+  def head_matrix(self) -> jax.Array:
+    """The output projection [D, V]: the transposed embedding when tied."""
+    return self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
 
   # ---- decoding with a KV cache (generate.py) ----------------------------------------------
   def init_cache(self, batch: int, max_len: int, dtype=None) -> dict:
@@ -308,8 +315,7 @@ class Transformer(nnx.Module):
 
     x, (k, v) = jax.lax.scan(one_block, x, (block_state, cache["k"], cache["v"], keep))
     x = self.final_norm(x)
-    head = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
-    logits = flat_matmul(x, head.astype(cfg.compute_jnp_dtype),
+    logits = flat_matmul(x, self.head_matrix().astype(cfg.compute_jnp_dtype),
                          preferred_element_type=jnp.float32)
     new_cache = {"k": k, "v": v, "valid": valid_keys,
                  "index": index + tokens_BxT.shape[1]}

@@ -28,7 +28,7 @@ from flax import nnx, struct
 from emo_jax import checkpoint as ckpt_lib
 from emo_jax import sharding as sharding_lib
 from emo_jax import evaluate, metrics as metrics_lib
-from emo_jax.losses import token_losses
+from emo_jax.losses import fused_head_loss, token_losses
 from emo_jax.config import ConfigError, ConfigMixin, ModelConfig
 from emo_jax.data import corpus as corpus_lib
 from emo_jax.data import fingerprint as fingerprint_lib
@@ -155,14 +155,23 @@ def make_optimizer(tc: TrainConfig, params) -> optax.GradientTransformation:
 def loss_fn(params, graphdef, batch, rng, cfg: ModelConfig, mesh=None):
   """Masked cross-entropy + load balancing + router z-loss + output z-loss."""
   model = nnx.merge(graphdef, params)
-  logits, aux = model(batch["tokens"], batch["segment_ids"], batch["positions"], train=True,
-                      rng=rng, mesh=mesh)
-  ce, lse = token_losses(logits, batch["targets"])
+  chunk_tokens = model.execution.head_chunk_tokens
+  out, aux = model(batch["tokens"], batch["segment_ids"], batch["positions"], train=True,
+                   rng=rng, mesh=mesh, return_hidden=chunk_tokens > 0)
   mask = batch["loss_mask"].astype(jnp.float32)
   n = jnp.maximum(jnp.sum(mask), 1.0)
-  ce_loss = jnp.sum(ce * mask) / n
-  output_z = jnp.sum(lse**2 * mask) / n
-  total = ce_loss + aux["aux_loss"] + cfg.output_z_loss_weight * output_z
+  if chunk_tokens > 0:
+    # The head, cross-entropy and z-loss fused over chunks; out is the final hidden state.
+    head_loss, ce_loss, output_z = fused_head_loss(
+        out, model.head_matrix(), batch["targets"], mask / n,
+        z_loss_weight=cfg.output_z_loss_weight, chunk_tokens=chunk_tokens,
+        compute_dtype=cfg.compute_jnp_dtype)
+  else:
+    ce, lse = token_losses(out, batch["targets"])
+    ce_loss = jnp.sum(ce * mask) / n
+    output_z = jnp.sum(lse**2 * mask) / n
+    head_loss = ce_loss + cfg.output_z_loss_weight * output_z
+  total = head_loss + aux["aux_loss"]
   out = {"loss": ce_loss, "total_loss": total, "output_z_loss": output_z, "tokens": n}
   for key in ("lb_loss", "router_z_loss", "expert_load", "dropped_fraction", "pool_size"):
     if key in aux:

@@ -70,6 +70,25 @@ def measure_matmul(size: int | None, dtype: str, min_seconds: float = 0.5) -> di
           "device": device_info()}
 
 
+def timed_steps(run_step, steps: int, tokens_per_step: int) -> dict:
+  """Runs `run_step()` (which must return only once its step is finished) `steps` times.
+
+  The rate comes from the median step: on a CPU shared with other work a few steps take
+  several times the rest, and a mean over all of them would measure the neighbours as much as
+  the step. Both sides of a comparison are timed by this one function.
+  """
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    run_step()
+    times.append(time.perf_counter() - start)
+  ordered = sorted(times)
+  median = (ordered[(steps - 1) // 2] + ordered[steps // 2]) / 2
+  return {"step_s": median, "tokens_per_s": tokens_per_step / median,
+          "step_s_mean": sum(times) / steps, "step_s_min": ordered[0],
+          "step_s_max": ordered[-1]}
+
+
 def git_commit() -> str | None:
   """The checkout's commit (with "+dirty" for local changes): the code moves under a benchmark."""
   try:

@@ -52,7 +52,7 @@ from emo_jax.model import count_params  # noqa: E402
 from experiments import cli  # noqa: E402
 from experiments.bench_harness import (REPO_ROOT, device_info, git_commit, log,  # noqa: E402
                                        max_rss_bytes, measure_matmul, peak_device_bytes,
-                                       versions)
+                                       timed_steps, versions)
 from experiments.bench_torch_peer import measure_torch, torch_available  # noqa: E402
 
 # Every expert on every token: the correctness reference, measured only when asked for.
@@ -154,15 +154,19 @@ def measure_emo_jax(cfg: ModelConfig, tc: train_lib.TrainConfig, batch: int, seq
   for _ in range(warmup):
     state, stats = compiled(state, data)
   jax.block_until_ready((state, stats))
-  start = time.perf_counter()
-  for _ in range(steps):
-    state, stats = compiled(state, data)
-  jax.block_until_ready((state, stats))
-  seconds = time.perf_counter() - start
-  stats = jax.device_get(stats)
+  # Each step is waited for before the next is dispatched, as the peer's eager steps are: on
+  # XLA:CPU a step dispatched ahead starts its data-only work beside the running step and the
+  # two compete for the cores.
+  result = {}
+
+  def timed_step():
+    result["state"], result["stats"] = compiled(result.get("state", state), data)
+    jax.block_until_ready(result["state"])
+
+  timing = timed_steps(timed_step, steps, batch * seq_len)
+  stats = jax.device_get(result["stats"])
   dropped = stats.get("dropped_fraction")
-  return {"implementation": "emo_jax", "step_s": seconds / steps,
-          "tokens_per_s": batch * seq_len * steps / seconds, "compile_s": compile_s,
+  return {"implementation": "emo_jax", **timing, "compile_s": compile_s,
           "loss": float(stats["loss"]), "total_loss": float(stats["total_loss"]),
           "dropped_fraction": None if dropped is None else float(np.mean(dropped)),
           "peak_device_bytes": peak_device_bytes(device), "max_rss_bytes": max_rss_bytes(),
@@ -185,7 +189,7 @@ def measure(spec: Mapping[str, Any]) -> dict:
 def child_main(spec_path: str, out_path: str) -> None:
   """Entry point of an isolated measurement: spec JSON in, result (or its error) JSON out."""
   spec = json.loads(pathlib.Path(spec_path).read_text())
-  allocator = host_memory.configure(spec.get("host_allocator", "system"))
+  allocator = host_memory.in_effect()
   try:
     result = measure(spec)
     result["host_allocator"] = allocator
@@ -205,6 +209,8 @@ def measure_isolated(spec: Mapping[str, Any]) -> dict:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     code = ("import sys; from experiments.bench_step import child_main; "
             "child_main(sys.argv[1], sys.argv[2])")
+    # Importing the experiments package sets the allocator first (host_memory.py).
+    env[host_memory.ENV_VAR] = spec.get("host_allocator", "system")
     proc = subprocess.run([sys.executable, "-c", code, str(spec_path), str(out_path)],
                           cwd=REPO_ROOT, env=env, check=False)
     if out_path.exists():
@@ -274,6 +280,10 @@ def run(config, *, batch: int | None = None, seq_len: int | None = None,
                      f"{list(host_memory.CHOICES)}")
   common = {"train": tc.to_dict(), "batch": batch, "seq_len": seq_len, "steps": steps,
             "warmup": warmup, "seed": seed, "host_allocator": host_allocator}
+  if not isolate and host_allocator != host_memory.in_effect():
+    raise ValueError(f"host_allocator={host_allocator!r} cannot be honoured with --noisolate: "
+                     f"this process runs with {host_memory.in_effect()!r}; set "
+                     f"{host_memory.ENV_VAR}={host_allocator} before starting it, or isolate")
 
   matmul = _guarded({"what": "matmul", "size": matmul_size, "dtype": cfg.compute_dtype,
                      "host_allocator": host_allocator}, isolate)

@@ -12,7 +12,7 @@ import time
 
 from emo_jax import train as train_lib
 from emo_jax.config import ModelConfig
-from experiments.bench_harness import log, max_rss_bytes
+from experiments.bench_harness import log, max_rss_bytes, timed_steps
 
 
 def _log(message: str) -> None:
@@ -141,13 +141,15 @@ def measure_torch(cfg: ModelConfig, tc: train_lib.TrainConfig, batch: int, seq_l
     loss = step()
   sync()
   first_steps_s = time.perf_counter() - start
-  start = time.perf_counter()
-  for _ in range(steps):
-    loss = step()
-  sync()
-  seconds = time.perf_counter() - start
-  return {"implementation": "torch", "step_s": seconds / steps,
-          "tokens_per_s": batch * seq_len * steps / seconds, "warmup_s": first_steps_s,
+  last = {}
+
+  def timed_step():
+    last["loss"] = step().detach()
+    sync()
+
+  timing = timed_steps(timed_step, steps, batch * seq_len)
+  loss = last["loss"]
+  return {"implementation": "torch", **timing, "warmup_s": first_steps_s,
           "loss": float(loss.item()), "dropped_fraction": 0.0,  # grouped / eager experts: dropless
           "peak_device_bytes": (int(torch.cuda.max_memory_allocated(device))
                                 if device.type == "cuda" else None),

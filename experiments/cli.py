@@ -14,12 +14,12 @@ from emo_jax import host_memory
 def start(argv) -> None:
   """Rejects positional arguments (a mistyped flag would otherwise be ignored) and logs our
   progress at INFO while the libraries' chatter (Orbax logs every file it renames) stays at
-  WARNING. Runs before any JAX computation, so the host allocator setting reaches every
-  thread of the backend (host_memory.configure; EMO_JAX_HOST_ALLOCATOR=system opts out)."""
+  WARNING. The host allocator (emo_jax/host_memory.py) was set when the `experiments`
+  package was imported; an invalid EMO_JAX_HOST_ALLOCATOR is reported here."""
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   try:
-    host_memory.configure()
+    host_memory.requested()
   except ValueError as e:
     raise app.UsageError(str(e)) from None
   logging.set_verbosity(logging.WARNING)

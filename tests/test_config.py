@@ -101,7 +101,8 @@ def test_every_kernel_and_policy_validates_and_round_trips():
 # added without one here, so that the restart rule below covers it).
 OTHER_EXECUTION = dict(expert_backend="ragged", capacity_factor=2.0, ragged_dot_impl="xla",
                        expert_transport="all_gather", attention_impl="auto", remat=False,
-                       remat_policy="dots")
+                       remat_policy="dots", scan_layers=False,
+                       head_chunk_tokens=256)
 
 
 def test_execution_fields_may_change_on_restart_architecture_fields_may_not():
@@ -198,3 +199,9 @@ def test_unknown_override_key_is_one_line_naming_the_close_match():
   assert moved.stderr.strip().splitlines()[-1] == ("error: unknown config key "
                                                    "config.model.expert_backend; did you mean "
                                                    "config.execution.expert_backend?")
+
+
+@pytest.mark.parametrize("value", [-1, 2.5, True])
+def test_bad_head_chunk_tokens_is_refused_naming_the_field(value):
+  with pytest.raises(ConfigError, match="head_chunk_tokens"):
+    ExecutionConfig(head_chunk_tokens=value)

@@ -55,4 +55,5 @@ def test_unknown_choice_is_a_clear_error(monkeypatch):
   with pytest.raises(ValueError, match="invalid"):
     host_memory.configure("tcmalloc")
   monkeypatch.setenv(host_memory.ENV_VAR, "system")
-  assert host_memory.configure() == "system"
+  # "system" changes nothing (settings already applied in this process cannot be undone).
+  assert host_memory.configure() == host_memory.in_effect()

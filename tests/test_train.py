@@ -104,6 +104,35 @@ def test_gradient_accumulation_equals_one_big_batch():
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=5e-5)
 
 
+@pytest.mark.parametrize("tie", [False, True])
+def test_fused_head_loss_equals_full_logits_in_the_training_loss(tie):
+  """train.loss_fn with the LM head fused over chunks (execution.head_chunk_tokens) gives the
+  full-logits path's loss, logged terms and gradients, with a partly masked batch, the output
+  z-loss weighted up so it shows, and a tied or untied head."""
+  cfg = ModelConfig.from_dict(tiny.get_config().model.to_dict()).replace(
+      tie_embeddings=tie, output_z_loss_weight=0.1)
+  rng = np.random.default_rng(5)
+  B, L = 2, 16
+  batch = {"tokens": rng.integers(1, 258, (B, L)).astype(np.int32),
+           "targets": rng.integers(1, 258, (B, L)).astype(np.int32),
+           "segment_ids": np.ones((B, L), np.int32),
+           "positions": np.tile(np.arange(L, dtype=np.int32), (B, 1)),
+           "loss_mask": (rng.random((B, L)) < 0.7).astype(np.float32)}
+  results = []
+  for chunk_tokens in (0, 8):
+    run = ExecutionConfig(expert_backend="dense", head_chunk_tokens=chunk_tokens)
+    graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0), execution=run))
+    grad_fn = jax.jit(jax.value_and_grad(
+        lambda p: train_lib.loss_fn(p, graphdef, batch, jax.random.key(3), cfg), has_aux=True))
+    results.append(grad_fn(params))
+  ((total0, stats0), grads0), ((total1, stats1), grads1) = results
+  np.testing.assert_allclose(float(total1), float(total0), rtol=1e-5)
+  for key in ("loss", "output_z_loss", "tokens"):
+    np.testing.assert_allclose(float(stats1[key]), float(stats0[key]), rtol=1e-5, err_msg=key)
+  for a, b in zip(jax.tree.leaves(grads1), jax.tree.leaves(grads0)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+
+
 # ---- whole runs -------------------------------------------------------------------------------
 def test_tiny_run_learns_and_logs(tmp_path):
   config = tiny_config(steps=120, eval_every=120, eval_batches=4, log_every=20)
