@@ -14,7 +14,9 @@ belongs to one measurement, and JAX's GPU preallocation cannot starve PyTorch):
   documents per row, positions restarting per document) so the document pool does real work;
 * the PyTorch peer: transformers' `Qwen2MoeForCausalLM` of the same shape (routed experts +
   shared expert, top-k, load-balancing loss), AdamW with the same hyper-parameters.
-Both sides count every position of the batch as a token and use one FLOP count
+Both sides are timed step by step, each step waited for (bench_harness.timed_steps: tokens/s
+from the median step), run with the same host allocator setting (emo_jax/host_memory.py),
+count every position of the batch as a token and use one FLOP count
 (`emo_jax.metrics.flops_per_token`), so tokens/s, MFU and the ratio compare like with like. Both
 use a constant learning rate and no gradient accumulation: speed, not the schedule, is measured.
 The peer lives in experiments/bench_torch_peer.py; what every benchmark records (device,
