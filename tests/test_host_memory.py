@@ -20,7 +20,7 @@ import jax, jax.numpy as jnp
 x = jnp.ones((4096, 1), jnp.float32)
 w = jnp.ones((1, 4096), jnp.float32)
 f = jax.jit(lambda x, w: x @ w)
-for _ in range(16):  # the heap grows to its steady size over the first calls
+for _ in range(48):  # the heap grows to its steady size over the first few dozen calls
   f(x, w).block_until_ready()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 calls = 8
