@@ -40,12 +40,16 @@ def in_effect() -> str:
   return _in_effect
 
 
+def checked(choice: str, name: str = "host allocator") -> str:
+  """`choice` if it is one of CHOICES, else a one-line ValueError naming `name`."""
+  if choice not in CHOICES:
+    raise ValueError(f"{name}={choice!r} is invalid: use one of {list(CHOICES)}")
+  return choice
+
+
 def requested() -> str:
   """The allocator the environment asks for: "retain" (default) or "system"."""
-  choice = os.environ.get(ENV_VAR, "retain").strip().lower() or "retain"
-  if choice not in CHOICES:
-    raise ValueError(f"{ENV_VAR}={choice!r} is invalid: use one of {list(CHOICES)}")
-  return choice
+  return checked(os.environ.get(ENV_VAR, "retain").strip().lower() or "retain", ENV_VAR)
 
 
 def retain_freed_memory() -> bool:
@@ -67,9 +71,7 @@ def configure(choice: str | None = None) -> str:
   """Sets the host allocator to `choice` (default: the environment's) and returns what is in
   effect: "retain" when the settings took effect (they cannot be undone: "system" after
   "retain" leaves "retain"), "system" otherwise."""
-  choice = requested() if choice is None else choice
-  if choice not in CHOICES:
-    raise ValueError(f"host allocator {choice!r} is invalid: use one of {list(CHOICES)}")
+  choice = requested() if choice is None else checked(choice)
   global _in_effect
   if choice == "retain" and (_in_effect == "retain" or retain_freed_memory()):
     _in_effect = "retain"

@@ -159,10 +159,10 @@ def measure_emo_jax(cfg: ModelConfig, tc: train_lib.TrainConfig, batch: int, seq
   # Each step is waited for before the next is dispatched, as the peer's eager steps are: on
   # XLA:CPU a step dispatched ahead starts its data-only work beside the running step and the
   # two compete for the cores.
-  result = {}
+  result = {"state": state}
 
   def timed_step():
-    result["state"], result["stats"] = compiled(result.get("state", state), data)
+    result["state"], result["stats"] = compiled(result["state"], data)
     jax.block_until_ready(result["state"])
 
   timing = timed_steps(timed_step, steps, batch * seq_len)
@@ -276,10 +276,8 @@ def run(config, *, batch: int | None = None, seq_len: int | None = None,
   variants = [(label, execution.replace(**c)) for label, c in parse_backends(backends, execution)]
   counts = count_params(cfg)
   flops_per_token = metrics_lib.flops_per_token(cfg, counts, seq_len)
-  host_allocator = host_allocator or host_memory.requested()
-  if host_allocator not in host_memory.CHOICES:
-    raise ValueError(f"host_allocator={host_allocator!r} is invalid: use one of "
-                     f"{list(host_memory.CHOICES)}")
+  host_allocator = host_memory.checked(host_allocator or host_memory.requested(),
+                                       "host_allocator")
   common = {"train": tc.to_dict(), "batch": batch, "seq_len": seq_len, "steps": steps,
             "warmup": warmup, "seed": seed, "host_allocator": host_allocator}
   if not isolate and host_allocator != host_memory.in_effect():

@@ -1,5 +1,5 @@
 """What every entry point does first: parse flags with one-line errors, refuse stray arguments,
-set log levels, keep freed host memory in the process (emo_jax/host_memory.py)."""
+set log levels, report an invalid host allocator setting (emo_jax/host_memory.py)."""
 
 import difflib
 import importlib.util

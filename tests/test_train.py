@@ -77,17 +77,20 @@ def test_weight_decay_skips_embeddings_and_norms():
   assert mask["blocks"]["mlp"]["w_gate"] is True and mask["lm_head"] is True
 
 
+def random_rows(rng, B, L, loss_mask=None):
+  """A batch of B one-document rows of L random tokens of the tiny vocabulary."""
+  return {"tokens": rng.integers(1, 258, (B, L)).astype(np.int32),
+          "targets": rng.integers(1, 258, (B, L)).astype(np.int32),
+          "segment_ids": np.ones((B, L), np.int32),
+          "positions": np.tile(np.arange(L, dtype=np.int32), (B, 1)),
+          "loss_mask": np.ones((B, L), np.float32) if loss_mask is None else loss_mask}
+
+
 def test_gradient_accumulation_equals_one_big_batch():
   cfg = ModelConfig.from_dict(tiny.get_config().model.to_dict()).replace(
       pool=False, lb_loss_weight=0.0, router_z_loss_weight=0.0)
   tc = train_lib.TrainConfig(steps=10, warmup_steps=0)
-  rng = np.random.default_rng(1)
-  B, L = 4, 16
-  batch = {"tokens": rng.integers(1, 258, (B, L)).astype(np.int32),
-           "targets": rng.integers(1, 258, (B, L)).astype(np.int32),
-           "segment_ids": np.ones((B, L), np.int32),
-           "positions": np.tile(np.arange(L, dtype=np.int32), (B, 1)),
-           "loss_mask": np.ones((B, L), np.float32)}
+  batch = random_rows(np.random.default_rng(1), 4, 16)
   results = []
   for accum in (1, 2):
     graphdef, optimizer, state = train_lib.init_state(
@@ -112,12 +115,7 @@ def test_fused_head_loss_equals_full_logits_in_the_training_loss(tie):
   cfg = ModelConfig.from_dict(tiny.get_config().model.to_dict()).replace(
       tie_embeddings=tie, output_z_loss_weight=0.1)
   rng = np.random.default_rng(5)
-  B, L = 2, 16
-  batch = {"tokens": rng.integers(1, 258, (B, L)).astype(np.int32),
-           "targets": rng.integers(1, 258, (B, L)).astype(np.int32),
-           "segment_ids": np.ones((B, L), np.int32),
-           "positions": np.tile(np.arange(L, dtype=np.int32), (B, 1)),
-           "loss_mask": (rng.random((B, L)) < 0.7).astype(np.float32)}
+  batch = random_rows(rng, 2, 16, loss_mask=(rng.random((2, 16)) < 0.7).astype(np.float32))
   results = []
   for chunk_tokens in (0, 8):
     run = ExecutionConfig(expert_backend="dense", head_chunk_tokens=chunk_tokens)
