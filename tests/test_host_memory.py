@@ -34,6 +34,7 @@ print(json.dumps({"in_effect": in_effect, "faults_per_call": faults,
 
 def probe(choice: str) -> dict:
   out = subprocess.run([sys.executable, "-c", PROBE, choice], check=True, capture_output=True,
+                       timeout=120,
                        text=True, env={**os.environ, "PYTHONPATH": os.getcwd()}).stdout
   return json.loads(out.strip().splitlines()[-1])
 
