@@ -25,7 +25,7 @@ setup(
         "tokenizers>=0.15",
         "tensorboardX>=2.6",
         "numpy>=1.26",
-        # Routing-analysis plots (emo_jax/plots.py); PCA and k-means are NumPy.
+        # Routing-analysis plots (emo_jax/study/plots.py); PCA and k-means are NumPy.
         "matplotlib>=3.8",
     ],
     extras_require={
@@ -38,7 +38,7 @@ setup(
         # colab/to_pytorch.ipynb: the Hugging Face export loaded in PyTorch (any torch build, so
         # a notebook runtime keeps its own CUDA torch).
         "hf": ["torch>=2.4", "transformers>=5.5,<6"],
-        # experiments/serve.py (emo_jax/serve): the HTTP server; jinja2 renders chat templates.
+        # experiments/serve.py (emo_jax/inference/serve): the HTTP server; jinja2 renders chat templates.
         # The openai client and httpx are what tests/test_serve.py and bench_serve talk with.
         "serve": ["fastapi>=0.110", "uvicorn>=0.29", "jinja2>=3.1", "openai>=1.30",
                   "httpx>=0.27"],

@@ -10,9 +10,9 @@ import ml_collections
 
 from emo_jax.config import ModelConfig
 from emo_jax.data.corpus import DataConfig
-from emo_jax.execution import ExecutionConfig
-from emo_jax.sharding import MeshConfig
-from emo_jax.train import TrainConfig
+from emo_jax.model.execution import ExecutionConfig
+from emo_jax.model.sharding import MeshConfig
+from emo_jax.train.trainer import TrainConfig
 
 
 def release_config(name: str, model: ModelConfig, steps: int) -> ml_collections.ConfigDict:

@@ -17,8 +17,8 @@ import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
-from emo_jax import train as train_lib
-from emo_jax.execution import run_configs
+from emo_jax.train import trainer as train_lib
+from emo_jax.model.execution import run_configs
 from emo_jax.data import corpus as corpus_lib
 from experiments import cli
 

@@ -15,7 +15,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from emo_jax import metrics as metrics_lib
+from emo_jax.train import metrics as metrics_lib
 from emo_jax.config import DTYPES
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]

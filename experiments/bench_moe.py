@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from emo_jax import experts
+from emo_jax.model import experts
 from experiments.bench_harness import measure_matmul
 
 # Routed experts only (the shared expert is a plain dense SwiGLU, not part of this kernel).

@@ -9,7 +9,7 @@
 One run measures, each in its own subprocess unless --noisolate (so every peak-memory figure
 belongs to one measurement, and JAX's GPU preallocation cannot starve PyTorch):
 * a dense matmul in the model's compute dtype: this chip's practical ceiling, in this run;
-* emo_jax's real training step (`emo_jax.train.init_state` / `train_step`, jitted with the
+* emo_jax's real training step (`emo_jax.train.trainer.init_state` / `train_step`, jitted with the
   state donated) for each expert backend, on a random batch in the data pipeline's layout (a few
   documents per row, positions restarting per document) so the document pool does real work;
 * the PyTorch peer: transformers' `Qwen2MoeForCausalLM` of the same shape (routed experts +
@@ -17,7 +17,7 @@ belongs to one measurement, and JAX's GPU preallocation cannot starve PyTorch):
 Both sides are timed step by step, each step waited for (bench_harness.timed_steps: tokens/s
 from the median step), run with the same host allocator setting (emo_jax/host_memory.py),
 count every position of the batch as a token and use one FLOP count
-(`emo_jax.metrics.flops_per_token`), so tokens/s, MFU and the ratio compare like with like. Both
+(`emo_jax.train.metrics.flops_per_token`), so tokens/s, MFU and the ratio compare like with like. Both
 use a constant learning rate and no gradient accumulation: speed, not the schedule, is measured.
 The peer lives in experiments/bench_torch_peer.py; what every benchmark records (device,
 memory peaks, matmul ceiling, versions) in experiments/bench_harness.py.
@@ -43,14 +43,14 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from emo_jax import experts as experts_lib  # noqa: E402
+from emo_jax.model import experts as experts_lib  # noqa: E402
 from emo_jax import host_memory  # noqa: E402
-from emo_jax import metrics as metrics_lib  # noqa: E402
-from emo_jax import train as train_lib  # noqa: E402
+from emo_jax.train import metrics as metrics_lib  # noqa: E402
+from emo_jax.train import trainer as train_lib  # noqa: E402
 from emo_jax.config import ModelConfig  # noqa: E402
 from emo_jax.data.pipeline import pack_rows  # noqa: E402
-from emo_jax.execution import ExecutionConfig, run_configs  # noqa: E402
-from emo_jax.model import count_params  # noqa: E402
+from emo_jax.model.execution import ExecutionConfig, run_configs  # noqa: E402
+from emo_jax.model.transformer import count_params  # noqa: E402
 from experiments import cli  # noqa: E402
 from experiments.bench_harness import (REPO_ROOT, device_info, git_commit, log,  # noqa: E402
                                        max_rss_bytes, measure_matmul, peak_device_bytes,
@@ -79,7 +79,7 @@ def parse_backends(names: Sequence[str] | None,
                    execution: ExecutionConfig) -> list[tuple[str, dict]]:
   """(label, ExecutionConfig changes) per requested backend, `name` or `name:ragged_dot_impl`.
 
-  The allowed names are read from `emo_jax.experts.BACKENDS` at call time so that a backend
+  The allowed names are read from `emo_jax.model.experts.BACKENDS` at call time so that a backend
   added there is benchmarkable without touching this file. By default: the config's own
   backend, then every other one except the dense reference.
   """
@@ -93,7 +93,7 @@ def parse_backends(names: Sequence[str] | None,
     name, has_impl, impl = entry.partition(":")
     if name not in backends:
       raise ValueError(f"--backends: unknown expert backend {name!r} in {entry!r}; allowed names "
-                       f"are {list(backends)} (emo_jax.experts.BACKENDS), each optionally as "
+                       f"are {list(backends)} (emo_jax.model.experts.BACKENDS), each optionally as "
                        "name:ragged_dot_impl")
     changes = {"expert_backend": name}
     if has_impl:
@@ -392,7 +392,7 @@ def _define_flags():
                     "Override the weights' dtype on both sides (bfloat16: bf16 weights, as the "
                     "PyTorch peer's in the H100 comparison of BENCHMARKS.md).")
   flags.DEFINE_list("backends", None, "Expert backends to measure, each `name` (from "
-                    "emo_jax.experts.BACKENDS) or `name:ragged_dot_impl`; default: the config's "
+                    "emo_jax.model.experts.BACKENDS) or `name:ragged_dot_impl`; default: the config's "
                     "own, then every other but the dense reference.")
   flags.DEFINE_integer("steps", 20, "Timed training steps per measurement.")
   flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")

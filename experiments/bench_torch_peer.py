@@ -10,7 +10,7 @@ import os
 import sys
 import time
 
-from emo_jax import train as train_lib
+from emo_jax.train import trainer as train_lib
 from emo_jax.config import ModelConfig
 from experiments.bench_harness import log, max_rss_bytes, timed_steps
 

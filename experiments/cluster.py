@@ -26,7 +26,7 @@ import time
 
 from absl import app, flags, logging
 
-from emo_jax import analysis
+from emo_jax.study import analysis
 from experiments import cli
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training workdir or parameter checkpoint "

@@ -4,7 +4,7 @@
   python -m experiments.describe --config configs/tiny.py --config.model.num_layers=4
   python -m experiments.describe --config configs/tiny.py --json   # counts, config and shapes
 
-The table (emo_jax/summary.py) gives embeddings, attention, routed experts, shared expert,
+The table (emo_jax/model/summary.py) gives embeddings, attention, routed experts, shared expert,
 router and norms with their share, the parameters one token uses (active), the active count
 without the embeddings, and the bytes of the weights at bf16 and fp32.
 """
@@ -14,9 +14,9 @@ import json
 from absl import flags
 from ml_collections import config_flags
 
-from emo_jax.execution import run_configs
-from emo_jax import summary
-from emo_jax.model import describe
+from emo_jax.model.execution import run_configs
+from emo_jax.model import summary
+from emo_jax.model.transformer import describe
 from experiments import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",

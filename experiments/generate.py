@@ -22,7 +22,7 @@ import json
 
 from absl import app, flags, logging
 
-from emo_jax import generate
+from emo_jax.inference import generate
 from experiments import cli
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training workdir or parameter checkpoint.")

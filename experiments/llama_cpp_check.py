@@ -86,12 +86,12 @@ def unpack_converter(sdist: str, into: pathlib.Path) -> pathlib.Path:
 
 
 def random_checkpoint(path: pathlib.Path) -> pathlib.Path:
-  from emo_jax import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
+  from emo_jax.train import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
   from emo_jax.config import ModelConfig  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel
   from flax import nnx  # pylint: disable=import-outside-toplevel
 
-  from emo_jax.model import Transformer  # pylint: disable=import-outside-toplevel
+  from emo_jax.model.transformer import Transformer  # pylint: disable=import-outside-toplevel
   cfg = ModelConfig(vocab_size=258, d_model=64, num_layers=2, num_heads=4, num_kv_heads=4,
                     head_dim=16, num_experts=8, num_shared_experts=1, top_k=2,
                     expert_hidden=32, mlp_hidden=128, max_segments=4, max_seq_len=128,
@@ -110,7 +110,7 @@ def our_logits(checkpoint: pathlib.Path, ids) -> np.ndarray:
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from flax import nnx  # pylint: disable=import-outside-toplevel
 
-  from emo_jax import generate  # pylint: disable=import-outside-toplevel
+  from emo_jax.inference import generate  # pylint: disable=import-outside-toplevel
   _, graphdef, params, _, _ = generate.load_checkpoint(checkpoint, tokenizer="none")
   logits, _ = nnx.merge(graphdef, params)(jnp.asarray([ids]))
   return np.asarray(logits[0])
@@ -161,8 +161,9 @@ def check(name: str, checkpoint: pathlib.Path, converter: pathlib.Path, work: pa
 
 def main(argv):
   cli.start(argv)
-  from emo_jax import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
-  from emo_jax import generate, selective  # pylint: disable=import-outside-toplevel
+  from emo_jax.train import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
+  from emo_jax.inference import generate  # pylint: disable=import-outside-toplevel
+  from emo_jax.study import selective
   if importlib.util.find_spec("llama_cpp") is None:
     raise app.UsageError("llama-cpp-python is not installed; see this module's docstring")
   work = pathlib.Path(flags.FLAGS.out or tempfile.mkdtemp(prefix="llama_check_"))

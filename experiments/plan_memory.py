@@ -12,8 +12,9 @@ import json
 from absl import app, flags
 from ml_collections import config_flags
 
-from emo_jax import memory_plan, sharding
-from emo_jax.execution import run_configs
+from emo_jax.train import memory_plan
+from emo_jax.model import sharding
+from emo_jax.model.execution import run_configs
 from experiments import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")

@@ -34,8 +34,8 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from emo_jax import reproduction as study
-from emo_jax import reproduction_report as report
+from emo_jax.study import reproduction as study
+from emo_jax.study import reproduction_report as report
 from experiments import cli
 
 CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
@@ -187,7 +187,7 @@ def cluster(trained, corpus, s: dict, out: pathlib.Path):
   if not s["cluster_documents"]:
     return None
   import numpy as np  # pylint: disable=import-outside-toplevel
-  from emo_jax import analysis  # pylint: disable=import-outside-toplevel
+  from emo_jax.study import analysis  # pylint: disable=import-outside-toplevel
   docs = list(corpus.splits["test"])
   if len(docs) > s["cluster_documents"]:
     keep = np.sort(np.random.default_rng(0).choice(len(docs), s["cluster_documents"],
@@ -201,7 +201,7 @@ def cluster(trained, corpus, s: dict, out: pathlib.Path):
 
 
 def write_outputs(workdir, command, s, trained, results, rows, clusters, timings):
-  from emo_jax import plots  # pylint: disable=import-outside-toplevel
+  from emo_jax.study import plots  # pylint: disable=import-outside-toplevel
   out = {"command": command, "settings": s, "timings": timings,
          "models": {k: [t.to_json() for t in v] for k, v in trained.items()},
          "rows": rows, "clusters": clusters, "measurements": results}

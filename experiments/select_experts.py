@@ -18,8 +18,9 @@ import time
 
 from absl import app, flags, logging
 
-from emo_jax import checkpoint as ckpt_lib
-from emo_jax import generate, selective
+from emo_jax.train import checkpoint as ckpt_lib
+from emo_jax.inference import generate
+from emo_jax.study import selective
 from emo_jax.data import sources
 from experiments import cli
 

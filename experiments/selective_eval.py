@@ -67,7 +67,8 @@ _OUT = flags.DEFINE_string("out", None, "Output folder.")
 
 def parse_keep(values, cfg) -> list:
   """Subset sizes (ints, then "all") for a model; 'paper' expands to the scaled paper sizes."""
-  from emo_jax import evaluate, selective  # pylint: disable=import-outside-toplevel
+  from emo_jax.train import evaluate  # pylint: disable=import-outside-toplevel
+  from emo_jax.study import selective
   sizes: set = set()
   for v in values:
     v = v.strip().lower()
@@ -151,7 +152,8 @@ def sweep_model(label: str, checkpoint: str, tasks: dict, results: Results, args
   import numpy as np  # pylint: disable=import-outside-toplevel
 
   # pylint: disable=import-outside-toplevel
-  from emo_jax import generate, selective, subset_finetune, subset_methods
+  from emo_jax.inference import generate
+  from emo_jax.study import selective, subset_finetune, subset_methods
   from emo_jax.tasks import evaluate_task  # pylint: disable=import-outside-toplevel
   cfg, graphdef, params, tok, spec = generate.load_checkpoint(checkpoint,
                                                               tokenizer=_TOKENIZER.value)
@@ -241,8 +243,9 @@ def save_tuned(directory: pathlib.Path, params, cfg, selection, checkpoint: str,
   experiments/select_experts.py's, with its kept_experts.json and source.json."""
   import shutil  # pylint: disable=import-outside-toplevel
 
-  from emo_jax import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
-  from emo_jax import generate, selective  # pylint: disable=import-outside-toplevel
+  from emo_jax.train import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
+  from emo_jax.inference import generate  # pylint: disable=import-outside-toplevel
+  from emo_jax.study import selective
   if directory.exists():  # left by a run killed before its row was written
     shutil.rmtree(directory)
   ckpt_lib.save_params(directory, jax_to_numpy(params), cfg.to_dict())
@@ -256,8 +259,8 @@ def merge_tuned(out: pathlib.Path, rows, label: str, checkpoint: str, merge_out:
   written into its bank, in task order; an expert tuned by two tasks keeps the later one."""
   import numpy as np  # pylint: disable=import-outside-toplevel
 
-  from emo_jax import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
-  from emo_jax import selective, subset_finetune  # pylint: disable=import-outside-toplevel
+  from emo_jax.train import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
+  from emo_jax.study import selective, subset_finetune  # pylint: disable=import-outside-toplevel
   from emo_jax.config import ModelConfig  # pylint: disable=import-outside-toplevel
   ft = [r for r in rows if r["model"] == label and r["method"] == "greedy+ft"]
   if not ft:
@@ -297,8 +300,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # Orbax logs every file it reads at INFO
-  from emo_jax import plots  # pylint: disable=import-outside-toplevel
-  from emo_jax import subset_methods  # pylint: disable=import-outside-toplevel
+  from emo_jax.study import plots  # pylint: disable=import-outside-toplevel
+  from emo_jax.study import subset_methods  # pylint: disable=import-outside-toplevel
   from emo_jax.tasks import load_task  # pylint: disable=import-outside-toplevel
   from emo_jax.tasks import report  # pylint: disable=import-outside-toplevel
   methods = [m.strip() for m in _METHODS.value]

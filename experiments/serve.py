@@ -57,11 +57,11 @@ def main(argv):
   cli.start(argv)
   import uvicorn  # pylint: disable=import-outside-toplevel
 
-  from emo_jax import generate  # pylint: disable=import-outside-toplevel
-  from emo_jax.serve import app as app_lib  # pylint: disable=import-outside-toplevel
-  from emo_jax.serve import bank as bank_lib  # pylint: disable=import-outside-toplevel
-  from emo_jax.serve import engine as engine_lib  # pylint: disable=import-outside-toplevel
-  from emo_jax.serve import protocol  # pylint: disable=import-outside-toplevel
+  from emo_jax.inference import generate  # pylint: disable=import-outside-toplevel
+  from emo_jax.inference.serve import app as app_lib  # pylint: disable=import-outside-toplevel
+  from emo_jax.inference.serve import bank as bank_lib  # pylint: disable=import-outside-toplevel
+  from emo_jax.inference.serve import engine as engine_lib  # pylint: disable=import-outside-toplevel
+  from emo_jax.inference.serve import protocol  # pylint: disable=import-outside-toplevel
 
   specs = [parse_subset(s) for s in _SUBSET.value]
   if not specs and not _SERVE_ALL.value:
@@ -85,7 +85,7 @@ def main(argv):
   bank.commit(bank.prepare(subsets), subsets)
   execution = None
   if _EXPERT_BACKEND.value:
-    from emo_jax.execution import ExecutionConfig  # pylint: disable=import-outside-toplevel
+    from emo_jax.model.execution import ExecutionConfig  # pylint: disable=import-outside-toplevel
     execution = ExecutionConfig(expert_backend=_EXPERT_BACKEND.value)
   engine = engine_lib.Engine(bank, tokenizer, slots=_SLOTS.value, max_queue=_MAX_QUEUE.value,
                              execution=execution)

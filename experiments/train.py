@@ -13,11 +13,11 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
-from emo_jax.checkpoint import CheckpointMismatchError
+from emo_jax.train.checkpoint import CheckpointMismatchError
 from emo_jax.config import ConfigError
-from emo_jax.sharding import initialize_distributed
-from emo_jax.train import NonFiniteLossError, train_and_evaluate
-from emo_jax.workdir import WorkdirBusyError, WorkdirUnusableError
+from emo_jax.model.sharding import initialize_distributed
+from emo_jax.train.trainer import NonFiniteLossError, train_and_evaluate
+from emo_jax.train.workdir import WorkdirBusyError, WorkdirUnusableError
 from experiments import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")

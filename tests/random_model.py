@@ -4,8 +4,8 @@ import jax
 import numpy as np
 from flax import nnx
 
-from emo_jax.execution import ExecutionConfig
-from emo_jax.model import Transformer
+from emo_jax.model.execution import ExecutionConfig
+from emo_jax.model.transformer import Transformer
 
 
 def random_params(cfg, seed: int = 0, execution=None):

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from emo_jax import analysis
-from emo_jax import checkpoint as ckpt_lib
+from emo_jax.study import analysis
+from emo_jax.train import checkpoint as ckpt_lib
 from emo_jax.config import ModelConfig
-from emo_jax.execution import ExecutionConfig
+from emo_jax.model.execution import ExecutionConfig
 from emo_jax.data import sources, synthetic
-from emo_jax.model import Transformer
+from emo_jax.model.transformer import Transformer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))

@@ -11,7 +11,7 @@ import pathlib
 import numpy as np
 import pytest
 
-from emo_jax.execution import run_configs
+from emo_jax.model.execution import run_configs
 from experiments import bench_step
 
 TINY = pathlib.Path(__file__).resolve().parents[1] / "configs" / "tiny.py"

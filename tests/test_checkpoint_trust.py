@@ -13,12 +13,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from emo_jax import checkpoint as ckpt_lib
-from emo_jax import train as train_lib
+from emo_jax.train import checkpoint as ckpt_lib
+from emo_jax.train import trainer as train_lib
 from emo_jax.config import ConfigError
 from emo_jax.data import corpus as corpus_lib, fingerprint as fingerprint_lib
 from emo_jax.data.pipeline import IteratorStateMismatchError
-from emo_jax.workdir import WorkdirLock, WorkdirUnusableError
+from emo_jax.train.workdir import WorkdirLock, WorkdirUnusableError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))

@@ -9,10 +9,10 @@ import sys
 
 import pytest
 
-from emo_jax import checkpoint
+from emo_jax.train import checkpoint
 from emo_jax.config import ConfigError, ModelConfig
-from emo_jax.execution import ExecutionConfig, run_configs, split_model_fields
-from emo_jax.model import count_params
+from emo_jax.model.execution import ExecutionConfig, run_configs, split_model_fields
+from emo_jax.model.transformer import count_params
 
 
 def model_config_from(config):
@@ -86,8 +86,8 @@ def test_capacity_below_one_is_refused_for_the_capacity_backend_only():
 
 
 def test_every_kernel_and_policy_validates_and_round_trips():
-  from emo_jax.attention import ATTENTION_IMPLS
-  from emo_jax.remat import REMAT_POLICIES
+  from emo_jax.model.attention import ATTENTION_IMPLS
+  from emo_jax.model.remat import REMAT_POLICIES
   for impl in ATTENTION_IMPLS:
     ExecutionConfig(attention_impl=impl)
   for policy in REMAT_POLICIES:

@@ -25,12 +25,12 @@ import pytest  # noqa: E402
 import tensorstore  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from emo_jax import checkpoint as ckpt_lib  # noqa: E402
+from emo_jax.train import checkpoint as ckpt_lib  # noqa: E402
 from emo_jax.config import ModelConfig  # noqa: E402
 from emo_jax.convert import hf, orbax_io, safetensors_io, tokenizer_hf  # noqa: E402
 from emo_jax.data import tokenizer as tokenizer_lib  # noqa: E402
-from emo_jax.execution import ExecutionConfig  # noqa: E402
-from emo_jax.model import Transformer  # noqa: E402
+from emo_jax.model.execution import ExecutionConfig  # noqa: E402
+from emo_jax.model.transformer import Transformer  # noqa: E402
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -256,7 +256,7 @@ def test_import_restores_the_exact_parameters(moe, tmp_path):
   # Orbax's own reader and the trainer's init_from accept it.
   restored = ocp.StandardCheckpointer().restore(out / "params")
   np.testing.assert_array_equal(restored["embed"], moe["params"]["embed"])
-  from emo_jax import train as train_lib  # pylint: disable=import-outside-toplevel
+  from emo_jax.train import trainer as train_lib  # pylint: disable=import-outside-toplevel
   like = jax.tree.map(jnp.asarray, moe["params"])
   train_lib.initial_params(str(out), moe["cfg"], like)
   assert summary["tokenizer"] and (out / "tokenizer" / "tokenizer.json").is_file()

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from emo_jax import evaluate
+from emo_jax.train import evaluate
 from emo_jax.config import ModelConfig
 from emo_jax.data.sources import DataError
 from emo_jax.data.tokenizer import ByteTokenizer

@@ -11,10 +11,11 @@ import pytest
 from flax import nnx
 
 from collectives import emulated_ragged_all_to_all
-from emo_jax import expert_parallel, experts, sharding, train as train_lib
+from emo_jax.model import expert_parallel, experts, sharding
+from emo_jax.train import trainer as train_lib
 from emo_jax.config import ConfigError
-from emo_jax.execution import ExecutionConfig, run_configs
-from emo_jax.moe import MoE
+from emo_jax.model.execution import ExecutionConfig, run_configs
+from emo_jax.model.moe import MoE
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))

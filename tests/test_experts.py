@@ -1,4 +1,4 @@
-"""Tests for emo_jax.experts: every backend against the dense reference, drops against a
+"""Tests for emo_jax.model.experts: every backend against the dense reference, drops against a
 NumPy model of the GShard priority rule, masking, and errors.
 
 Tiny shapes keep compiles fast; float32 on CPU keeps the tolerances tight.
@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from emo_jax import expert_slots, experts
+from emo_jax.model import expert_slots, experts
 
 T, D, H, E, K = 24, 16, 8, 6, 2
 TOL = dict(rtol=1e-5, atol=1e-5)

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from emo_jax import generate, selective
+from emo_jax.inference import generate
+from emo_jax.study import selective
 from emo_jax.config import ModelConfig
-from emo_jax.execution import ExecutionConfig
+from emo_jax.model.execution import ExecutionConfig
 from random_model import random_params
 
 # capacity backend with a small factor: generation must make it dropless by itself.

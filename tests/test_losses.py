@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from emo_jax.losses import chunk_length, fused_head_loss, token_losses
-from emo_jax.matmul import flat_matmul
+from emo_jax.model.losses import chunk_length, fused_head_loss, token_losses
+from emo_jax.model.matmul import flat_matmul
 
 B, L, D, V = 3, 12, 16, 40
 Z = 0.1  # large, so a wrong z-loss term shows at float32 tolerance (training uses 1e-5)

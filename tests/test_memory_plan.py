@@ -6,9 +6,9 @@ import sys
 
 import pytest
 
-from emo_jax import memory_plan
+from emo_jax.train import memory_plan
 from emo_jax.config import ModelConfig
-from emo_jax.model import count_params
+from emo_jax.model.transformer import count_params
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ONE = dict(data=1, fsdp=1, expert=1, tensor=1)

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from emo_jax import attention, model as model_lib
+from emo_jax.model import attention, transformer as model_lib
 from emo_jax.config import ModelConfig
-from emo_jax.execution import ExecutionConfig
+from emo_jax.model.execution import ExecutionConfig
 
 TINY = ModelConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
                    head_dim=8, num_experts=7, num_shared_experts=1, top_k=2, expert_hidden=16,
@@ -335,7 +335,7 @@ def test_attention_impls_equal_the_reference(impl, dtype, tol):
   args, segment_ids, want = qkv_and_reference(4, 128, 4, 2, 8, jnp.dtype(dtype), seed=13)
   mesh = None
   if impl == "splash":
-    from emo_jax.sharding import MeshConfig, make_mesh
+    from emo_jax.model.sharding import MeshConfig, make_mesh
     mesh = make_mesh(MeshConfig(data=2, tensor=2), jax.devices()[:4])
   fn = lambda q, k, v: attention.segment_attention(q, k, v, segment_ids, impl, mesh=mesh,
                                                    interpret=True)

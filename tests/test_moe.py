@@ -7,9 +7,9 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from emo_jax import moe, routing
+from emo_jax.model import moe, routing
 from emo_jax.config import ModelConfig
-from emo_jax.execution import ExecutionConfig
+from emo_jax.model.execution import ExecutionConfig
 
 
 def _softmax(x):

@@ -12,9 +12,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from emo_jax import colab_setup, generate, metrics, summary
+from colab import colab_setup
+from emo_jax.inference import generate
+from emo_jax.train import metrics
+from emo_jax.model import summary
 from emo_jax.config import ModelConfig
-from emo_jax.model import count_params, describe
+from emo_jax.model.transformer import count_params, describe
 from random_model import random_params
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -259,7 +262,7 @@ def test_notebooks_install_cell_is_a_no_op_here():
 
 def test_fraction_axis_is_labelled_in_percent():
   from matplotlib.figure import Figure
-  from emo_jax import plots
+  from emo_jax.study import plots
   ax = Figure().add_subplot(1, 1, 1)
   ax.plot([0.125, 0.25, 1.0], [3, 2, 1], "--", marker="o", label="x")
   plots.fraction_axis(ax, [0.125, 0.25, 1.0, 0.25])

@@ -1,4 +1,4 @@
-"""The selective-expert study (emo_jax/reproduction.py, reproduction_report.py): the regime of
+"""The selective-expert study (emo_jax/study/reproduction.py, reproduction_report.py): the regime of
 configs/repro.py, held-out splits, the model cache key, EMO-anneal's start, and the table."""
 
 import dataclasses
@@ -8,15 +8,15 @@ import numpy as np
 import pytest
 
 from configs import demo, repro, repro_stdmoe, tiny
-from emo_jax import checkpoint as ckpt_lib
-from emo_jax import reproduction as study
-from emo_jax import reproduction_report as report
+from emo_jax.train import checkpoint as ckpt_lib
+from emo_jax.study import reproduction as study
+from emo_jax.study import reproduction_report as report
 from emo_jax.config import ConfigError, ModelConfig
 from emo_jax.data.corpus import DataConfig, load_corpus
-from emo_jax.execution import ExecutionConfig, run_configs
-from emo_jax.model import count_params
-from emo_jax.selective import pruned_param_count
-from emo_jax.train import TrainConfig
+from emo_jax.model.execution import ExecutionConfig, run_configs
+from emo_jax.model.transformer import count_params
+from emo_jax.study.selective import pruned_param_count
+from emo_jax.train.trainer import TrainConfig
 
 
 def test_repro_config_is_the_papers_regime():
@@ -128,7 +128,7 @@ def test_memory_matched_models_have_the_subsets_parameter_count():
 
 
 def test_anneal_starts_from_the_stdmoe_parameters_and_turns_the_pool_on(tmp_path):
-  from emo_jax.train import init_state
+  from emo_jax.train.trainer import init_state
   config = tiny.get_config()
   config.train.steps = 4
   config.train.warmup_steps = 1
@@ -223,7 +223,7 @@ def test_rows_average_seeds_and_mark_differences_within_noise(tmp_path):
   assert "| Dense, 25 % params | 1.00 M | math | 2.300 ± 0.010 | 2.200 ± 0.010 |" in (
       report.matched_table(rows))
   assert "+0.400 ± 0.000 (1)" in report.calibration_table(rows)
-  from emo_jax import plots
+  from emo_jax.study import plots
   path = plots.plot_reproduction(rows, tmp_path / "r.png")
   assert path.stat().st_size > 10_000
 
@@ -268,7 +268,9 @@ def test_bad_settings_are_refused():
 def test_measure_model_scores_the_selected_and_random_subsets(tmp_path):
   """The study's numbers equal evaluate.perplexity with the masks selective picks itself."""
   from random_model import random_params
-  from emo_jax import evaluate, generate, selective
+  from emo_jax.train import evaluate
+  from emo_jax.inference import generate
+  from emo_jax.study import selective
   from emo_jax.data.tokenizer import ByteTokenizer
   cfg = ModelConfig(vocab_size=258, d_model=32, num_layers=2, num_heads=4, num_kv_heads=4,
                     head_dim=8, num_experts=8, num_shared_experts=1, top_k=1, expert_hidden=16,

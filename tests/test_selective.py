@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from emo_jax import selective
+from emo_jax.study import selective
 from emo_jax.config import ConfigError, ModelConfig
-from emo_jax.execution import ExecutionConfig
-from emo_jax.model import Transformer, count_params
+from emo_jax.model.execution import ExecutionConfig
+from emo_jax.model.transformer import Transformer, count_params
 from random_model import random_params
 
 CFG = ModelConfig(vocab_size=64, d_model=32, num_layers=3, num_heads=4, num_kv_heads=2,

@@ -9,8 +9,9 @@ import jax
 import numpy as np
 import pytest
 
-from emo_jax import checkpoint as ckpt_lib
-from emo_jax import generate, selective, subset_finetune, subset_methods
+from emo_jax.train import checkpoint as ckpt_lib
+from emo_jax.inference import generate
+from emo_jax.study import selective, subset_finetune, subset_methods
 from emo_jax.config import ModelConfig
 from emo_jax.data.tokenizer import ByteTokenizer
 from emo_jax.tasks import Instance, score_pairs, task_pairs
@@ -63,7 +64,7 @@ def test_random_baseline_is_seeded():
 
 def test_easy_ep_ranks_a_planted_expert_first(model):
   graphdef, _, raw, batches = model
-  from emo_jax import moe as moe_lib  # pylint: disable=import-outside-toplevel
+  from emo_jax.model import moe as moe_lib  # pylint: disable=import-outside-toplevel
   call = moe_lib.MoE.__call__
   planted = jax.tree.map(np.array, raw)
   planted["blocks"]["mlp"]["w_down"][:, 5] *= 30.0  # routed expert 5: a much larger output

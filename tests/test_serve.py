@@ -20,7 +20,7 @@ import pytest
 
 openai = pytest.importorskip("openai")
 
-from emo_jax import checkpoint as ckpt_lib  # pylint: disable=wrong-import-position
+from emo_jax.train import checkpoint as ckpt_lib  # pylint: disable=wrong-import-position
 from emo_jax.config import ModelConfig  # pylint: disable=wrong-import-position
 from tests.random_model import random_params  # pylint: disable=wrong-import-position
 

@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from emo_jax import checkpoint as ckpt_lib
-from emo_jax import generate, selective
+from emo_jax.train import checkpoint as ckpt_lib
+from emo_jax.inference import generate
+from emo_jax.study import selective
 from emo_jax.config import ModelConfig
 from emo_jax.data.tokenizer import ByteTokenizer
-from emo_jax.serve import bank as bank_lib
-from emo_jax.serve import engine as engine_lib
+from emo_jax.inference.serve import bank as bank_lib
+from emo_jax.inference.serve import engine as engine_lib
 from tests.random_model import random_params
 
 CFG = ModelConfig(vocab_size=258, d_model=32, num_layers=2, num_heads=2, num_kv_heads=2,
@@ -192,7 +193,7 @@ def test_queue_bound_refuses_with_queue_full(checkpoint):
 
 
 def test_chat_template_renders_and_bad_templates_are_400s():
-  from emo_jax.serve import protocol
+  from emo_jax.inference.serve import protocol
   template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{{ eos_token }}"
               "{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}")
   messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]

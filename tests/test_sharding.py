@@ -12,11 +12,12 @@ import portpicker
 import pytest
 from flax import nnx
 
-from emo_jax import sharding, train as train_lib
+from emo_jax.model import sharding
+from emo_jax.train import trainer as train_lib
 from emo_jax.config import ConfigError
 from emo_jax.data import corpus as corpus_lib
-from emo_jax.execution import run_configs
-from emo_jax.model import Transformer
+from emo_jax.model.execution import run_configs
+from emo_jax.model.transformer import Transformer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))

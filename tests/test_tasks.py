@@ -11,7 +11,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from emo_jax import generate  # noqa: E402
+from emo_jax.inference import generate  # noqa: E402
 from emo_jax.config import ModelConfig  # noqa: E402
 from emo_jax.data.tokenizer import ByteTokenizer  # noqa: E402
 from emo_jax.tasks import (EXTRA_HINT, Instance, TaskNotInstalled, accuracy, data,  # noqa: E402
@@ -85,7 +85,7 @@ def test_long_prompts_lose_their_start_never_the_continuation():
 def test_logliks_equal_transformers_on_the_hf_export(tmp_path):
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
-  from emo_jax import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
+  from emo_jax.train import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
   from emo_jax.convert import hf  # pylint: disable=import-outside-toplevel
   _, params = random_params(CFG, seed=1)
   ckpt_lib.save_params(tmp_path / "ckpt", params, CFG.to_dict())

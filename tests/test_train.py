@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from emo_jax import checkpoint as ckpt_lib
-from emo_jax import train as train_lib
-from emo_jax import generate
+from emo_jax.train import checkpoint as ckpt_lib
+from emo_jax.train import trainer as train_lib
+from emo_jax.inference import generate
 from emo_jax.config import ConfigError, ModelConfig
-from emo_jax.execution import ExecutionConfig, split_model_fields
-from emo_jax.losses import token_losses
-from emo_jax.model import Transformer
+from emo_jax.model.execution import ExecutionConfig, split_model_fields
+from emo_jax.model.losses import token_losses
+from emo_jax.model.transformer import Transformer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -256,9 +256,9 @@ def test_sigterm_saves_a_checkpoint_at_the_current_step_and_exits_cleanly(tmp_pa
 
 def test_a_killed_trainer_leaves_no_lock_behind(tmp_path, reap):
   """The lock dies with its process: after kill -9 the next trainer takes the workdir."""
-  from emo_jax.workdir import WorkdirBusyError, WorkdirLock
+  from emo_jax.train.workdir import WorkdirBusyError, WorkdirLock
   holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, "
-                             f"{str(ROOT)!r}); from emo_jax.workdir import WorkdirLock; "
+                             f"{str(ROOT)!r}); from emo_jax.train.workdir import WorkdirLock; "
                              f"lock = WorkdirLock({str(tmp_path)!r}); print('held', flush=True); "
                              "time.sleep(600)"], stdout=subprocess.PIPE, text=True)
   reap(holder)

@@ -34,7 +34,7 @@ import ml_dtypes
 import numpy as np
 
 from emo_jax.config import ModelConfig
-from emo_jax.execution import saved_model_config
+from emo_jax.model.execution import saved_model_config
 from emo_jax.convert import orbax_io, safetensors_io, tokenizer_hf
 from emo_jax.convert.configs import (LAYOUTS, check_exportable, hf_config,  # noqa: F401
                                      model_config_from_hf)

@@ -251,7 +251,7 @@ def param_specs(cfg: ModelConfig) -> dict[Path, tuple[tuple[int, ...], np.dtype]
   """Every parameter path of the model with its (shape, dtype), from shapes only."""
   import jax  # pylint: disable=import-outside-toplevel
   from flax import nnx  # pylint: disable=import-outside-toplevel
-  from emo_jax.model import Transformer  # pylint: disable=import-outside-toplevel
+  from emo_jax.model.transformer import Transformer  # pylint: disable=import-outside-toplevel
   abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
   pure = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
   leaves = jax.tree_util.tree_flatten_with_path(pure)[0]

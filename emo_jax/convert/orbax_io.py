@@ -27,8 +27,8 @@ from typing import Any, Mapping
 import numpy as np
 import tensorstore as ts
 
-from emo_jax import checkpoint as ckpt_lib
-from emo_jax.execution import split_model_fields
+from emo_jax.train import checkpoint as ckpt_lib
+from emo_jax.model.execution import split_model_fields
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ import json
 import pathlib
 from typing import Any, Sequence
 
-from emo_jax import evaluate
+from emo_jax.train import evaluate
 from emo_jax.data.sources import DataError
 
 EXTRA_HINT = 'pip install -e ".[eval]"'

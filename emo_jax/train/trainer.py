@@ -25,16 +25,16 @@ import numpy as np
 import optax
 from flax import nnx, struct
 
-from emo_jax import checkpoint as ckpt_lib
-from emo_jax import sharding as sharding_lib
-from emo_jax import evaluate, metrics as metrics_lib
-from emo_jax.losses import fused_head_loss, token_losses
+from emo_jax.train import checkpoint as ckpt_lib
+from emo_jax.model import sharding as sharding_lib
+from emo_jax.train import evaluate, metrics as metrics_lib
+from emo_jax.model.losses import fused_head_loss, token_losses
 from emo_jax.config import ConfigError, ConfigMixin, ModelConfig
 from emo_jax.data import corpus as corpus_lib
 from emo_jax.data import fingerprint as fingerprint_lib
-from emo_jax.execution import ExecutionConfig, run_configs
-from emo_jax.model import Transformer, count_params
-from emo_jax.workdir import WorkdirLock
+from emo_jax.model.execution import ExecutionConfig, run_configs
+from emo_jax.model.transformer import Transformer, count_params
+from emo_jax.train.workdir import WorkdirLock
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ import numpy as np
 
 from emo_jax.config import ModelConfig
 from emo_jax.data import corpus as corpus_lib, pipeline, sources
-from emo_jax.execution import run_configs
+from emo_jax.model.execution import run_configs
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ def training_key(config) -> str:
   config = _plain(config)
   model, execution = run_configs(_Config(config))
   data = corpus_lib.DataConfig.from_dict(config["data"]).to_dict()
-  from emo_jax.train import TrainConfig  # pylint: disable=import-outside-toplevel
+  from emo_jax.train.trainer import TrainConfig  # pylint: disable=import-outside-toplevel
   train = TrainConfig.from_dict(config["train"]).to_dict()
   for name in UNKEYED_FIELDS["data"]:
     data.pop(name)
@@ -140,8 +140,8 @@ def _model(config) -> ModelConfig:
 
 def matched_dense_hidden(cfg: ModelConfig, keep: int) -> int:
   """mlp_hidden of a dense model with as many parameters as `cfg` pruned to `keep` experts."""
-  from emo_jax.model import count_params  # pylint: disable=import-outside-toplevel
-  from emo_jax.selective import pruned_param_count  # pylint: disable=import-outside-toplevel
+  from emo_jax.model.transformer import count_params  # pylint: disable=import-outside-toplevel
+  from emo_jax.study.selective import pruned_param_count  # pylint: disable=import-outside-toplevel
   target = pruned_param_count(cfg, keep)
   dense = cfg.replace(num_experts=0, pool=False, mlp_hidden=1)
   base = count_params(dense)["total_params"] - 3 * cfg.d_model * cfg.num_layers
@@ -215,7 +215,7 @@ def train_cached(label: str, config, models_dir: pathlib.Path, seed: int) -> Tra
   """Trains `config` into models_dir/<label>-s<seed>-<key>, or reuses a finished run there.
 
   An interrupted run resumes from its last checkpoint (the trainer's own resume)."""
-  from emo_jax.train import train_and_evaluate  # pylint: disable=import-outside-toplevel
+  from emo_jax.train.trainer import train_and_evaluate  # pylint: disable=import-outside-toplevel
   key = training_key(config)
   slug = "".join(c if c.isalnum() else "_" for c in label.lower()).strip("_")
   path = models_dir / f"{slug}-s{seed}-{key}"
@@ -235,7 +235,7 @@ def train_cached(label: str, config, models_dir: pathlib.Path, seed: int) -> Tra
                      f"at step {reached}"
                      "); run the same command again to resume it from its checkpoint in "
                      f"{path}")
-  from emo_jax.model import count_params  # pylint: disable=import-outside-toplevel
+  from emo_jax.model.transformer import count_params  # pylint: disable=import-outside-toplevel
   counts = count_params(_model(config))
   summary = {k: v for k, v in last.items() if k.startswith(("val_", "unigram_val_"))}
   summary.update(counts, steps=int(config.train.steps), loss=last.get("loss"))
@@ -367,7 +367,7 @@ def calibration_batches(texts: Sequence[str], tokenizer, *, seq_len: int,
                         rows: int) -> list[dict]:
   """One document per row (truncated to seq_len), in batches of exactly [rows, seq_len], so every
   calibration set reuses one compiled routing pass; padding rows are never scored."""
-  from emo_jax.selective import calibration_batch  # pylint: disable=import-outside-toplevel
+  from emo_jax.study.selective import calibration_batch  # pylint: disable=import-outside-toplevel
   batches = []
   for i in range(0, len(texts), rows):
     b = calibration_batch(texts[i:i + rows], tokenizer, seq_len=seq_len)
@@ -412,8 +412,10 @@ def measure_model(path: str, eval_sets: Sequence[EvalSet], tokenizer, *, fractio
   "calibration_documents": {calibration: n}, "tokens": scored tokens}}; a dense model (or a
   bank no larger than the smallest subset) has only "full".
   """
-  from emo_jax import checkpoint as ckpt_lib, evaluate, generate, selective  # pylint: disable=import-outside-toplevel
-  from emo_jax.execution import saved_model_config  # pylint: disable=import-outside-toplevel
+  from emo_jax.train import checkpoint as ckpt_lib, evaluate  # pylint: disable=import-outside-toplevel
+  from emo_jax.inference import generate
+  from emo_jax.study import selective
+  from emo_jax.model.execution import saved_model_config  # pylint: disable=import-outside-toplevel
   params, saved = ckpt_lib.load_params(path)
   cfg = saved_model_config(saved)
   graphdef, params = generate.build_model(cfg, params)

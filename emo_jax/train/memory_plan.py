@@ -20,10 +20,10 @@ import jax
 import numpy as np
 from flax import nnx
 
-from emo_jax import sharding
+from emo_jax.model import sharding
 from emo_jax.config import ModelConfig
-from emo_jax.execution import ExecutionConfig
-from emo_jax.model import Transformer
+from emo_jax.model.execution import ExecutionConfig
+from emo_jax.model.transformer import Transformer
 
 GiB = 1024**3
 # Accelerator memory per chip, bytes.

@@ -31,7 +31,7 @@ import orbax.checkpoint as ocp
 from emo_jax.config import ModelConfig
 from emo_jax.data import fingerprint as fingerprint_lib
 from emo_jax.data.pipeline import IteratorStateMismatchError
-from emo_jax.execution import split_model_fields
+from emo_jax.model.execution import split_model_fields
 
 log = logging.getLogger(__name__)
 

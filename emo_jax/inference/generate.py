@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 
 from emo_jax.config import ModelConfig
-from emo_jax.execution import ExecutionConfig, saved_model_config
+from emo_jax.model.execution import ExecutionConfig, saved_model_config
 
 
 def inference_execution(cfg: ModelConfig,
@@ -42,7 +42,7 @@ def inference_execution(cfg: ModelConfig,
 
 def build_model(cfg: ModelConfig, params: Any, execution: ExecutionConfig | None = None):
   """(graphdef, params as jax arrays) of the inference model for a parameter tree."""
-  from emo_jax.model import Transformer  # pylint: disable=import-outside-toplevel
+  from emo_jax.model.transformer import Transformer  # pylint: disable=import-outside-toplevel
   run = inference_execution(cfg, execution)
   abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0), execution=run))
   graphdef, _ = nnx.split(abstract)
@@ -280,7 +280,7 @@ def load_checkpoint(checkpoint, *, tokenizer: str | None = None,
   The model runs under `execution` made ready for inference (`inference_execution`); how the
   checkpoint's own run was executed is not carried over.
   """
-  from emo_jax import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
+  from emo_jax.train import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
   params, model_config = ckpt_lib.load_params(checkpoint)
   cfg = saved_model_config(model_config)
   spec = tokenizer or tokenizer_spec(checkpoint)

@@ -33,8 +33,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
-from emo_jax import expert_slots, experts
-from emo_jax.sharding import BATCH_AXES
+from emo_jax.model import expert_slots, experts
+from emo_jax.model.sharding import BATCH_AXES
 
 TRANSPORTS = ("auto", "all_to_all", "ragged_all_to_all", "all_gather")
 # Which transports carry each backend's numbers unchanged across devices.

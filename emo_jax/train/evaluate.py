@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from emo_jax.losses import token_losses
+from emo_jax.model.losses import token_losses
 from emo_jax.data.sources import DataError
 
 
@@ -59,7 +59,7 @@ def perplexity(graphdef, params, batches: Sequence[Mapping[str, np.ndarray]],
   ce_total = tok_total = 0.0
   for batch in batches:
     if mesh is not None:
-      from emo_jax.sharding import global_batch  # only sharded runs need it
+      from emo_jax.model.sharding import global_batch  # only sharded runs need it
       batch = global_batch(batch, mesh)
     c, t, c_all, t_all = jax.device_get(_domain_sums(graphdef, params, batch, num_domains, mesh,
                                                      keep))
@@ -282,7 +282,7 @@ def subset_sweep(graphdef, params, cfg, calibration: Sequence[Mapping[str, np.nd
   `{name}.json` and `{name}.png` (`metric` against the fraction of experts kept) into out_dir
   when given. Returns {"sizes": [...], "results": [{keep, fraction, kept_routed, **metrics}]}.
   """
-  from emo_jax import selective  # pylint: disable=import-outside-toplevel
+  from emo_jax.study import selective  # pylint: disable=import-outside-toplevel
   sizes = list(sizes or subset_sizes(cfg.num_experts, cfg.num_shared_experts))
   results = []
   for keep in sizes:
@@ -308,7 +308,7 @@ def write_sweep(sweep: Mapping[str, Any], out_dir, *, name: str = "sweep",
   out = pathlib.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
   (out / f"{name}.json").write_text(json.dumps(sweep, indent=1))
-  from emo_jax import plots  # pylint: disable=import-outside-toplevel  (matplotlib: only here)
+  from emo_jax.study import plots  # pylint: disable=import-outside-toplevel  (matplotlib: only here)
   plots.plot_fraction_curves({name: [(r["fraction"], r[metric]) for r in sweep["results"]
                                      if metric in r]},
                              out / f"{name}.png", ylabel=metric, title=name)

@@ -26,9 +26,9 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
-from emo_jax.serve import bank as bank_lib
-from emo_jax.serve import engine as engine_lib
-from emo_jax.serve import protocol
+from emo_jax.inference.serve import bank as bank_lib
+from emo_jax.inference.serve import engine as engine_lib
+from emo_jax.inference.serve import protocol
 
 class Server:
   """Request handling shared by the endpoints: subsets, prompts, submission, responses."""

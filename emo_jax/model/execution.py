@@ -19,10 +19,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
-from emo_jax import expert_parallel, experts
-from emo_jax.attention import ATTENTION_IMPLS
+from emo_jax.model import expert_parallel, experts
+from emo_jax.model.attention import ATTENTION_IMPLS
 from emo_jax.config import ConfigError, ConfigMixin, ModelConfig
-from emo_jax.remat import REMAT_POLICIES
+from emo_jax.model.remat import REMAT_POLICIES
 
 
 @dataclasses.dataclass(frozen=True)

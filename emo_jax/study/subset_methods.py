@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from emo_jax import selective
+from emo_jax.study import selective
 
 METHODS = ("greedy", "global", "random", "easy_ep")
 _EASY_EP = "easy_ep_scores"
@@ -59,7 +59,7 @@ def _scoring_moe_layers():
   (which the model stacks over layers) keeps the model's code untouched. Only functions traced
   inside this context see it (`_easy_ep_sums`, jitted on its own).
   """
-  from emo_jax import moe as moe_lib  # pylint: disable=import-outside-toplevel
+  from emo_jax.model import moe as moe_lib  # pylint: disable=import-outside-toplevel
   original = moe_lib.MoE.__call__
 
   @functools.wraps(original)

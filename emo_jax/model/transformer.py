@@ -20,14 +20,14 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from emo_jax.attention import dot_product_attention, segment_attention
+from emo_jax.model.attention import dot_product_attention, segment_attention
 from emo_jax.config import ModelConfig
-from emo_jax.execution import ExecutionConfig
-from emo_jax.layers import RMSNorm, init_normal
-from emo_jax.matmul import flat_matmul
-from emo_jax.moe import MLP, MoE
-from emo_jax.remat import ATTENTION_OUT, MOE_INPUT, checkpoint_policy
-from emo_jax.sharding import BATCH_AXES
+from emo_jax.model.execution import ExecutionConfig
+from emo_jax.model.layers import RMSNorm, init_normal
+from emo_jax.model.matmul import flat_matmul
+from emo_jax.model.moe import MLP, MoE
+from emo_jax.model.remat import ATTENTION_OUT, MOE_INPUT, checkpoint_policy
+from emo_jax.model.sharding import BATCH_AXES
 
 
 def rope(x_BxLxHxK: jax.Array, positions_BxL: jax.Array, theta: float) -> jax.Array:

@@ -37,10 +37,10 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from emo_jax.expert_slots import (BlockLayout, block_layout, combine_slots, gather_slots,
+from emo_jax.model.expert_slots import (BlockLayout, block_layout, combine_slots, gather_slots,
                                   inverse_permutation, permute_rows, rank_within_expert,
                                   sorted_block_layout, take_sorted_copies)
-from emo_jax.matmul import flat_matmul
+from emo_jax.model.matmul import flat_matmul
 
 BACKENDS = ("dense", "capacity", "ragged")
 # Grouped-matmul kernels of the ragged backend; "auto" resolves per platform when traced.

@@ -34,12 +34,12 @@ import jax
 import numpy as np
 from flax import nnx
 
-from emo_jax import checkpoint
+from emo_jax.train import checkpoint
 from emo_jax.data import sources
 from emo_jax.data import tokenizer as tokenizer_lib
 from emo_jax.data.corpus import DataConfig, load_corpus
-from emo_jax.execution import ExecutionConfig, saved_model_config
-from emo_jax.model import Transformer
+from emo_jax.model.execution import ExecutionConfig, saved_model_config
+from emo_jax.model.transformer import Transformer
 
 log = logging.getLogger(__name__)
 
@@ -553,7 +553,7 @@ def cluster_checkpoints(checkpoints: Sequence[str | pathlib.Path],
     results.append(result)
   plots = []
   if plot:
-    from emo_jax import plots as plots_lib
+    from emo_jax.study import plots as plots_lib
     plots = [p.name for p in plots_lib.plot_all(results, domains, out_dir)]
   main = results[0].summary
   report = {"concentration": main["concentration"], "purity": main["purity"], "nmi": main["nmi"],

@@ -22,8 +22,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from emo_jax.remat import ATTENTION_RESIDUALS
-from emo_jax.sharding import BATCH_AXES
+from emo_jax.model.remat import ATTENTION_RESIDUALS
+from emo_jax.model.sharding import BATCH_AXES
 
 # The kernels of `segment_attention`; "auto" picks one per platform at trace time.
 ATTENTION_IMPLS = ("xla", "auto", "chunked", "jax_xla", "cudnn", "splash")

@@ -45,7 +45,7 @@ def component_of(name: str) -> str:
   if ".mlp." in f".{name}":
     return "dense MLP"
   raise ValueError(f"parameter {name!r} belongs to no known component; add it to "
-                   "emo_jax/summary.component_of")
+                   "emo_jax/model/summary.component_of")
 
 
 def parameter_summary(cfg, shapes: Mapping[str, Any]) -> dict[str, Any]:

@@ -27,7 +27,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from emo_jax import selective
+from emo_jax.study import selective
 from emo_jax.tasks.data import Instance
 from emo_jax.tasks.scoring import bucket, encode_pair
 

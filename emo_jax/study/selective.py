@@ -232,7 +232,7 @@ def param_count(params: Any) -> int:
 def pruned_param_count(cfg: ModelConfig, keep: int) -> int:
   """Parameters after pruning, by formula: every removed expert takes its three matrices
   (3 * d_model * expert_hidden) and its router column (d_model) in every layer."""
-  from emo_jax.model import count_params  # pylint: disable=import-outside-toplevel
+  from emo_jax.model.transformer import count_params  # pylint: disable=import-outside-toplevel
   removed = cfg.num_experts - keep
   per_expert = 3 * cfg.d_model * cfg.expert_hidden + cfg.d_model
   return count_params(cfg)["total_params"] - cfg.num_layers * removed * per_expert

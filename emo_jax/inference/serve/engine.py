@@ -40,8 +40,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from emo_jax import generate
-from emo_jax.serve import bank as bank_lib
+from emo_jax.inference import generate
+from emo_jax.inference.serve import bank as bank_lib
 
 log = logging.getLogger(__name__)
 TOP_LOGPROBS = 5  # the most alternatives a request may ask for (as OpenAI's completions API)

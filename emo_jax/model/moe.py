@@ -10,12 +10,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from emo_jax import expert_parallel, experts
+from emo_jax.model import expert_parallel, experts
 from emo_jax.config import ModelConfig
-from emo_jax.execution import ExecutionConfig
-from emo_jax.layers import init_normal
-from emo_jax.matmul import flat_matmul
-from emo_jax.routing import (document_pool_mask, draw_pool_sizes, load_balancing_loss, route,
+from emo_jax.model.execution import ExecutionConfig
+from emo_jax.model.layers import init_normal
+from emo_jax.model.matmul import flat_matmul
+from emo_jax.model.routing import (document_pool_mask, draw_pool_sizes, load_balancing_loss, route,
                              router_z_loss, segment_one_hot)
 
 

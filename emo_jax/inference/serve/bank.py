@@ -33,7 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from emo_jax import generate, selective
+from emo_jax.inference import generate
+from emo_jax.study import selective
 from emo_jax.config import ModelConfig
 
 EXPERT_WEIGHTS = ("w_gate", "w_up", "w_down")
