@@ -24,6 +24,7 @@ from absl import app, flags, logging
 
 from emo_jax.inference import generate
 from experiments import cli
+from emo_jax.inference import loading
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training workdir or parameter checkpoint.")
 _PROMPT = flags.DEFINE_multi_string("prompt", None, "A prompt (repeat for a batch).")
@@ -48,7 +49,7 @@ _WARMUP = flags.DEFINE_bool("warmup", True, "Compile with one untimed run first.
 def main(argv):
   cli.start(argv)
   logging.set_verbosity(logging.WARNING)
-  cfg, graphdef, params, tok, _ = generate.load_checkpoint(_CHECKPOINT.value,
+  cfg, graphdef, params, tok, _ = loading.load_checkpoint(_CHECKPOINT.value,
                                                            tokenizer=_TOKENIZER.value)
   if tok is None:
     raise app.UsageError("cannot tell which tokenizer the checkpoint uses; pass --tokenizer")

@@ -59,6 +59,7 @@ root = sys.argv[1]
 sys.path[:0] = [root, root + "/gguf-py"]
 import gguf
 import conversion.base as base
+from emo_jax.inference import loading
 base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "default"
 original = gguf.SpecialVocab.add_to_gguf
 def add_to_gguf(self, writer, *args, **kwargs):
@@ -110,8 +111,7 @@ def our_logits(checkpoint: pathlib.Path, ids) -> np.ndarray:
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from flax import nnx  # pylint: disable=import-outside-toplevel
 
-  from emo_jax.inference import generate  # pylint: disable=import-outside-toplevel
-  _, graphdef, params, _, _ = generate.load_checkpoint(checkpoint, tokenizer="none")
+  _, graphdef, params, _, _ = loading.load_checkpoint(checkpoint, tokenizer="none")
   logits, _ = nnx.merge(graphdef, params)(jnp.asarray([ids]))
   return np.asarray(logits[0])
 
@@ -162,7 +162,6 @@ def check(name: str, checkpoint: pathlib.Path, converter: pathlib.Path, work: pa
 def main(argv):
   cli.start(argv)
   from emo_jax.train import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
-  from emo_jax.inference import generate  # pylint: disable=import-outside-toplevel
   from emo_jax.study import selective
   if importlib.util.find_spec("llama_cpp") is None:
     raise app.UsageError("llama-cpp-python is not installed; see this module's docstring")
@@ -175,7 +174,7 @@ def main(argv):
   results = [check("full", checkpoint, converter, work, ids),
              check("full_gate_eps", checkpoint, converter, work, ids, GATE_EPSILON)]
   if flags.FLAGS.keep:
-    cfg, _, params, _, _ = generate.load_checkpoint(checkpoint, tokenizer="none")
+    cfg, _, params, _, _ = loading.load_checkpoint(checkpoint, tokenizer="none")
     n = selective.routed_to_keep(cfg, flags.FLAGS.keep)
     kept = np.stack([np.arange(layer % 2, cfg.num_routed_experts, 2)[:n]
                      for layer in range(cfg.num_layers)])

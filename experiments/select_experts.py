@@ -23,6 +23,7 @@ from emo_jax.inference import generate
 from emo_jax.study import selective
 from emo_jax.data import sources
 from experiments import cli
+from emo_jax.inference import loading
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training workdir or parameter checkpoint.")
 _CALIBRATION = flags.DEFINE_string("calibration", None, "JSONL of {\"text\": ...} documents.")
@@ -53,7 +54,7 @@ def main(argv):
   out = pathlib.Path(_OUT.value)
   if (out / ckpt_lib.PARAMS_ITEM).exists():
     raise app.UsageError(f"{out / ckpt_lib.PARAMS_ITEM} already exists; choose another --out")
-  cfg, graphdef, params, tok, spec = generate.load_checkpoint(_CHECKPOINT.value,
+  cfg, graphdef, params, tok, spec = loading.load_checkpoint(_CHECKPOINT.value,
                                                               tokenizer=_TOKENIZER.value)
   if tok is None:
     raise app.UsageError(f"cannot tell which tokenizer {_CHECKPOINT.value} uses; pass "
@@ -67,7 +68,7 @@ def main(argv):
                                        greedy=not _ONE_PASS.value)
   pruned, pruned_cfg = selective.prune(params, cfg, selection)
   ckpt_lib.save_params(out, pruned, pruned_cfg.to_dict())
-  (out / generate.SOURCE_FILE).write_text(json.dumps(
+  (out / loading.SOURCE_FILE).write_text(json.dumps(
       {"checkpoint": str(pathlib.Path(_CHECKPOINT.value).absolute()), "tokenizer": spec,
        "calibration": str(_CALIBRATION.value), "num_examples": len(docs)}, indent=1))
   files = selective.write_selection(selection, out)

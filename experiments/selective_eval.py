@@ -27,6 +27,7 @@ import json
 import pathlib
 import sys
 import time
+from emo_jax.inference import loading
 
 from absl import app, flags, logging
 
@@ -152,10 +153,9 @@ def sweep_model(label: str, checkpoint: str, tasks: dict, results: Results, args
   import numpy as np  # pylint: disable=import-outside-toplevel
 
   # pylint: disable=import-outside-toplevel
-  from emo_jax.inference import generate
   from emo_jax.study import selective, subset_finetune, subset_methods
   from emo_jax.tasks import evaluate_task  # pylint: disable=import-outside-toplevel
-  cfg, graphdef, params, tok, spec = generate.load_checkpoint(checkpoint,
+  cfg, graphdef, params, tok, spec = loading.load_checkpoint(checkpoint,
                                                               tokenizer=_TOKENIZER.value)
   if tok is None:
     raise app.UsageError(f"cannot tell which tokenizer {checkpoint} uses; pass --tokenizer")
@@ -217,7 +217,7 @@ def sweep_model(label: str, checkpoint: str, tasks: dict, results: Results, args
         start = time.perf_counter()
         selection = subset_methods.select("greedy", graphdef, params, cfg, batches, keep)
         pruned, pruned_cfg = selective.prune(jax_to_numpy(params), cfg, selection)
-        small_graphdef, small_params = generate.build_model(pruned_cfg, pruned)
+        small_graphdef, small_params = loading.build_model(pruned_cfg, pruned)
         fc = subset_finetune.FinetuneConfig(
             steps=None if ft_steps == "epoch" else ft_steps, learning_rate=_FT_LR.value,
             batch_size=_FT_BATCH.value, trainable=_FT_TRAINABLE.value, seed=_SEED.value)
@@ -244,13 +244,12 @@ def save_tuned(directory: pathlib.Path, params, cfg, selection, checkpoint: str,
   import shutil  # pylint: disable=import-outside-toplevel
 
   from emo_jax.train import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
-  from emo_jax.inference import generate  # pylint: disable=import-outside-toplevel
   from emo_jax.study import selective
   if directory.exists():  # left by a run killed before its row was written
     shutil.rmtree(directory)
   ckpt_lib.save_params(directory, jax_to_numpy(params), cfg.to_dict())
   selective.write_selection(selection, directory)
-  (directory / generate.SOURCE_FILE).write_text(json.dumps(
+  (directory / loading.SOURCE_FILE).write_text(json.dumps(
       {"checkpoint": str(pathlib.Path(checkpoint).absolute()), "tokenizer": spec}, indent=1))
 
 

@@ -21,6 +21,7 @@ import signal
 from absl import app, flags
 
 from experiments import cli
+from emo_jax.inference import loading
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training workdir or parameter checkpoint.")
 _HOST = flags.DEFINE_string("host", "127.0.0.1", "Address to bind.")
@@ -57,7 +58,6 @@ def main(argv):
   cli.start(argv)
   import uvicorn  # pylint: disable=import-outside-toplevel
 
-  from emo_jax.inference import generate  # pylint: disable=import-outside-toplevel
   from emo_jax.inference.serve import app as app_lib  # pylint: disable=import-outside-toplevel
   from emo_jax.inference.serve import bank as bank_lib  # pylint: disable=import-outside-toplevel
   from emo_jax.inference.serve import engine as engine_lib  # pylint: disable=import-outside-toplevel
@@ -66,10 +66,10 @@ def main(argv):
   specs = [parse_subset(s) for s in _SUBSET.value]
   if not specs and not _SERVE_ALL.value:
     raise app.UsageError("--noserve_all needs at least one --subset to serve")
-  tok_spec = _TOKENIZER.value or generate.tokenizer_spec(_CHECKPOINT.value)
+  tok_spec = _TOKENIZER.value or loading.tokenizer_spec(_CHECKPOINT.value)
   if not tok_spec or tok_spec == "none":
     raise app.UsageError("cannot tell which tokenizer the checkpoint uses; pass --tokenizer")
-  tokenizer = generate.load_tokenizer(tok_spec)
+  tokenizer = loading.load_tokenizer(tok_spec)
   bank = bank_lib.ExpertBank(_CHECKPOINT.value)
   subsets = {}
   if _SERVE_ALL.value:

@@ -12,6 +12,7 @@ from emo_jax.inference import generate
 from emo_jax.study import selective
 from emo_jax.config import ModelConfig
 from emo_jax.model.execution import ExecutionConfig
+from emo_jax.inference import loading
 from random_model import random_params
 
 # capacity backend with a small factor: generation must make it dropless by itself.
@@ -27,7 +28,7 @@ NEW = 7
 @functools.lru_cache(maxsize=None)
 def model():
   _, params = random_params(CFG)
-  return (params,) + generate.build_model(CFG, params, RUN)
+  return (params,) + loading.build_model(CFG, params, RUN)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -87,7 +88,7 @@ def test_pruned_model_and_routing_mask_generate_the_same():
                                       seq_len=16)
   sel = selective.select_experts(graphdef, params, CFG, [batch], 3)
   pruned, pcfg = selective.prune(raw, CFG, sel)
-  pgraphdef, pparams = generate.build_model(pcfg, pruned)
+  pgraphdef, pparams = loading.build_model(pcfg, pruned)
   sampling = generate.SamplingConfig(NEW)
   masked = generate.generate_ids(graphdef, params, PROMPTS, sampling, keep_experts=sel.mask,
                                  return_logits=True)

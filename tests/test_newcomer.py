@@ -18,6 +18,7 @@ from emo_jax.train import metrics
 from emo_jax.model import summary
 from emo_jax.config import ModelConfig
 from emo_jax.model.transformer import count_params, describe
+from emo_jax.inference import loading
 from random_model import random_params
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -165,7 +166,7 @@ def small_model():
   cfg = ModelConfig(vocab_size=12, d_model=16, num_layers=1, num_heads=2, num_kv_heads=2,
                     head_dim=8, num_experts=0, mlp_hidden=32, max_seq_len=64, init_std=0.5)
   graphdef, params = random_params(cfg, seed=1)
-  return generate.build_model(cfg, params)
+  return loading.build_model(cfg, params)
 
 
 def test_no_repeat_ngram_and_penalty_hold_in_generation(small_model):

@@ -17,6 +17,7 @@ from emo_jax.model.execution import ExecutionConfig, run_configs
 from emo_jax.model.transformer import count_params
 from emo_jax.study.selective import pruned_param_count
 from emo_jax.train.trainer import TrainConfig
+from emo_jax.inference import loading
 
 
 def test_repro_config_is_the_papers_regime():
@@ -269,7 +270,6 @@ def test_measure_model_scores_the_selected_and_random_subsets(tmp_path):
   """The study's numbers equal evaluate.perplexity with the masks selective picks itself."""
   from random_model import random_params
   from emo_jax.train import evaluate
-  from emo_jax.inference import generate
   from emo_jax.study import selective
   from emo_jax.data.tokenizer import ByteTokenizer
   cfg = ModelConfig(vocab_size=258, d_model=32, num_layers=2, num_heads=4, num_kv_heads=4,
@@ -289,7 +289,7 @@ def test_measure_model_scores_the_selected_and_random_subsets(tmp_path):
   math_ = out["domains"]["math"]
   assert math_["calibration_documents"] == {"1": 1, "all": 4}
   assert set(math_["select"]["all"]) == set(math_["random"]) == {"2"}
-  graphdef, p = generate.build_model(cfg, ckpt_lib.load_params(tmp_path / "m")[0])
+  graphdef, p = loading.build_model(cfg, ckpt_lib.load_params(tmp_path / "m")[0])
   batches = study.scoring_batches(docs[4:], tok, seq_len=32, batch_size=2, max_segments=4,
                                   num_batches=2)
   np.testing.assert_allclose(math_["full"], evaluate.perplexity(graphdef, p, batches, [])["loss"],

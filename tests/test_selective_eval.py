@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 from emo_jax.train import checkpoint as ckpt_lib
-from emo_jax.inference import generate
 from emo_jax.study import selective, subset_finetune, subset_methods
 from emo_jax.config import ModelConfig
 from emo_jax.data.tokenizer import ByteTokenizer
 from emo_jax.tasks import Instance, score_pairs, task_pairs
+from emo_jax.inference import loading
 from random_model import random_params
 
 CFG = ModelConfig(vocab_size=258, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -30,7 +30,7 @@ INSTANCES = [Instance(i, f"Question: what is item {i}?\nAnswer:",
 @pytest.fixture(scope="module")
 def model():
   _, params = random_params(CFG, seed=5)
-  graphdef, jparams = generate.build_model(CFG, params)
+  graphdef, jparams = loading.build_model(CFG, params)
   batches = subset_methods.calibration_batches(TEXTS, TOK, seq_len=CFG.max_seq_len, batch_size=4)
   return graphdef, jparams, params, batches
 
@@ -68,7 +68,7 @@ def test_easy_ep_ranks_a_planted_expert_first(model):
   call = moe_lib.MoE.__call__
   planted = jax.tree.map(np.array, raw)
   planted["blocks"]["mlp"]["w_down"][:, 5] *= 30.0  # routed expert 5: a much larger output
-  _, planted = generate.build_model(CFG, planted)
+  _, planted = loading.build_model(CFG, planted)
   scores = subset_methods.easy_ep_scores(graphdef, planted, batches)
   assert scores.shape == (CFG.num_layers, 7) and (scores >= 0).all()
   assert (scores.argmax(1) == 5).all(), scores
@@ -85,7 +85,7 @@ def test_easy_ep_layer_score_matches_numpy(model):
   graphdef, _, raw, batches = model
   p = jax.tree.map(lambda x: np.array(x, np.float64), raw)
   p["blocks"]["attn"]["wo"][:] = 0.0
-  _, zeroed = generate.build_model(CFG, jax.tree.map(lambda x: x.astype(np.float32), p))
+  _, zeroed = loading.build_model(CFG, jax.tree.map(lambda x: x.astype(np.float32), p))
   got = subset_methods.easy_ep_scores(graphdef, zeroed, batches)[0]
   mlp, R = p["blocks"]["mlp"], CFG.num_experts - 1
   want = np.zeros(R)
@@ -117,7 +117,7 @@ def test_merge_back_then_reprune_gives_the_tuned_subset(model):
   graphdef, params, raw, batches = model
   selection = subset_methods.select("greedy", graphdef, params, CFG, batches, 4)
   pruned, pruned_cfg = selective.prune(raw, CFG, selection)
-  small_graphdef, small = generate.build_model(pruned_cfg, pruned)
+  small_graphdef, small = loading.build_model(pruned_cfg, pruned)
   config = subset_finetune.FinetuneConfig(steps=3, learning_rate=1e-2, batch_size=4,
                                           trainable=trainable)
   tuned, info = subset_finetune.finetune(small_graphdef, small, TOK, INSTANCES,
@@ -129,8 +129,8 @@ def test_merge_back_then_reprune_gives_the_tuned_subset(model):
   merged = subset_finetune.merge_back(raw, tuned, selection, **flags)
   again, _ = selective.prune(merged, CFG, selection)
   jax.tree.map(np.testing.assert_array_equal, again, tuned)
-  _, tuned_j = generate.build_model(pruned_cfg, tuned)
-  _, again_j = generate.build_model(pruned_cfg, again)
+  _, tuned_j = loading.build_model(pruned_cfg, tuned)
+  _, again_j = loading.build_model(pruned_cfg, again)
   np.testing.assert_array_equal(logliks(small_graphdef, again_j), logliks(small_graphdef, tuned_j))
   # the experts outside the subset are the full model's, untouched
   dropped = ~selection.mask

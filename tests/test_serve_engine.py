@@ -16,6 +16,7 @@ from emo_jax.config import ModelConfig
 from emo_jax.data.tokenizer import ByteTokenizer
 from emo_jax.inference.serve import bank as bank_lib
 from emo_jax.inference.serve import engine as engine_lib
+from emo_jax.inference import loading
 from tests.random_model import random_params
 
 CFG = ModelConfig(vocab_size=258, d_model=32, num_layers=2, num_heads=2, num_kv_heads=2,
@@ -52,7 +53,7 @@ def mask(name):
 
 def test_per_row_routing_mask_equals_each_row_alone():
   _, params = random_params(CFG, seed=1)
-  model = nnx.merge(*generate.build_model(CFG, params))  # dropless: rows are independent
+  model = nnx.merge(*loading.build_model(CFG, params))  # dropless: rows are independent
   tokens = jnp.asarray(np.random.default_rng(0).integers(2, 258, (3, 12)), jnp.int32)
   masks = np.stack([mask("a"), mask("b"), mask("c")])
   batched, _ = model(tokens, keep_experts=jnp.asarray(masks))
@@ -87,7 +88,7 @@ def test_subset_equals_generate_on_the_physically_pruned_model(engine, checkpoin
                                     scores=np.zeros((2, 7)), num_routed=7, num_shared=1,
                                     greedy=True)
     pruned, pruned_cfg = selective.prune(checkpoint[1], CFG, selection)
-    graphdef, params = generate.build_model(pruned_cfg, pruned)
+    graphdef, params = loading.build_model(pruned_cfg, pruned)
     ref = generate.generate_ids(graphdef, params, [prompt],
                                 generate.SamplingConfig(max_new_tokens=10), eos_id=TOK.eos_id,
                                 return_logits=True)
@@ -133,7 +134,7 @@ def test_mixed_subsets_batched_equal_each_alone(engine):
 def test_generation_across_cache_shifts_matches_generate(engine, checkpoint):
   """A 50-token generation crosses the cache end (context 64 + 16) more than once."""
   prompt = TOK.encode("ab")
-  graphdef, params = generate.build_model(CFG, checkpoint[1])
+  graphdef, params = loading.build_model(CFG, checkpoint[1])
   ref = generate.generate_ids(graphdef, params, [prompt], generate.SamplingConfig(
       max_new_tokens=50), keep_experts=mask("b"))
   out = engine_lib.run_sync(engine, prompt, mask("b"), max_tokens=50, timeout=120)

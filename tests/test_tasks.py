@@ -11,12 +11,12 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from emo_jax.inference import generate  # noqa: E402
 from emo_jax.config import ModelConfig  # noqa: E402
 from emo_jax.data.tokenizer import ByteTokenizer  # noqa: E402
 from emo_jax.tasks import (EXTRA_HINT, Instance, TaskNotInstalled, accuracy, data,  # noqa: E402
                            formats, load_task, registry, score_pairs, task_pairs)
 from emo_jax.tasks.scoring import encode_pair  # noqa: E402
+from emo_jax.inference import loading  # noqa: E402
 from random_model import random_params  # noqa: E402
 
 CFG = ModelConfig(vocab_size=258, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -48,7 +48,7 @@ def planted_model(cfg=CFG):
   params["lm_head"] = head.astype(np.float32)
   logits = h.astype(np.float64) @ head
   logp = logits - logits.max() - np.log(np.exp(logits - logits.max()).sum())
-  graphdef, params = generate.build_model(cfg, params)
+  graphdef, params = loading.build_model(cfg, params)
   return graphdef, params, logp
 
 
@@ -97,7 +97,7 @@ def test_logliks_equal_transformers_on_the_hf_export(tmp_path):
                    ("What is red", ["apple", "sky", "a very long answer about the sea"]),
                    ("Two plus two " * 6, ["four", "five"]),  # longer than the window: cut
                    ("Which", ["x", "y", "z", "w"])])]
-  graphdef, jparams = generate.build_model(CFG, params)
+  graphdef, jparams = loading.build_model(CFG, params)
   pairs = task_pairs(instances)
   ours = score_pairs(graphdef, jparams, TOK, pairs, max_len=CFG.max_seq_len, batch_size=4)
   theirs = []

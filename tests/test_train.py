@@ -16,11 +16,11 @@ from flax import nnx
 
 from emo_jax.train import checkpoint as ckpt_lib
 from emo_jax.train import trainer as train_lib
-from emo_jax.inference import generate
 from emo_jax.config import ConfigError, ModelConfig
 from emo_jax.model.execution import ExecutionConfig, split_model_fields
 from emo_jax.model.losses import token_losses
 from emo_jax.model.transformer import Transformer
+from emo_jax.inference import loading
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -294,7 +294,7 @@ def test_checkpoints_written_before_the_execution_split_still_restore(tmp_path):
   saved = json.loads((LEGACY / "workdir" / "config.json").read_text())
   assert "expert_backend" in saved["model"]  # really an old one
   params, model = ckpt_lib.load_params(LEGACY / "params")
-  cfg, graphdef, loaded, _, _ = generate.load_checkpoint(LEGACY / "params", tokenizer="none")
+  cfg, graphdef, loaded, _, _ = loading.load_checkpoint(LEGACY / "params", tokenizer="none")
   assert cfg == ModelConfig.from_dict(split_model_fields(saved["model"])[0])
   workdir_params, _ = ckpt_lib.load_params(LEGACY / "workdir")
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(workdir_params)):

@@ -173,9 +173,8 @@ def write_tokenizer(source: str, out: str | pathlib.Path, *, model_max_length: i
     if isinstance(ours, tokenizer_lib.SentencePieceTokenizer):
       tok = sentencepiece_tokenizer_json(ours.path)
       tok.save(str(out / "tokenizer.json"))
-      sp = ours._sp  # pylint: disable=protected-access
-      unk = sp.id_to_piece(sp.unk_id()) if sp.unk_id() >= 0 else None
-      _configs(out, eos=sp.id_to_piece(ours.eos_id), pad=sp.id_to_piece(ours.pad_id), unk=unk,
+      unk = None if ours.unk_id is None else ours.id_to_piece(ours.unk_id)
+      _configs(out, eos=ours.id_to_piece(ours.eos_id), pad=ours.id_to_piece(ours.pad_id), unk=unk,
                model_max_length=model_max_length)
       kind = "sentencepiece"
     else:

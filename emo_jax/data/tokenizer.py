@@ -69,7 +69,8 @@ _REQUIRED_CHARS = "\n\t\r0123456789"
 ACCEPTED_KINDS = (
     "a SentencePiece model file ending in .model, "
     "a Hugging Face tokenizer file ending in .json (e.g. tokenizer.json), "
-    "or a directory holding tokenizer.json or exactly one .model file"
+    "a directory holding tokenizer.json or exactly one .model file, "
+    "or \"bytes\" (UTF-8 bytes, no file)"
 )
 
 
@@ -173,6 +174,12 @@ class SentencePieceTokenizer:
 
   def id_to_piece(self, i: int) -> str:
     return self._sp.id_to_piece(int(i))
+
+  @property
+  def unk_id(self) -> int | None:
+    """The id of the model's unknown piece, or None when it has none."""
+    unk = self._sp.unk_id()
+    return unk if unk >= 0 else None
 
   def __repr__(self) -> str:
     return (f"SentencePieceTokenizer({self.path!r}, vocab_size={self.vocab_size}, "
@@ -314,7 +321,13 @@ class HFTokenizer:
 
 def load_tokenizer(path: str | os.PathLike, *, eos_id: int | None = None,
                    pad_id: int | None = None) -> Tokenizer:
-  """The tokenizer at `path`, chosen by its kind (see ACCEPTED_KINDS)."""
+  """The tokenizer at `path`, chosen by its kind (see ACCEPTED_KINDS); "bytes" is the byte
+  tokenizer, which has no file."""
+  if str(path) == "bytes":
+    if eos_id is not None or pad_id is not None:
+      raise TokenizerError("the byte tokenizer's ids are fixed (pad 0, eos 1): drop eos_id / "
+                           "pad_id, or pass a tokenizer file")
+    return ByteTokenizer()
   p = pathlib.Path(path)
   if not p.exists():
     raise TokenizerError(f"Tokenizer path {str(p)!r} does not exist; expected {ACCEPTED_KINDS}.")

@@ -24,29 +24,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from emo_jax.config import ModelConfig
-from emo_jax.model.execution import ExecutionConfig, saved_model_config
-
-
-def inference_execution(cfg: ModelConfig,
-                        execution: ExecutionConfig | None = None) -> ExecutionConfig:
-  """`execution` (default: ExecutionConfig()) set up for inference: dropless expert capacity,
-  no rematerialisation."""
-  execution = ExecutionConfig() if execution is None else execution
-  changes: dict[str, Any] = {"remat": False}
-  if cfg.is_moe and execution.expert_backend == "capacity":
-    changes["capacity_factor"] = max(execution.capacity_factor,
-                                     cfg.num_routed_experts / cfg.top_k)
-  return execution.replace(**changes)
-
-
-def build_model(cfg: ModelConfig, params: Any, execution: ExecutionConfig | None = None):
-  """(graphdef, params as jax arrays) of the inference model for a parameter tree."""
-  from emo_jax.model.transformer import Transformer  # pylint: disable=import-outside-toplevel
-  run = inference_execution(cfg, execution)
-  abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0), execution=run))
-  graphdef, _ = nnx.split(abstract)
-  return graphdef, jax.tree.map(jnp.asarray, params)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -245,45 +222,3 @@ def generate_text(graphdef, params, tokenizer, prompts: Sequence[str], sampling:
   result["texts"] = [tokenizer.decode([t for t in row if t != tokenizer.eos_id])
                      for row in result["tokens"]]
   return result
-
-
-# ---- checkpoints ---------------------------------------------------------------------------------
-SOURCE_FILE = "source.json"  # beside a pruned checkpoint: where it came from, its tokenizer
-
-
-def tokenizer_spec(checkpoint) -> str | None:
-  """The tokenizer of a training workdir or parameter checkpoint: "bytes", a path, or None.
-
-  A pruned checkpoint names it in source.json; otherwise the HF converter's resolution (the
-  run's data config, or the tokenizer folder of an import) is used.
-  """
-  import json
-  import pathlib
-  path = pathlib.Path(checkpoint)
-  if (path / SOURCE_FILE).is_file():
-    return json.loads((path / SOURCE_FILE).read_text()).get("tokenizer")
-  from emo_jax.convert import hf, orbax_io  # pylint: disable=import-outside-toplevel
-  return hf.resolve_tokenizer(orbax_io.ParamSource(path))
-
-
-def load_tokenizer(spec: str):
-  from emo_jax.data import tokenizer as tokenizer_lib  # pylint: disable=import-outside-toplevel
-  if spec == "bytes":
-    return tokenizer_lib.ByteTokenizer()
-  return tokenizer_lib.load_tokenizer(spec)
-
-
-def load_checkpoint(checkpoint, *, tokenizer: str | None = None,
-                    execution: ExecutionConfig | None = None):
-  """(ModelConfig, graphdef, params, tokenizer or None, tokenizer spec) of a checkpoint.
-
-  The model runs under `execution` made ready for inference (`inference_execution`); how the
-  checkpoint's own run was executed is not carried over.
-  """
-  from emo_jax.train import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
-  params, model_config = ckpt_lib.load_params(checkpoint)
-  cfg = saved_model_config(model_config)
-  spec = tokenizer or tokenizer_spec(checkpoint)
-  tok = load_tokenizer(spec) if spec and spec != "none" else None
-  graphdef, params = build_model(cfg, params, execution)
-  return cfg, graphdef, params, tok, spec

@@ -32,6 +32,7 @@ import numpy as np
 from emo_jax.config import ModelConfig
 from emo_jax.data import corpus as corpus_lib, pipeline, sources
 from emo_jax.model.execution import run_configs
+from emo_jax.inference import loading
 
 log = logging.getLogger(__name__)
 
@@ -413,12 +414,11 @@ def measure_model(path: str, eval_sets: Sequence[EvalSet], tokenizer, *, fractio
   bank no larger than the smallest subset) has only "full".
   """
   from emo_jax.train import checkpoint as ckpt_lib, evaluate  # pylint: disable=import-outside-toplevel
-  from emo_jax.inference import generate
   from emo_jax.study import selective
   from emo_jax.model.execution import saved_model_config  # pylint: disable=import-outside-toplevel
   params, saved = ckpt_lib.load_params(path)
   cfg = saved_model_config(saved)
-  graphdef, params = generate.build_model(cfg, params)
+  graphdef, params = loading.build_model(cfg, params)
   sizes = subset_sizes(cfg, fractions)[1:] if cfg.is_moe else []
   out = {}
   start = time.time()

@@ -33,9 +33,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from emo_jax.inference import generate
 from emo_jax.study import selective
 from emo_jax.config import ModelConfig
+from emo_jax.inference import loading
 
 EXPERT_WEIGHTS = ("w_gate", "w_up", "w_down")
 ALL = "all"
@@ -288,10 +288,10 @@ def select_from_texts(bank: ExpertBank, texts: Sequence[str], keep: int, tokeniz
     raise SubsetError("the calibration holds no documents")
   batch = selective.calibration_batch(list(texts), tokenizer, seq_len=bank.cfg.max_seq_len)
   if bank.holds_everything():
-    graphdef, params = generate.build_model(bank.compact_config(), bank.compact_params())
+    graphdef, params = loading.build_model(bank.compact_config(), bank.compact_params())
   else:
     with bank.io_lock:
-      _, graphdef, params, _, _ = generate.load_checkpoint(bank.checkpoint, tokenizer="none")
+      _, graphdef, params, _, _ = loading.load_checkpoint(bank.checkpoint, tokenizer="none")
   selection = selective.select_experts(graphdef, params, bank.cfg, [batch], keep, greedy=True)
   del params
   return Subset(name, tuple(tuple(int(e) for e in k) for k in selection.kept_routed), source)

@@ -42,6 +42,7 @@ from flax import nnx
 
 from emo_jax.inference import generate
 from emo_jax.inference.serve import bank as bank_lib
+from emo_jax.inference import loading
 
 log = logging.getLogger(__name__)
 TOP_LOGPROBS = 5  # the most alternatives a request may ask for (as OpenAI's completions API)
@@ -218,7 +219,7 @@ class Engine:
     params = self.bank.compact_params()
     width = self.bank.width
     if width not in self._graphdefs:
-      self._graphdefs[width] = generate.build_model(cfg, {}, self.execution)[0]
+      self._graphdefs[width] = loading.build_model(cfg, {}, self.execution)[0]
     self._graphdef, self._params = self._graphdefs[width], params
     occupied = np.zeros((self.bank.cfg.num_layers, width), bool)
     for layer, ids in enumerate(self.bank.slots):
