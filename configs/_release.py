@@ -12,7 +12,7 @@ from emo_jax.config import ModelConfig
 from emo_jax.data.corpus import DataConfig
 from emo_jax.model.execution import ExecutionConfig
 from emo_jax.model.sharding import MeshConfig
-from emo_jax.train.trainer import TrainConfig
+from emo_jax.train import TrainConfig
 
 
 def release_config(name: str, model: ModelConfig, steps: int) -> ml_collections.ConfigDict:

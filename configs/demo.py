@@ -1,10 +1,11 @@
-"""The demo: a small EMO trained on the built-in multi-domain corpus, about 7 minutes on a
-2-core CPU (more data and steps on a GPU: raise train.steps and data.batch_size).
+"""The demo: a small EMO trained on the built-in multi-domain corpus, sized for a 2-core CPU
+(BENCHMARKS.md has its measured run time; more data and steps on a GPU: raise train.steps and
+data.batch_size).
 
   python -m experiments.train --config configs/demo.py --workdir workdirs/demo
 
 The first run builds the demo corpus (PubMed abstracts, kernel documentation, Metamath, Python
-code, Shakespeare, BBC news; about 30 s, cached in ~/.cache/emo_jax) and its tokenizer.
+code, Shakespeare, BBC news; cached in ~/.cache/emo_jax) and its tokenizer.
 configs/demo_stdmoe.py is the same model and data without the document pool.
 """
 
@@ -14,7 +15,7 @@ from emo_jax.config import ModelConfig
 from emo_jax.data.corpus import DataConfig
 from emo_jax.model.execution import ExecutionConfig
 from emo_jax.model.sharding import MeshConfig
-from emo_jax.train.trainer import TrainConfig
+from emo_jax.train import TrainConfig
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -42,12 +43,13 @@ def get_config() -> ml_collections.ConfigDict:
   ).to_dict()
   # Dropless experts: a short run's routers stay far from balanced (at capacity 1.25 about a
   # quarter of the assignments overflowed), and on CPU the "ragged" bank pads each expert's
-  # rows to whole blocks instead of to a capacity, so it is also faster than capacity 2.0.
+  # rows to whole blocks instead of to a capacity: fewer rows than capacity 2.0.
   # "chunked" attention skips the keys causality hides from each chunk of queries. Both are
   # exact (BENCHMARKS.md has the figures). capacity_factor applies if expert_backend=capacity.
-  # Four layers compile quickly unrolled, and an unrolled step skips the layer scan's
-  # stacked-residual buffers; the head and loss run fused over chunks of 256 tokens, whose
-  # logits stay in cache (the full [4096, 8192] logits would not). Both exact.
+  # Four layers are few enough to unroll (compiling grows with depth), and an unrolled step
+  # skips the layer scan's stacked-residual buffers; the head and loss run fused over chunks
+  # of 256 tokens, whose logits stay in cache (the full [4096, 8192] logits would not). Both
+  # exact.
   config.execution = ExecutionConfig(remat=False, expert_backend="ragged",
                                      attention_impl="chunked", capacity_factor=2.0,
                                      scan_layers=False, head_chunk_tokens=256).to_dict()

@@ -17,7 +17,7 @@ from emo_jax.config import ModelConfig
 from emo_jax.data.corpus import DataConfig
 from emo_jax.model.execution import ExecutionConfig
 from emo_jax.model.sharding import MeshConfig
-from emo_jax.train.trainer import TrainConfig
+from emo_jax.train import TrainConfig
 
 # Fractions of the bank the study keeps (the paper's 64, 32, 16 and 8 of 128 experts).
 SUBSET_FRACTIONS = (0.5, 0.25, 0.125, 0.0625)

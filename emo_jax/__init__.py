@@ -19,13 +19,16 @@ from emo_jax import moved_modules
 _EXPORTS = {
     "ConfigError": "emo_jax.config",
     "ModelConfig": "emo_jax.config",
-    "Experiment": "emo_jax.experiment",
+    "Experiment": "emo_jax.train.experiment",
     "ExecutionConfig": "emo_jax.model.execution",
     "MeshConfig": "emo_jax.model.sharding",
     "Transformer": "emo_jax.model.transformer",
     "count_params": "emo_jax.model.transformer",
     "DataConfig": "emo_jax.data.corpus",
-    "TrainConfig": "emo_jax.train.trainer",
+    "TrainConfig": "emo_jax.train.config",
+    "load_model": "emo_jax.inference.loading",
+    "load_checkpoint": "emo_jax.inference.loading",
+    "load_tokenizer": "emo_jax.data.tokenizer",
     "train_and_evaluate": "emo_jax.train.trainer",
 }
 

@@ -14,8 +14,8 @@ it exits (resident memory does not shrink after a peak), which suits a training,
 serving process. It must run before the JAX backend starts its threads (before the first JAX
 computation or `jax.devices()`, and best before importing the libraries, some of which start
 native threads): threads that already have an arena keep it, and later threads may be handed
-theirs. The entry points apply it when the `experiments` package is imported, before anything
-else (`configure_early`); `EMO_JAX_HOST_ALLOCATOR=system` leaves malloc as it is.
+theirs. Every entry point (experiments/*.py) calls `configure_early()` as its first statement,
+before its other imports; `EMO_JAX_HOST_ALLOCATOR=system` leaves malloc as it is.
 """
 
 from __future__ import annotations
@@ -79,8 +79,9 @@ def configure(choice: str | None = None) -> str:
 
 
 def configure_early() -> str:
-  """`configure()` for package import time: an invalid EMO_JAX_HOST_ALLOCATOR leaves malloc as
-  it is here (experiments/cli.py reports it as a usage error when the entry point starts)."""
+  """`configure()` for an entry point's first statement: an invalid EMO_JAX_HOST_ALLOCATOR
+  leaves malloc as it is here (experiments/cli.py reports it as a usage error when the entry
+  point starts)."""
   try:
     return configure()
   except ValueError:

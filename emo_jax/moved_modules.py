@@ -59,4 +59,6 @@ class MovedModuleFinder(importlib.abc.MetaPathFinder):
 
 def install() -> None:
   if not any(isinstance(f, MovedModuleFinder) for f in sys.meta_path):
-    sys.meta_path.append(MovedModuleFinder())
+    # First in line: a submodule of a moved package (emo_jax.serve.app) would otherwise be found
+    # by the path finder through its parent's __path__ and loaded a second time.
+    sys.meta_path.insert(0, MovedModuleFinder())

@@ -8,6 +8,11 @@ then the training step of the same config on the same batch shape; the ratio say
 times faster the pipeline feeds tokens than the step consumes them (>1: never the bottleneck).
 """
 
+from emo_jax import host_memory
+
+# First, before any library can start a native thread (emo_jax/host_memory.py).
+host_memory.configure_early()
+
 import itertools
 import json
 import time
@@ -18,7 +23,6 @@ from absl import flags
 from ml_collections import config_flags
 
 from emo_jax.train import trainer as train_lib
-from emo_jax.model.execution import run_configs
 from emo_jax.data import corpus as corpus_lib
 from experiments import cli
 
@@ -44,8 +48,7 @@ def time_pipeline(corpus, dc, cfg, workers: int, batches: int) -> dict:
           "batches_per_s": batches / seconds}
 
 
-def time_training(config, corpus, dc, cfg, steps: int) -> dict:
-  tc = train_lib.TrainConfig.from_dict(config.train)
+def time_training(tc, corpus, dc, cfg, steps: int) -> dict:
   graphdef, optimizer, state = train_lib.init_state(cfg, tc)
   step = jax.jit(lambda s, b: train_lib.train_step(s, b, graphdef=graphdef, optimizer=optimizer,
                                                    cfg=cfg, tc=tc), donate_argnums=0)
@@ -65,11 +68,11 @@ def time_training(config, corpus, dc, cfg, steps: int) -> dict:
 
 def main(argv):
   cli.start(argv)
-  config = _CONFIG.value
-  cfg = run_configs(config)[0]
-  dc = corpus_lib.DataConfig.from_dict(config.data)
+  experiment = cli.experiment(_CONFIG.value)
+  cfg, dc = experiment.model, experiment.data
+  corpus_lib.prepare_corpus(dc)  # as the trainer does: built once, then only read
   corpus = corpus_lib.load_corpus(dc)
-  training = time_training(config, corpus, dc, cfg, _STEPS.value)
+  training = time_training(experiment.train, corpus, dc, cfg, _STEPS.value)
   rows = [time_pipeline(corpus, dc, cfg, int(w), _BATCHES.value) for w in _WORKERS.value]
   print(f"{'what':<28}{'tokens/s':>12}{'x training':>12}")
   print(f"{'training step':<28}{training['tokens_per_s']:>12.0f}{1.0:>12.2f}")

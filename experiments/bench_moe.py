@@ -19,6 +19,11 @@ forward, twice that backward. The capacity backend computes padded slots on top 
 
 from __future__ import annotations
 
+from emo_jax import host_memory
+
+# First, before any library can start a native thread (emo_jax/host_memory.py).
+host_memory.configure_early()
+
 import datetime
 import json
 import time

@@ -14,6 +14,11 @@ expert bytes against the full model's. Writes OUT/bench_serve.json, OUT/bench_se
 table) and OUT/bench_serve.png (tokens/s and latency against concurrency).
 """
 
+from emo_jax import host_memory
+
+# First, before any library can start a native thread (emo_jax/host_memory.py).
+host_memory.configure_early()
+
 import asyncio
 import json
 import os
@@ -26,6 +31,7 @@ import time
 import numpy as np
 from absl import app, flags
 
+from emo_jax.convert import orbax_io
 from experiments import cli
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training workdir or parameter checkpoint.")
@@ -99,7 +105,6 @@ async def one_level(url: str, experts: str, clients: int, requests: int, max_tok
 
 def subset_experts(checkpoint: str, keep: int) -> list[list[int]]:
   """The lowest keep-1 routed ids per layer (the subset when no calibration file is given)."""
-  from emo_jax.convert import orbax_io  # pylint: disable=import-outside-toplevel
   config = orbax_io.ParamSource(checkpoint).model_config
   routed = keep - config["num_shared_experts"]
   return [list(range(routed)) for _ in range(config["num_layers"])]
@@ -136,7 +141,6 @@ def main(argv):
   import httpx  # pylint: disable=import-outside-toplevel
   out = pathlib.Path(_OUT.value)
   out.mkdir(parents=True, exist_ok=True)
-  from emo_jax.convert import orbax_io  # pylint: disable=import-outside-toplevel
   num_experts = int(orbax_io.ParamSource(_CHECKPOINT.value).model_config["num_experts"])
   keep = max(2, round(num_experts / 4))
   common = [f"--checkpoint={_CHECKPOINT.value}", f"--slots={_SLOTS.value}", "--max_queue=1024"]

@@ -25,6 +25,11 @@ memory peaks, matmul ceiling, versions) in experiments/bench_harness.py.
 
 from __future__ import annotations
 
+from emo_jax import host_memory
+
+# First, before any library can start a native thread (emo_jax/host_memory.py).
+host_memory.configure_early()
+
 import datetime
 import importlib.util
 import json
@@ -44,12 +49,12 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from emo_jax.model import experts as experts_lib  # noqa: E402
-from emo_jax import host_memory  # noqa: E402
 from emo_jax.train import metrics as metrics_lib  # noqa: E402
 from emo_jax.train import trainer as train_lib  # noqa: E402
 from emo_jax.config import ModelConfig  # noqa: E402
 from emo_jax.data.pipeline import pack_rows  # noqa: E402
-from emo_jax.model.execution import ExecutionConfig, run_configs  # noqa: E402
+from emo_jax.model.execution import ExecutionConfig  # noqa: E402
+from emo_jax.train.experiment import Experiment
 from emo_jax.model.transformer import count_params  # noqa: E402
 from experiments import cli  # noqa: E402
 from experiments.bench_harness import (REPO_ROOT, device_info, git_commit, log,  # noqa: E402
@@ -211,7 +216,7 @@ def measure_isolated(spec: Mapping[str, Any]) -> dict:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     code = ("import sys; from experiments.bench_step import child_main; "
             "child_main(sys.argv[1], sys.argv[2])")
-    # Importing the experiments package sets the allocator first (host_memory.py).
+    # The child sets the allocator in bench_step's first statement (host_memory.py).
     env[host_memory.ENV_VAR] = spec.get("host_allocator", "system")
     proc = subprocess.run([sys.executable, "-c", code, str(spec_path), str(out_path)],
                           cwd=REPO_ROOT, env=env, check=False)
@@ -259,7 +264,8 @@ def run(config, *, batch: int | None = None, seq_len: int | None = None,
   """
   if steps < 1 or warmup < 0:
     raise ValueError(f"steps={steps} must be >= 1 and warmup={warmup} >= 0")
-  cfg, execution = run_configs(config)
+  experiment = Experiment.from_config(config)
+  cfg, execution = experiment.model, experiment.execution
   data = config.get("data", None) or {}
   batch = batch or data.get("batch_size", 8)
   seq_len = seq_len or data.get("seq_len", 256)

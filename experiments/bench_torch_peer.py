@@ -45,10 +45,10 @@ def _import_torch():
 def torch_peer_config(cfg: ModelConfig) -> dict:
   """Qwen2MoeConfig keyword arguments of the peer: our qwen2_moe export, trained with aux loss.
 
-  The export (emo_jax.convert.configs.hf_config) is the same architecture EMO's inference
+  The export (emo_jax.convert.layouts.hf_config) is the same architecture EMO's inference
   reduces to; the peer adds the load-balancing loss at our weight and drops the KV cache.
   """
-  from emo_jax.convert.configs import hf_config  # the converter needs nothing from torch
+  from emo_jax.convert.layouts import hf_config  # the converter needs nothing from torch
   values = hf_config(cfg, "qwen2_moe")
   for key in ("architectures", "model_type", "torch_dtype"):
     values.pop(key, None)

@@ -1,5 +1,6 @@
 """What every entry point does first: parse flags with one-line errors, refuse stray arguments,
-set log levels, report an invalid host allocator setting (emo_jax/host_memory.py)."""
+set log levels, report an invalid host allocator setting (emo_jax/host_memory.py), and parse
+the --config once into the typed Experiment every component then receives."""
 
 import difflib
 import importlib.util
@@ -9,6 +10,8 @@ import sys
 from absl import app, flags, logging
 
 from emo_jax import host_memory
+from emo_jax.config import ConfigError
+from emo_jax.train.experiment import Experiment
 
 
 def start(argv) -> None:
@@ -24,6 +27,20 @@ def start(argv) -> None:
     raise app.UsageError(str(e)) from None
   logging.set_verbosity(logging.WARNING)
   std_logging.getLogger("emo_jax").setLevel(std_logging.INFO)
+
+
+def experiment(config) -> Experiment:
+  """The Experiment of a config file's ConfigDict (its command-line overrides applied): the one
+  place an entry point parses its config. A bad config ends the process with one line."""
+  return checked(lambda: Experiment.from_config(config))
+
+
+def checked(build):
+  """`build()`, with a ConfigError it raises turned into `error: ...` and exit status 1."""
+  try:
+    return build()
+  except ConfigError as e:
+    sys.exit(f"error: {e}")
 
 
 def run(main) -> None:

@@ -21,6 +21,11 @@ Memory: the features take 4 bytes x layers x routed experts per token (8 KB at t
 them plus the PCA scores; 1,000 documents need under 1 GB.
 """
 
+from emo_jax import host_memory
+
+# First, before any library can start a native thread (emo_jax/host_memory.py).
+host_memory.configure_early()
+
 import json
 import time
 

@@ -12,6 +12,11 @@
 Nothing is written to --out unless the conversion succeeds.
 """
 
+from emo_jax import host_memory
+
+# First, before any library can start a native thread (emo_jax/host_memory.py).
+host_memory.configure_early()
+
 import ctypes
 import json
 import sys
@@ -27,9 +32,8 @@ _CHECKPOINT = flags.DEFINE_string(
     "checkpoint", None, "Training workdir or parameter checkpoint to export (with --to_hf).")
 _STEP = flags.DEFINE_integer("step", None, "Training step to export (default: the newest).")
 _OUT = flags.DEFINE_string("out", None, "Folder to create.")
-_LAYOUT = flags.DEFINE_enum("layout", "emo", hf.LAYOUTS,
-                            "emo: the release's names + trust_remote_code files; qwen2_moe: "
-                            "transformers' built-in Qwen2MoeForCausalLM (no remote code).")
+_LAYOUT = flags.DEFINE_enum("layout", "emo", list(hf.EXPORT_LAYOUTS), "; ".join(
+    f"{name}: {hf.LAYOUTS[name].summary}" for name in hf.EXPORT_LAYOUTS) + ".")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", sorted(hf.DTYPES), "Exported weight dtype.")
 _TOKENIZER = flags.DEFINE_string(
     "tokenizer", None, "Tokenizer to export: 'bytes', a .model, a tokenizer.json, or 'none' "

@@ -9,12 +9,16 @@ router and norms with their share, the parameters one token uses (active), the a
 without the embeddings, and the bytes of the weights at bf16 and fp32.
 """
 
+from emo_jax import host_memory
+
+# First, before any library can start a native thread (emo_jax/host_memory.py).
+host_memory.configure_early()
+
 import json
 
 from absl import flags
 from ml_collections import config_flags
 
-from emo_jax.model.execution import run_configs
 from emo_jax.model import summary
 from emo_jax.model.transformer import describe
 from experiments import cli
@@ -27,13 +31,14 @@ _JSON = flags.DEFINE_bool("json", False, "Print one JSON object (counts by compo
 
 def main(argv):
   cli.start(argv)
-  cfg = run_configs(_CONFIG.value)[0]
+  experiment = cli.experiment(_CONFIG.value)
+  cfg = experiment.model
   described = describe(cfg)
   counts = summary.parameter_summary(cfg, described["params"])
   if _JSON.value:
     print(json.dumps({**described, **counts}, indent=1))
   else:
-    print(summary.format_table(counts, cfg, name=_CONFIG.value.get("name", "")))
+    print(summary.format_table(counts, cfg, name=experiment.name))
 
 
 if __name__ == "__main__":

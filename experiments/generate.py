@@ -18,13 +18,19 @@ with new tokens, seconds and tokens/s (the first call includes compilation; --wa
 batch once before timing).
 """
 
+from emo_jax import host_memory
+
+# First, before any library can start a native thread (emo_jax/host_memory.py).
+host_memory.configure_early()
+
 import json
 
 from absl import app, flags, logging
 
 from emo_jax.inference import generate
-from experiments import cli
 from emo_jax.inference import loading
+from emo_jax.inference.sampling import SamplingConfig
+from experiments import cli
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training workdir or parameter checkpoint.")
 _PROMPT = flags.DEFINE_multi_string("prompt", None, "A prompt (repeat for a batch).")
@@ -54,9 +60,9 @@ def main(argv):
   if tok is None:
     raise app.UsageError("cannot tell which tokenizer the checkpoint uses; pass --tokenizer")
   if _GREEDY.value or not _SAMPLE.value:
-    sampling = generate.SamplingConfig(max_new_tokens=_MAX_NEW.value, seed=_SEED.value)
+    sampling = SamplingConfig(max_new_tokens=_MAX_NEW.value, seed=_SEED.value)
   else:
-    sampling = generate.SamplingConfig(
+    sampling = SamplingConfig(
         max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value, top_p=_TOP_P.value,
         seed=_SEED.value, repetition_penalty=_REPETITION_PENALTY.value,
         no_repeat_ngram=_NO_REPEAT_NGRAM.value)

@@ -22,6 +22,11 @@ has none; llama.cpp refuses a BPE vocabulary without the merges key, so one unus
 written). Both only concern text tokenization, which this check bypasses by feeding token ids.
 """
 
+from emo_jax import host_memory
+
+# First, before any library can start a native thread (emo_jax/host_memory.py).
+host_memory.configure_early()
+
 import importlib.util
 import json
 import pathlib
@@ -30,9 +35,19 @@ import sys
 import tarfile
 import tempfile
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
+from flax import nnx
+from safetensors.numpy import load_file, save_file
 
+from emo_jax.config import ModelConfig
+from emo_jax.convert import hf
+from emo_jax.inference import loading
+from emo_jax.model.transformer import Transformer
+from emo_jax.study import selective
+from emo_jax.train import checkpoint as ckpt_lib
 from experiments import cli
 
 
@@ -59,7 +74,6 @@ root = sys.argv[1]
 sys.path[:0] = [root, root + "/gguf-py"]
 import gguf
 import conversion.base as base
-from emo_jax.inference import loading
 base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "default"
 original = gguf.SpecialVocab.add_to_gguf
 def add_to_gguf(self, writer, *args, **kwargs):
@@ -87,12 +101,6 @@ def unpack_converter(sdist: str, into: pathlib.Path) -> pathlib.Path:
 
 
 def random_checkpoint(path: pathlib.Path) -> pathlib.Path:
-  from emo_jax.train import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
-  from emo_jax.config import ModelConfig  # pylint: disable=import-outside-toplevel
-  import jax  # pylint: disable=import-outside-toplevel
-  from flax import nnx  # pylint: disable=import-outside-toplevel
-
-  from emo_jax.model.transformer import Transformer  # pylint: disable=import-outside-toplevel
   cfg = ModelConfig(vocab_size=258, d_model=64, num_layers=2, num_heads=4, num_kv_heads=4,
                     head_dim=16, num_experts=8, num_shared_experts=1, top_k=2,
                     expert_hidden=32, mlp_hidden=128, max_segments=4, max_seq_len=128,
@@ -108,9 +116,6 @@ def random_checkpoint(path: pathlib.Path) -> pathlib.Path:
 
 
 def our_logits(checkpoint: pathlib.Path, ids) -> np.ndarray:
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from flax import nnx  # pylint: disable=import-outside-toplevel
-
   _, graphdef, params, _, _ = loading.load_checkpoint(checkpoint, tokenizer="none")
   logits, _ = nnx.merge(graphdef, params)(jnp.asarray([ids]))
   return np.asarray(logits[0])
@@ -118,7 +123,6 @@ def our_logits(checkpoint: pathlib.Path, ids) -> np.ndarray:
 
 def set_shared_gate(hf_dir: pathlib.Path, value: float) -> None:
   """Sets every shared_expert_gate weight of a safetensors export to `value` (in place)."""
-  from safetensors.numpy import load_file, save_file  # pylint: disable=import-outside-toplevel
   for shard in hf_dir.glob("*.safetensors"):
     tensors = load_file(shard)
     for name in tensors:
@@ -130,7 +134,6 @@ def set_shared_gate(hf_dir: pathlib.Path, value: float) -> None:
 def check(name: str, checkpoint: pathlib.Path, converter: pathlib.Path, work: pathlib.Path,
           ids, gate: float = 0.0) -> dict:
   """One export through llama.cpp; gate != 0 replaces the export's zero shared-expert gate."""
-  from emo_jax.convert import hf  # pylint: disable=import-outside-toplevel
   result = {"model": name, "shared_expert_gate": gate}
   hf_dir, gguf = work / f"{name}_hf", work / f"{name}.gguf"
   hf.export_hf(checkpoint, hf_dir, layout="qwen2_moe", tokenizer="bytes")
@@ -161,8 +164,6 @@ def check(name: str, checkpoint: pathlib.Path, converter: pathlib.Path, work: pa
 
 def main(argv):
   cli.start(argv)
-  from emo_jax.train import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
-  from emo_jax.study import selective
   if importlib.util.find_spec("llama_cpp") is None:
     raise app.UsageError("llama-cpp-python is not installed; see this module's docstring")
   work = pathlib.Path(flags.FLAGS.out or tempfile.mkdtemp(prefix="llama_check_"))
@@ -191,7 +192,6 @@ def main(argv):
 
 
 def jax_to_numpy(tree):
-  import jax  # pylint: disable=import-outside-toplevel
   return jax.tree.map(np.asarray, tree)
 
 

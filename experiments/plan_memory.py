@@ -7,6 +7,11 @@
 Prints a table and, as its last line, the plan as one JSON object.
 """
 
+from emo_jax import host_memory
+
+# First, before any library can start a native thread (emo_jax/host_memory.py).
+host_memory.configure_early()
+
 import json
 
 from absl import app, flags
@@ -14,7 +19,6 @@ from ml_collections import config_flags
 
 from emo_jax.train import memory_plan
 from emo_jax.model import sharding
-from emo_jax.model.execution import run_configs
 from experiments import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
@@ -36,7 +40,8 @@ def parse_mesh(text: str) -> dict:
 
 def main(argv):
   cli.start(argv)
-  cfg, execution = run_configs(_CONFIG.value)
+  experiment = cli.experiment(_CONFIG.value)
+  cfg, execution = experiment.model, experiment.execution
   result = memory_plan.plan(cfg, parse_mesh(_MESH.value), micro_batch=_MICRO_BATCH.value,
                             seq_len=_SEQ_LEN.value, chip=_CHIP.value, execution=execution)
   for key in ("params_bytes", "optimizer_bytes", "gradient_bytes", "activation_bytes",

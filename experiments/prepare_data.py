@@ -3,11 +3,17 @@
   python -m experiments.prepare_data --corpus demo --out /tmp/demo_data
   python -m experiments.prepare_data --corpus my_docs.jsonl --out /tmp/my_data --vocab_size 16384
 
+This is the step that writes; training and the other commands only read the prepared folder
+(the trainer runs this step itself, with the config's data settings, when its folder is missing;
+emo_jax.data.corpus.prepare_corpus). A command that finds no prepared corpus names the exact
+prepare_data command to run.
+
 `--corpus demo` builds the built-in multi-domain demo corpus (emo_jax/data/demo_corpus.py);
 any other value is a path, glob or comma-separated list of JSONL, ArrayRecord, text files or
 folders of text (emo_jax/data/sources.py), split by document id. Either way OUT gets
-{train,validation,test}.jsonl and tokenizer.model, and the last stdout line is one JSON object:
-domains (domain -> documents, bytes), total_bytes, tokenizer, vocab_size, skipped, splits.
+{train,validation,test}.jsonl and tokenizer.model (unless --tokenizer names one), and the last
+stdout line is one JSON object: domains (domain -> documents, bytes), total_bytes, tokenizer,
+vocab_size, skipped, splits.
 
 Re-running with the same settings reuses what is there (pass --force to rebuild). Nothing is
 written to OUT until the whole input has been read and the tokenizer trained: bad input (a bad
@@ -15,13 +21,17 @@ JSONL line, a binary file; --on_error=skip skips and counts them, named under "s
 --vocab_size larger than the corpus can fill stops with one line and leaves OUT as it was.
 """
 
+from emo_jax import host_memory
+
+# First, before any library can start a native thread (emo_jax/host_memory.py).
+host_memory.configure_early()
+
 import json
 
 from absl import app, flags
 
 from emo_jax.data import corpus as corpus_lib
 from emo_jax.data import demo_corpus, sources
-from emo_jax.data.corpus import prepare_corpus
 from emo_jax.data.tokenizer import TokenizerError
 from experiments import cli
 
@@ -29,6 +39,9 @@ _CORPUS = flags.DEFINE_string("corpus", None, "'demo', or a path / glob / comma-
                               "of .jsonl, .array_record, text files or folders.")
 _OUT = flags.DEFINE_string("out", None, "Output folder.")
 _VOCAB_SIZE = flags.DEFINE_integer("vocab_size", 8192, "SentencePiece vocabulary size.")
+_TOKENIZER = flags.DEFINE_string("tokenizer", "", "Use this tokenizer instead of training one: "
+                                 "'bytes' or a SentencePiece .model / tokenizer.json path (what "
+                                 "config.data.tokenizer names).")
 _CACHE_DIR = flags.DEFINE_string("cache_dir", None, "Download cache for the demo corpus "
                                  "(default $EMO_JAX_CACHE or ~/.cache/emo_jax).")
 _MAX_BYTES_PER_DOMAIN = flags.DEFINE_integer(
@@ -47,12 +60,14 @@ _TOKENIZER_BYTES = flags.DEFINE_integer(
 _SKIP_TOKENIZER = flags.DEFINE_bool("skip_tokenizer", False, "Only build the corpus.")
 _FORCE = flags.DEFINE_bool("force", False, "Rebuild even if OUT already holds the result.")
 
+
 def main(argv):
   cli.start(argv)
   try:
-    result = prepare_corpus(
-        _CORPUS.value, _OUT.value, vocab_size=_VOCAB_SIZE.value, cache_dir=_CACHE_DIR.value,
-        max_bytes_per_domain=_MAX_BYTES_PER_DOMAIN.value, validation=_VALIDATION.value,
+    result = corpus_lib.build_corpus(
+        _CORPUS.value, _OUT.value, vocab_size=_VOCAB_SIZE.value, tokenizer=_TOKENIZER.value,
+        cache_dir=_CACHE_DIR.value, max_bytes_per_domain=_MAX_BYTES_PER_DOMAIN.value,
+        validation=_VALIDATION.value,
         test=_TEST.value, domain=_DOMAIN.value, on_error=_ON_ERROR.value,
         tokenizer_bytes=_TOKENIZER_BYTES.value, skip_tokenizer=_SKIP_TOKENIZER.value,
         force=_FORCE.value)

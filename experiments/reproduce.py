@@ -25,17 +25,26 @@ an interrupted run resumes. Writes WORKDIR/reproduce.json (every row, with the c
 used), reproduce.md (the tables and the command) and reproduce.png (the paper's figure).
 """
 
+from emo_jax import host_memory
+
+# First, before any library can start a native thread (emo_jax/host_memory.py).
+host_memory.configure_early()
+
 import json
 import hashlib
 import pathlib
 import sys
 import time
 
+import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from emo_jax.data import corpus as corpus_lib
+from emo_jax.study import analysis, plots, selective
 from emo_jax.study import reproduction as study
 from emo_jax.study import reproduction_report as report
+from emo_jax.train.experiment import Experiment
 from experiments import cli
 
 CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
@@ -94,31 +103,30 @@ def settings() -> dict:
           "eval_corpus": _EVAL_CORPUS.value, "quick": quick}
 
 
-def prepared_config(s: dict):
-  """The EMO config with the study's steps and batch; evaluation once, at the end."""
-  config = _CONFIG.value
-  if s["steps"]:
-    config.train.steps = s["steps"]
-  if s["batch_size"]:
-    config.data.batch_size = s["batch_size"]
-  steps = config.train.steps
-  config.train.warmup_steps = max(1, min(config.train.warmup_steps, steps // 10))
-  config.train.eval_every = steps
-  config.train.checkpoint_every = max(1, min(200, steps))
-  config.train.log_every = max(1, min(20, steps))
-  if s["quick"]:
-    config.train.eval_batches = 2
-  return config
+def prepared_config(s: dict) -> Experiment:
+  """The EMO experiment with the study's steps and batch; evaluation once, at the end."""
+  e = cli.experiment(_CONFIG.value)
+  steps = s["steps"] or e.train.steps
+  data = e.data.replace(batch_size=s["batch_size"]) if s["batch_size"] else e.data
+  train = e.train.replace(steps=steps,
+                          warmup_steps=max(1, min(e.train.warmup_steps, steps // 10)),
+                          eval_every=steps, checkpoint_every=max(1, min(200, steps)),
+                          log_every=max(1, min(20, steps)),
+                          eval_batches=2 if s["quick"] else e.train.eval_batches)
+  return cli.checked(lambda: e.replace(data=data, train=train))
 
 
 def model_plan(config, s: dict):
   """[(label, config, matched subset size or None)] for one seed; EMO-anneal's config is built
   once its StdMoE has trained (see run_models)."""
-  cfg = study.run_configs(config)[0]
+  cfg = config.model
   plan = [("EMO", config, None), ("StdMoE", study.stdmoe_config(config), None)]
   if s["baselines"]:
     plan.append(("EMO-anneal", None, None))
-    sizes = study.subset_sizes(cfg, study.MATCHED_FRACTIONS)[1:]
+    try:
+      sizes = selective.subset_sizes(cfg, study.MATCHED_FRACTIONS)[1:]
+    except ValueError as e:
+      raise study.StudyError(f"--baselines: the memory-matched models' subsets: {e}") from None
     for keep in sizes:
       pct = f"{100 * keep / cfg.num_experts:.3g} %"
       plan.append((f"Dense, {pct} params", study.memory_matched_config(config, keep, "dense"),
@@ -140,7 +148,8 @@ def run_models(config, s: dict, models_dir: pathlib.Path):
       if label == "EMO-anneal":
         first, model_config = study.anneal_configs(seeded, s["anneal_fraction"])
         base = study.train_cached(f"StdMoE-first-{first.train.steps}", first, models_dir, seed)
-        model_config.train.init_from = base.path
+        model_config = model_config.replace(
+            train=model_config.train.replace(init_from=base.path))
       run = study.train_cached(label, model_config, models_dir, seed)
       if label == "EMO-anneal":  # the whole recipe: the StdMoE's steps and time, then the anneal's
         run.summary = {**run.summary, "stdmoe_steps": base.summary["steps"],
@@ -186,8 +195,6 @@ def cluster(trained, corpus, s: dict, out: pathlib.Path):
   the corpus's test documents (every domain, the held-out one included)."""
   if not s["cluster_documents"]:
     return None
-  import numpy as np  # pylint: disable=import-outside-toplevel
-  from emo_jax.study import analysis  # pylint: disable=import-outside-toplevel
   docs = list(corpus.splits["test"])
   if len(docs) > s["cluster_documents"]:
     keep = np.sort(np.random.default_rng(0).choice(len(docs), s["cluster_documents"],
@@ -201,7 +208,6 @@ def cluster(trained, corpus, s: dict, out: pathlib.Path):
 
 
 def write_outputs(workdir, command, s, trained, results, rows, clusters, timings):
-  from emo_jax.study import plots  # pylint: disable=import-outside-toplevel
   out = {"command": command, "settings": s, "timings": timings,
          "models": {k: [t.to_json() for t in v] for k, v in trained.items()},
          "rows": rows, "clusters": clusters, "measurements": results}
@@ -234,14 +240,17 @@ def main(argv):
 
 
 def run(argv):
-  from emo_jax.data import corpus as corpus_lib  # pylint: disable=import-outside-toplevel
   start = time.time()
   s = settings()
   workdir = pathlib.Path(_WORKDIR.value)
   workdir.mkdir(parents=True, exist_ok=True)
   config = prepared_config(s)
-  dc = corpus_lib.DataConfig.from_dict(config.data)
-  study.subset_sizes(study.run_configs(config)[0], s["fractions"])  # refuse bad sizes early
+  dc = config.data
+  try:  # refuse bad subset sizes before anything trains
+    selective.subset_sizes(config.model, s["fractions"])
+  except ValueError as e:
+    raise study.StudyError(f"--fractions: {e}") from None
+  corpus_lib.prepare_corpus(dc)  # built here on a first run (the study splits it for --holdout)
   corpus = corpus_lib.load_corpus(dc)
   train_config = config
   if s["holdout"]:

@@ -12,18 +12,23 @@ OUT/hf. The last stdout line is one JSON object with params_before / params_afte
 bytes_before / bytes_after.
 """
 
+from emo_jax import host_memory
+
+# First, before any library can start a native thread (emo_jax/host_memory.py).
+host_memory.configure_early()
+
 import json
 import pathlib
 import time
 
 from absl import app, flags, logging
 
-from emo_jax.train import checkpoint as ckpt_lib
-from emo_jax.inference import generate
-from emo_jax.study import selective
+from emo_jax.convert import hf
 from emo_jax.data import sources
-from experiments import cli
 from emo_jax.inference import loading
+from emo_jax.study import calibration, selective
+from emo_jax.train import checkpoint as ckpt_lib
+from experiments import cli
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training workdir or parameter checkpoint.")
 _CALIBRATION = flags.DEFINE_string("calibration", None, "JSONL of {\"text\": ...} documents.")
@@ -42,7 +47,6 @@ _EXPORT_HF = flags.DEFINE_enum("export_hf", None, ["qwen2_moe", "emo"],
 
 def export_hf(pruned_dir: pathlib.Path, layout: str, tokenizer: str | None) -> dict:
   """Calls the HF converter (emo_jax.convert.hf) on the pruned parameter checkpoint."""
-  from emo_jax.convert import hf  # pylint: disable=import-outside-toplevel
   return hf.export_hf(pruned_dir, pruned_dir / "hf", layout=layout,
                       tokenizer=tokenizer or "none")
 
@@ -62,9 +66,9 @@ def main(argv):
   docs = sources.load_documents(_CALIBRATION.value)[:_NUM_EXAMPLES.value]
   if not docs:
     raise app.UsageError(f"{_CALIBRATION.value} holds no documents")
-  batch = selective.calibration_batch([d["text"] for d in docs], tok,
-                                      seq_len=_SEQ_LEN.value or cfg.max_seq_len)
-  selection = selective.select_experts(graphdef, params, cfg, [batch], _KEEP.value,
+  batches = calibration.calibration_batches([d["text"] for d in docs], tok,
+                                            seq_len=_SEQ_LEN.value or cfg.max_seq_len)
+  selection = selective.select_experts(graphdef, params, cfg, batches, _KEEP.value,
                                        greedy=not _ONE_PASS.value)
   pruned, pruned_cfg = selective.prune(params, cfg, selection)
   ckpt_lib.save_params(out, pruned, pruned_cfg.to_dict())
@@ -78,7 +82,7 @@ def main(argv):
       "routed_kept": _KEEP.value - cfg.num_shared_experts, "top_k": pruned_cfg.top_k,
       "params_before": selective.param_count(params), "params_after": selective.param_count(pruned),
       "bytes_before": selective.param_bytes(params), "bytes_after": selective.param_bytes(pruned),
-      "calibration_tokens": int((batch["segment_ids"] > 0).sum()),
+      "calibration_tokens": calibration.calibration_tokens(batches),
       "greedy": not _ONE_PASS.value, **files}
   if _EXPORT_HF.value:
     summary["hf"] = export_hf(out, _EXPORT_HF.value, spec)["out"]

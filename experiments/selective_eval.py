@@ -23,13 +23,26 @@ killed sweep continues where it stopped.
 
 from __future__ import annotations
 
+from emo_jax import host_memory
+
+# First, before any library can start a native thread (emo_jax/host_memory.py).
+host_memory.configure_early()
+
 import json
 import pathlib
+import shutil
 import sys
 import time
-from emo_jax.inference import loading
 
+import jax
+import numpy as np
 from absl import app, flags, logging
+
+from emo_jax.config import ModelConfig
+from emo_jax.inference import loading
+from emo_jax.study import calibration, plots, selective, subset_finetune, subset_methods
+from emo_jax.tasks import evaluate_task, load_task, report
+from emo_jax.train import checkpoint as ckpt_lib
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training workdir or parameter checkpoint.")
 _BASELINE = flags.DEFINE_string("baseline", None, "A second checkpoint (e.g. the StdMoE "
@@ -68,13 +81,11 @@ _OUT = flags.DEFINE_string("out", None, "Output folder.")
 
 def parse_keep(values, cfg) -> list:
   """Subset sizes (ints, then "all") for a model; 'paper' expands to the scaled paper sizes."""
-  from emo_jax.train import evaluate  # pylint: disable=import-outside-toplevel
-  from emo_jax.study import selective
   sizes: set = set()
   for v in values:
     v = v.strip().lower()
     if v == "paper":
-      sizes.update(evaluate.subset_sizes(cfg.num_experts, cfg.num_shared_experts))
+      sizes.update(selective.subset_sizes(cfg, allow_below_active=True))
     elif v == "all":
       sizes.add(cfg.num_experts)
     elif v.isdigit():
@@ -150,11 +161,6 @@ class Results:
 
 def sweep_model(label: str, checkpoint: str, tasks: dict, results: Results, args: dict):
   """Every (task, keep, method, num_calibration) row of one checkpoint."""
-  import numpy as np  # pylint: disable=import-outside-toplevel
-
-  # pylint: disable=import-outside-toplevel
-  from emo_jax.study import selective, subset_finetune, subset_methods
-  from emo_jax.tasks import evaluate_task  # pylint: disable=import-outside-toplevel
   cfg, graphdef, params, tok, spec = loading.load_checkpoint(checkpoint,
                                                               tokenizer=_TOKENIZER.value)
   if tok is None:
@@ -187,7 +193,8 @@ def sweep_model(label: str, checkpoint: str, tasks: dict, results: Results, args
         continue
       for n_cal in args["num_calibration"]:
         texts = task.calibration_texts(None if n_cal == "all" else n_cal, _SEED.value)
-        batches = subset_methods.calibration_batches(texts, tok, seq_len=seq_len)
+        batches = calibration.calibration_batches(texts, tok, seq_len=seq_len, rows=16,
+                                                  prompts=True)
         for method in args["methods"]:
           n_key = None if method == "random" else n_cal
           row = base_row(task, keep, method, n_key)
@@ -241,10 +248,6 @@ def tuned_dir(out: pathlib.Path, label: str, task: str, keep, n_cal) -> pathlib.
 def save_tuned(directory: pathlib.Path, params, cfg, selection, checkpoint: str, spec):
   """The tuned pruned model as a parameter checkpoint that generates, exports and trains like
   experiments/select_experts.py's, with its kept_experts.json and source.json."""
-  import shutil  # pylint: disable=import-outside-toplevel
-
-  from emo_jax.train import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
-  from emo_jax.study import selective
   if directory.exists():  # left by a run killed before its row was written
     shutil.rmtree(directory)
   ckpt_lib.save_params(directory, jax_to_numpy(params), cfg.to_dict())
@@ -256,11 +259,6 @@ def save_tuned(directory: pathlib.Path, params, cfg, selection, checkpoint: str,
 def merge_tuned(out: pathlib.Path, rows, label: str, checkpoint: str, merge_out: str) -> dict:
   """The full checkpoint with each task's tuned routed experts (smallest fine-tuned subset)
   written into its bank, in task order; an expert tuned by two tasks keeps the later one."""
-  import numpy as np  # pylint: disable=import-outside-toplevel
-
-  from emo_jax.train import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
-  from emo_jax.study import selective, subset_finetune  # pylint: disable=import-outside-toplevel
-  from emo_jax.config import ModelConfig  # pylint: disable=import-outside-toplevel
   ft = [r for r in rows if r["model"] == label and r["method"] == "greedy+ft"]
   if not ft:
     raise app.UsageError("--merge_out needs fine-tuned subsets: pass --finetune_steps and "
@@ -268,9 +266,9 @@ def merge_tuned(out: pathlib.Path, rows, label: str, checkpoint: str, merge_out:
   keep = min(r["keep"] for r in ft)
   params, model_config = ckpt_lib.load_params(checkpoint)
   cfg = ModelConfig.from_dict(model_config)
-  merged, owner, report = params, {}, {}
+  merged, owner, merged_tasks = params, {}, {}
   for r in ft:
-    if r["keep"] != keep or r["task"] in report:
+    if r["keep"] != keep or r["task"] in merged_tasks:
       continue
     tuned, _ = ckpt_lib.load_params(tuned_dir(out, label, r["task"], keep, r["num_calibration"]))
     kept = np.asarray(r["kept_routed"], np.int64)
@@ -281,17 +279,15 @@ def merge_tuned(out: pathlib.Path, rows, label: str, checkpoint: str, merge_out:
     overwritten = sorted({owner[(l, int(e))] for l, row in enumerate(kept) for e in row
                           if (l, int(e)) in owner})
     owner.update({(l, int(e)): r["task"] for l, row in enumerate(kept) for e in row})
-    report[r["task"]] = {"kept_routed": kept.tolist(), "overwrites_experts_of": overwritten}
+    merged_tasks[r["task"]] = {"kept_routed": kept.tolist(), "overwrites_experts_of": overwritten}
   ckpt_lib.save_params(merge_out, merged, cfg.to_dict())
   (pathlib.Path(merge_out) / "merged_tasks.json").write_text(json.dumps(
-      {"keep": keep, "tasks": report}, indent=1))
+      {"keep": keep, "tasks": merged_tasks}, indent=1))
   return {"merge_out": str(pathlib.Path(merge_out).absolute()), "keep": keep,
-          "tasks": list(report)}
+          "tasks": list(merged_tasks)}
 
 
 def jax_to_numpy(params):
-  import jax  # pylint: disable=import-outside-toplevel
-  import numpy as np  # pylint: disable=import-outside-toplevel
   return jax.tree.map(np.asarray, params)
 
 
@@ -299,10 +295,6 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # Orbax logs every file it reads at INFO
-  from emo_jax.study import plots  # pylint: disable=import-outside-toplevel
-  from emo_jax.study import subset_methods  # pylint: disable=import-outside-toplevel
-  from emo_jax.tasks import load_task  # pylint: disable=import-outside-toplevel
-  from emo_jax.tasks import report  # pylint: disable=import-outside-toplevel
   methods = [m.strip() for m in _METHODS.value]
   unknown = [m for m in methods if m not in subset_methods.METHODS]
   if unknown:

@@ -14,14 +14,23 @@ The server prints one JSON line when it listens (with the resident expert bytes)
 SIGTERM or Ctrl-C after letting running requests finish for --drain_seconds.
 """
 
+from emo_jax import host_memory
+
+# First, before any library can start a native thread (emo_jax/host_memory.py).
+host_memory.configure_early()
+
 import json
 import pathlib
 import signal
 
 from absl import app, flags
 
-from experiments import cli
 from emo_jax.inference import loading
+from emo_jax.inference.serve import bank as bank_lib
+from emo_jax.inference.serve import engine as engine_lib
+from emo_jax.inference.serve import protocol
+from emo_jax.model.execution import ExecutionConfig
+from experiments import cli
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training workdir or parameter checkpoint.")
 _HOST = flags.DEFINE_string("host", "127.0.0.1", "Address to bind.")
@@ -56,12 +65,10 @@ def parse_subset(spec: str) -> tuple[str, str, int]:
 
 def main(argv):
   cli.start(argv)
+  # The serve extra (fastapi, uvicorn): read here so that --help works without it.
   import uvicorn  # pylint: disable=import-outside-toplevel
 
   from emo_jax.inference.serve import app as app_lib  # pylint: disable=import-outside-toplevel
-  from emo_jax.inference.serve import bank as bank_lib  # pylint: disable=import-outside-toplevel
-  from emo_jax.inference.serve import engine as engine_lib  # pylint: disable=import-outside-toplevel
-  from emo_jax.inference.serve import protocol  # pylint: disable=import-outside-toplevel
 
   specs = [parse_subset(s) for s in _SUBSET.value]
   if not specs and not _SERVE_ALL.value:
@@ -85,7 +92,6 @@ def main(argv):
   bank.commit(bank.prepare(subsets), subsets)
   execution = None
   if _EXPERT_BACKEND.value:
-    from emo_jax.model.execution import ExecutionConfig  # pylint: disable=import-outside-toplevel
     execution = ExecutionConfig(expert_backend=_EXPERT_BACKEND.value)
   engine = engine_lib.Engine(bank, tokenizer, slots=_SLOTS.value, max_queue=_MAX_QUEUE.value,
                              execution=execution)

@@ -8,6 +8,11 @@ run the same command on every host with --distributed (cluster from the environm
 SLURM) or with --coordinator_address/--num_processes/--process_id.
 """
 
+from emo_jax import host_memory
+
+# First, before any library can start a native thread (emo_jax/host_memory.py).
+host_memory.configure_early()
+
 import sys
 
 from absl import flags
@@ -34,7 +39,7 @@ def main(argv):
   if _DISTRIBUTED.value or _COORDINATOR.value:
     initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   try:
-    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    train_and_evaluate(cli.experiment(_CONFIG.value), _WORKDIR.value)
   except (ConfigError, CheckpointMismatchError, WorkdirBusyError, WorkdirUnusableError,
           NonFiniteLossError) as e:
     sys.exit(f"error: {e}")  # a setting, a workdir or a diverged run: the message says what to do

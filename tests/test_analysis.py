@@ -224,6 +224,15 @@ def test_cluster_command_end_to_end(tmp_path):
   assert {"projection.png", "concentration.png", "expert_usage.png"} <= set(report["plots"])
 
 
+def test_a_dense_model_is_refused_by_name(tmp_path):
+  cfg = tiny_model_config(num_experts=0, pool=False, mlp_hidden=16)
+  _, params = random_model(cfg)
+  ckpt_lib.save_params(tmp_path / "dense", nnx.to_pure_dict(params), cfg.to_dict())
+  with pytest.raises(ValueError, match="dense model.*no routing"):
+    analysis.cluster_checkpoints([tmp_path / "dense"], [{"text": "abc", "domain": "x"}],
+                                 tmp_path / "out", tokenizer="bytes", plot=False)
+
+
 def test_parameter_checkpoint_without_tokenizer_is_a_clear_error(tmp_path):
   with pytest.raises(FileNotFoundError, match="--tokenizer"):
     analysis.checkpoint_tokenizer(tmp_path)

@@ -11,7 +11,7 @@ import pathlib
 import numpy as np
 import pytest
 
-from emo_jax.model.execution import run_configs
+from emo_jax.train.experiment import Experiment
 from experiments import bench_step
 
 TINY = pathlib.Path(__file__).resolve().parents[1] / "configs" / "tiny.py"
@@ -70,7 +70,7 @@ def test_unknown_backend_fails_before_measuring():
 
 
 def test_backend_with_implementation_sets_the_execution_field():
-  execution = run_configs(bench_step.load_config(TINY))[1]
+  execution = Experiment.from_config(bench_step.load_config(TINY)).execution
   [(label, changes)] = bench_step.parse_backends(["ragged:xla"], execution)
   assert label == "ragged:xla"
   assert changes == {"expert_backend": "ragged", "ragged_dot_impl": "xla"}
@@ -79,14 +79,14 @@ def test_backend_with_implementation_sets_the_execution_field():
 
 
 def test_default_backends_leave_out_the_dense_reference():
-  execution = run_configs(bench_step.load_config(TINY))[1]
+  execution = Experiment.from_config(bench_step.load_config(TINY)).execution
   labels = [label for label, _ in bench_step.parse_backends(None, execution)]
   assert labels[0] == execution.expert_backend
   assert "dense" not in labels and len(labels) == len(set(labels))
 
 
 def test_random_batch_has_the_pipelines_layout():
-  cfg = run_configs(bench_step.load_config(TINY))[0]
+  cfg = Experiment.from_config(bench_step.load_config(TINY)).model
   b = bench_step.random_batch(cfg, 4, 40, seed=1)
   seg, pos = b["segment_ids"], b["positions"]
   assert seg.min() == 1 and (seg.max(axis=1) == bench_step.DOCUMENTS_PER_ROW).all()

@@ -120,7 +120,7 @@ def _prepared(tmp_path, name, docs):
   corpus = tmp_path / f"{name}.jsonl"
   corpus.write_text("".join(json.dumps(d) + "\n" for d in docs))
   out = tmp_path / f"{name}_data"
-  corpus_lib.prepare_corpus(str(corpus), out, tokenizer="bytes")
+  corpus_lib.build_corpus(str(corpus), out, tokenizer="bytes")
   return corpus, out
 
 

@@ -4,6 +4,7 @@ import dataclasses
 import importlib.util
 import json
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -11,12 +12,15 @@ import pytest
 
 from emo_jax.train import checkpoint
 from emo_jax.config import ConfigError, ModelConfig
-from emo_jax.model.execution import ExecutionConfig, run_configs, split_model_fields
+from emo_jax.model.attention import ATTENTION_IMPLS
+from emo_jax.model.execution import FIELD_CHOICES, ExecutionConfig, split_model_fields
+from emo_jax.model.remat import REMAT_POLICIES
+from emo_jax.train.experiment import Experiment
 from emo_jax.model.transformer import count_params
 
 
 def model_config_from(config):
-  return run_configs(config)[0]
+  return Experiment.from_config(config).model
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.py") if not p.name.startswith("_"))
@@ -86,8 +90,6 @@ def test_capacity_below_one_is_refused_for_the_capacity_backend_only():
 
 
 def test_every_kernel_and_policy_validates_and_round_trips():
-  from emo_jax.model.attention import ATTENTION_IMPLS
-  from emo_jax.model.remat import REMAT_POLICIES
   for impl in ATTENTION_IMPLS:
     ExecutionConfig(attention_impl=impl)
   for policy in REMAT_POLICIES:
@@ -95,6 +97,32 @@ def test_every_kernel_and_policy_validates_and_round_trips():
     assert ExecutionConfig.from_dict(json.loads(run.to_json())) == run
   with pytest.raises(ConfigError, match=r"'dots_and_attention', 'none'\]"):
     ExecutionConfig(remat_policy="everything")
+
+
+def documented_choices() -> dict[str, list[str]]:
+  """{setting: the backticked values of its row} from docs/accelerators.md's choices table."""
+  text = (ROOT / "docs/accelerators.md").read_text()
+  table = text.split("## The choices", 1)[1].split("\n## ", 1)[0]
+  documented = {}
+  for row in table.splitlines():
+    cells = row.split("|")
+    if len(cells) > 3 and "`" in cells[1]:
+      for setting in re.findall(r"`(\w+)`", cells[1]):
+        documented[setting] = re.findall(r"`([^`]+)`", cells[2])
+  return documented
+
+
+def test_docs_list_exactly_the_allowed_values_of_every_choice():
+  """docs/accelerators.md names every value each choice's owning tuple allows, and no other,
+  and every string field of ExecutionConfig is a choice with an owning tuple."""
+  documented = documented_choices()
+  for field, choices in FIELD_CHOICES.items():
+    assert sorted(documented.get(field, [])) == sorted(choices), field
+  string_fields = {f.name for f in dataclasses.fields(ExecutionConfig) if f.type == "str"}
+  assert string_fields == set(FIELD_CHOICES)
+  for field, choices in FIELD_CHOICES.items():  # and they are the ones the config accepts
+    with pytest.raises(ConfigError, match=re.escape(str(list(choices)))):
+      ExecutionConfig(**{field: "not_a_choice"})
 
 
 # A value other than the default for every field of each config (the test fails when a field is
@@ -135,7 +163,7 @@ def test_execution_field_in_the_model_section_names_where_it_belongs():
   config.model.expert_backend = "ragged"
   with pytest.raises(ConfigError, match=r"model\.expert_backend is a run setting.*"
                      r"--config\.execution\.expert_backend"):
-    run_configs(config)
+    Experiment.from_config(config)
 
 
 def test_unknown_field_is_an_error():

@@ -22,15 +22,17 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import orbax.checkpoint as ocp  # noqa: E402
 import pytest  # noqa: E402
+import sentencepiece as spm  # noqa: E402
 import tensorstore  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from emo_jax.train import checkpoint as ckpt_lib  # noqa: E402
 from emo_jax.config import ModelConfig  # noqa: E402
 from emo_jax.convert import hf, orbax_io, safetensors_io, tokenizer_hf  # noqa: E402
 from emo_jax.data import tokenizer as tokenizer_lib  # noqa: E402
 from emo_jax.model.execution import ExecutionConfig  # noqa: E402
 from emo_jax.model.transformer import Transformer  # noqa: E402
+from emo_jax.train import checkpoint as ckpt_lib  # noqa: E402
+from emo_jax.train import trainer as train_lib  # noqa: E402
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -121,7 +123,7 @@ def moe(tmp_path_factory):
   ckpt_lib.save_params(root / "ckpt", params, cfg.to_dict())
   exports = {layout: hf.export_hf(root / "ckpt", root / layout, layout=layout, tokenizer="bytes",
                                   max_shard_bytes=60_000)
-             for layout in hf.LAYOUTS}
+             for layout in hf.EXPORT_LAYOUTS}
   models = {"emo": load_torch(root / "emo", trust_remote_code=True),
             "qwen2_moe": load_torch(root / "qwen2_moe")}
   return dict(root=root, cfg=cfg, params=params, exports=exports, models=models,
@@ -129,7 +131,7 @@ def moe(tmp_path_factory):
 
 
 # ---- parity with PyTorch ----------------------------------------------------------------------
-@pytest.mark.parametrize("layout", hf.LAYOUTS)
+@pytest.mark.parametrize("layout", hf.EXPORT_LAYOUTS)
 def test_export_logits_match_jax(moe, layout):
   model = moe["models"][layout]
   want = {"emo": "EmoForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM"}[layout]
@@ -180,7 +182,7 @@ def test_release_config_keys_load(moe, tmp_path):
       "dense_mlp_bias": False, "ghost_extend_eval": False, "ghost_extend_coeff_mode": "usage",
       "ghost_extend_random_k": 8}
   source = write_hf(tmp_path / "release", hf.to_hf_tensors(moe["params"], cfg, "emo"), release)
-  for name in hf.REMOTE_CODE:
+  for name in hf.LAYOUTS["emo"].remote_code:
     shutil.copyfile(moe["root"] / "emo" / name, source / name)
   model = load_torch(source, trust_remote_code=True)
   np.testing.assert_allclose(torch_logits(model, TOKENS), moe["forward"](TOKENS), atol=1e-4,
@@ -213,7 +215,7 @@ def test_greedy_tokens_match(moe):
     assert hf_greedy(model, prompt, steps)[0] == tokens[0].tolist(), f"{layout}, {TRANSFORMERS}"
 
 
-@pytest.mark.parametrize("layout", hf.LAYOUTS)
+@pytest.mark.parametrize("layout", hf.EXPORT_LAYOUTS)
 def test_generate_with_and_without_cache_batched_left_padded(moe, layout):
   """The KV cache changes nothing, and a left-padded row decodes as it would alone."""
   model, steps = moe["models"][layout], 12
@@ -256,7 +258,6 @@ def test_import_restores_the_exact_parameters(moe, tmp_path):
   # Orbax's own reader and the trainer's init_from accept it.
   restored = ocp.StandardCheckpointer().restore(out / "params")
   np.testing.assert_array_equal(restored["embed"], moe["params"]["embed"])
-  from emo_jax.train import trainer as train_lib  # pylint: disable=import-outside-toplevel
   like = jax.tree.map(jnp.asarray, moe["params"])
   train_lib.initial_params(str(out), moe["cfg"], like)
   assert summary["tokenizer"] and (out / "tokenizer" / "tokenizer.json").is_file()
@@ -380,10 +381,10 @@ def test_dense_tied_model_exports_both_layouts(tmp_path):
   ckpt_lib.save_params(tmp_path / "ckpt", params, cfg.to_dict())
   expected = jax_forward(cfg, params)(TOKENS)
   assert np.abs(expected).max() > 1.0
-  for layout in hf.LAYOUTS:
+  for layout in hf.EXPORT_LAYOUTS:
     hf.export_hf(tmp_path / "ckpt", tmp_path / layout, layout=layout, tokenizer="none")
     assert "lm_head.weight" not in safetensors_io.ShardedReader(tmp_path / layout).keys()
-    model = load_torch(tmp_path / layout, trust_remote_code=layout == "emo")
+    model = load_torch(tmp_path / layout, trust_remote_code=bool(hf.LAYOUTS[layout].remote_code))
     np.testing.assert_allclose(torch_logits(model, TOKENS), expected, atol=1e-4, rtol=0)
     hf.import_hf(tmp_path / layout, tmp_path / f"back_{layout}")
     back, _ = ckpt_lib.load_params(tmp_path / f"back_{layout}")
@@ -414,7 +415,8 @@ def test_byte_tokenizer_loads_in_auto_tokenizer(moe):
 
 
 def test_sentencepiece_tokenizer_round_trips(tmp_path):
-  corpus = [(ROOT / "README.md").read_text(), (ROOT / "emo_jax" / "model.py").read_text(),
+  corpus = [(ROOT / "README.md").read_text(),
+            (ROOT / "emo_jax" / "model" / "transformer.py").read_text(),
             "Ünïcödé 中文 русский 😀 " * 20]
   sp = tokenizer_lib.train_sentencepiece(corpus, tmp_path / "sp", vocab_size=600)
   info = tokenizer_hf.write_tokenizer(sp.path, tmp_path, model_max_length=64,
@@ -430,7 +432,6 @@ def test_sentencepiece_tokenizer_round_trips(tmp_path):
 
 
 def test_unigram_sentencepiece_is_refused(tmp_path):
-  import sentencepiece as spm  # pylint: disable=import-outside-toplevel
   spm.SentencePieceTrainer.train(sentence_iterator=iter(["hello world"] * 50 + ["abc def"] * 50),
                                  model_prefix=str(tmp_path / "uni"), vocab_size=16,
                                  model_type="unigram", minloglevel=2, pad_id=0,
@@ -521,6 +522,19 @@ def test_export_refuses_a_used_out_and_an_impossible_layout(moe, tmp_path):
     hf.hf_config(cfg, "qwen2_moe")
   with pytest.raises(FileNotFoundError):
     hf.export_hf(tmp_path / "nowhere", tmp_path / "out", tokenizer="bytes")
+  with pytest.raises(hf.ConversionError, match="olmoe layout is import only.*emo, qwen2_moe$"):
+    hf.export_hf(moe["root"] / "ckpt", tmp_path / "olmoe", layout="olmoe", tokenizer="bytes")
+  assert not (tmp_path / "olmoe").exists()
+
+
+def test_unknown_layout_names_the_registered_ones():
+  cfg = ModelConfig(**MOE)
+  for call in (lambda: hf.tensor_groups(cfg, "llama"), lambda: hf.hf_config(cfg, "llama")):
+    with pytest.raises(hf.ConversionError) as raised:
+      call()
+    message = str(raised.value)
+    assert "\n" not in message and "unknown layout 'llama'" in message
+    assert all(name in message for name in ("emo", "qwen2_moe", "olmoe")), message
 
 
 def test_command_line(moe, tmp_path):

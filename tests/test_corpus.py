@@ -1,13 +1,24 @@
-"""Resolving `config.data` into splits and a tokenizer: preparing, reusing, never overwriting."""
+"""Resolving `config.data` into splits and a tokenizer: preparing (explicitly, once), reusing,
+never overwriting, and reading only."""
 
 import json
+import logging
+import pathlib
+import shlex
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from emo_jax.config import ConfigError
 from emo_jax.data import corpus as corpus_lib
-from emo_jax.data import synthetic
+from emo_jax.data import fingerprint as fingerprint_lib
+from emo_jax.data import sources, synthetic
+from emo_jax.data import tokenizer as tokenizer_lib
+from emo_jax.data import training_data as training_data_lib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def write_jsonl(path, n=120):
@@ -16,15 +27,22 @@ def write_jsonl(path, n=120):
   return docs
 
 
-def test_own_jsonl_is_prepared_once_and_reused(tmp_path):
+def test_own_jsonl_is_prepared_once_and_reused(tmp_path, caplog):
   source = tmp_path / "mine.jsonl"
   docs = write_jsonl(source)
   dc = corpus_lib.DataConfig(corpus=str(source), data_dir=str(tmp_path / "prepared"),
                              tokenizer="bytes", seq_len=32, batch_size=2)
+  with caplog.at_level(logging.INFO, logger="emo_jax.data.corpus"):
+    summary = corpus_lib.prepare_corpus(dc)
+  assert "corpus: preparing" in caplog.text and "there is no folder" in caplog.text
   corpus = corpus_lib.load_corpus(dc)
-  assert sum(len(v) for v in corpus.splits.values()) == len(docs)
+  assert sum(len(v) for v in corpus.splits.values()) == len(docs) == sum(summary["splits"].values())
   assert corpus.domains == sorted({d["domain"] for d in docs})
   stamp = (tmp_path / "prepared" / "train.jsonl").stat().st_mtime_ns
+  caplog.clear()
+  with caplog.at_level(logging.INFO, logger="emo_jax.data.corpus"):
+    assert corpus_lib.prepare_corpus(dc) == summary
+  assert "corpus: reusing" in caplog.text and "preparing" not in caplog.text
   again = corpus_lib.load_corpus(dc)
   assert (tmp_path / "prepared" / "train.jsonl").stat().st_mtime_ns == stamp  # reused
   assert [d["id"] for d in again.splits["train"]] == [d["id"] for d in corpus.splits["train"]]
@@ -37,13 +55,98 @@ def test_a_prepared_folder_is_used_as_it_is(tmp_path):
   source = tmp_path / "mine.jsonl"
   write_jsonl(source)
   out = tmp_path / "prepared"
-  summary = corpus_lib.prepare_corpus(str(source), out, vocab_size=300)
+  summary = corpus_lib.build_corpus(str(source), out, vocab_size=300)
   model_file = out / "tokenizer.model"
   stamp = model_file.stat().st_mtime_ns
-  corpus = corpus_lib.load_corpus(corpus_lib.DataConfig(corpus=str(source), data_dir=str(out),
-                                                        vocab_size=8192))
+  dc = corpus_lib.DataConfig(corpus=str(source), data_dir=str(out), vocab_size=8192)
+  assert corpus_lib.prepare_corpus(dc) == summary
+  corpus = corpus_lib.load_corpus(dc)
   assert corpus.tokenizer.vocab_size == summary["vocab_size"] == 300
   assert model_file.stat().st_mtime_ns == stamp
+
+
+def test_load_corpus_only_reads_and_names_the_command_that_prepares(tmp_path):
+  source = tmp_path / "mine.jsonl"
+  write_jsonl(source, n=40)
+  out = tmp_path / "prepared"
+  dc = corpus_lib.DataConfig(corpus=str(source), data_dir=str(out), tokenizer="bytes")
+  with pytest.raises(corpus_lib.CorpusNotPreparedError) as missing:
+    corpus_lib.load_corpus(dc)
+  message = str(missing.value)
+  assert "\n" not in message and f"there is no folder {out}" in message
+  assert not out.exists()  # reading built nothing
+  command = message.split("`")[1]
+  assert command == corpus_lib.prepare_command(dc)
+  # The command it names prepares exactly what load_corpus reads.
+  words = shlex.split(command)
+  assert words[:3] == ["python", "-m", "experiments.prepare_data"]
+  done = subprocess.run([sys.executable, *words[1:]], cwd=ROOT, capture_output=True, text=True,
+                        timeout=120)
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert sum(len(v) for v in corpus_lib.load_corpus(dc).splits.values()) == 40
+
+  other = tmp_path / "other.jsonl"
+  write_jsonl(other, n=8)
+  with pytest.raises(corpus_lib.CorpusNotPreparedError, match="prepared from corpus"):
+    corpus_lib.load_corpus(dc.replace(corpus=str(other)))
+  with pytest.raises(corpus_lib.CorpusNotPreparedError, match="prepared with tokenizer 'bytes'"):
+    corpus_lib.load_corpus(dc.replace(tokenizer=str(tmp_path / "x.model")))
+  (out / "train.jsonl").unlink()
+  with pytest.raises(corpus_lib.CorpusNotPreparedError, match=r"incomplete \(.*train\.jsonl is "
+                     r"missing\); prepare it with `python -m experiments\.prepare_data"):
+    corpus_lib.load_corpus(dc)
+  corpus_lib.prepare_corpus(dc)  # an incomplete folder is prepared again
+  assert sum(len(v) for v in corpus_lib.load_corpus(dc).splits.values()) == 40
+
+
+def test_prepare_command_names_the_tokenizer_or_the_vocabulary():
+  trained = corpus_lib.DataConfig(corpus="my docs.jsonl", data_dir="/d", vocab_size=300)
+  assert corpus_lib.prepare_command(trained) == (
+      "python -m experiments.prepare_data --corpus 'my docs.jsonl' --out /d --vocab_size 300")
+  given = trained.replace(tokenizer="bytes")
+  assert corpus_lib.prepare_command(given).endswith("--out /d --tokenizer bytes")
+
+
+def test_synthetic_corpus_writes_nothing_and_needs_no_preparation(tmp_path, monkeypatch):
+  monkeypatch.setenv("EMO_JAX_CACHE", str(tmp_path / "cache"))
+  dc = corpus_lib.DataConfig(corpus="synthetic", tokenizer="bytes", synthetic_documents=40)
+  assert corpus_lib.prepare_corpus(dc) is None
+  corpus = corpus_lib.load_corpus(dc)
+  assert sum(len(v) for v in corpus.splits.values()) == 40
+  assert not (tmp_path / "cache").exists()
+
+
+def test_training_data_is_the_corpus_read_once(tmp_path):
+  """The trainer's one entry into data/ gives the batches the corpus itself would give."""
+  dc = corpus_lib.DataConfig(corpus="synthetic", tokenizer="bytes", synthetic_documents=200,
+                             seq_len=32, batch_size=4, seed=3)
+  data = training_data_lib.training_data(dc, max_segments=4, eval_batches=3,
+                                         process_index=0, process_count=1)
+  corpus = corpus_lib.load_corpus(dc)
+  assert data.domains == corpus.domains and data.tokenizer.vocab_size == 258
+  assert data.fingerprint == fingerprint_lib.data_stream_fingerprint(corpus)
+  reference = iter(corpus.dataset("train", seq_len=32, batch_size=4, max_segments=4, seed=3,
+                                  num_epochs=None, process_index=0, process_count=1))
+  assert data.train_iterator is data.train_iterator  # one stream, whose state checkpoints save
+  for _ in range(3):
+    got, want = next(data.train_iterator), next(reference)
+    assert all(np.array_equal(got[k], want[k]) for k in want)
+  first = next(iter(data.train_pass()))  # a pass of its own: the stream above is not advanced
+  want = next(iter(corpus.dataset("train", seq_len=32, batch_size=4, max_segments=4, seed=3,
+                                  num_epochs=1, process_index=0, process_count=1)))
+  assert all(np.array_equal(first[k], want[k]) for k in want)
+  evals = corpus.eval_batches(dc, 4, 3, process_index=0, process_count=1)
+  assert len(data.eval_batches) == len(evals) == 3
+  assert all(np.array_equal(a["tokens"], b["tokens"]) for a, b in zip(data.eval_batches, evals))
+
+  # Host 1 of 2 reads its half of every global batch, from its own documents.
+  half = training_data_lib.training_data(dc, max_segments=4, eval_batches=1, process_index=1,
+                                         process_count=2)
+  assert next(half.train_iterator)["tokens"].shape == (2, 32)
+  with pytest.raises(ConfigError, match=r"data\.batch_size=4 must be a multiple of the number "
+                     r"of hosts \(3\)"):
+    training_data_lib.training_data(dc, max_segments=4, eval_batches=1, process_index=0,
+                                    process_count=3)
 
 
 def test_default_folders_differ_by_tokenizer():
@@ -80,14 +183,6 @@ def test_bad_data_config_names_the_field():
 
 # ---- prepare_data on a corpus of one's own: what a first try meets ----------------------------
 
-import pathlib
-import subprocess
-import sys
-
-from emo_jax.data import sources
-from emo_jax.data import tokenizer as tokenizer_lib
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 _WORDS = ("the patient was treated with a new drug and results show improvement in most cases "
           "over time we study how models learn from data when training on many documents of "
           "different kinds such as news code and plays").split()
@@ -139,7 +234,7 @@ def test_prepare_data_names_what_it_skipped_and_refuses_a_vocabulary_too_large(t
   assert not out2.exists() or not any(p.name.endswith(".jsonl") for p in out2.rglob("*"))
 
   # The size it names works.
-  ok = corpus_lib.prepare_corpus(str(corpus), tmp_path / "out3", vocab_size=n,
+  ok = corpus_lib.build_corpus(str(corpus), tmp_path / "out3", vocab_size=n,
                                  on_error="skip")
   assert ok["vocab_size"] == n
 
@@ -151,7 +246,7 @@ def test_too_small_corpus_leaves_out_as_it_was(tmp_path):
   out.mkdir()
   (out / "notes.txt").write_text("mine")
   with pytest.raises(tokenizer_lib.TokenizerError) as info:
-    corpus_lib.prepare_corpus(str(corpus), out, vocab_size=8192)
+    corpus_lib.build_corpus(str(corpus), out, vocab_size=8192)
   assert "\n" not in str(info.value) and info.value.max_vocab_size < 8192
   assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
 
@@ -164,9 +259,9 @@ def test_binary_file_in_a_folder_is_refused_or_skipped_by_name(tmp_path):
   (folder / "image.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(200))
   out = tmp_path / "out"
   with pytest.raises(sources.DataError, match=r"image\.png: a binary file"):
-    corpus_lib.prepare_corpus(str(tmp_path / "docs"), out, tokenizer="bytes")
+    corpus_lib.build_corpus(str(tmp_path / "docs"), out, tokenizer="bytes")
   assert not out.exists()
-  result = corpus_lib.prepare_corpus(str(tmp_path / "docs"), out, tokenizer="bytes",
+  result = corpus_lib.build_corpus(str(tmp_path / "docs"), out, tokenizer="bytes",
                                      on_error="skip")
   entry = result["skipped"][str(tmp_path / "docs")]
   assert entry["files"] == 1 and "image.png" in entry["first"]
@@ -180,7 +275,7 @@ def test_a_document_larger_than_the_tokenizer_share_is_cut_not_dropped(tmp_path)
   text = "".join(" ".join(rng.choice(words, 12)) + "\n" for _ in range(1500))
   corpus.write_text(json.dumps({"text": text, "domain": "one", "id": "big"}) + "\n")
   out = tmp_path / "out"
-  result = corpus_lib.prepare_corpus(str(corpus), out, vocab_size=300, tokenizer_bytes=20_000,
+  result = corpus_lib.build_corpus(str(corpus), out, vocab_size=300, tokenizer_bytes=20_000,
                                      validation=0.0, test=0.0)
   sample = result["tokenizer_sample"]
   assert sample == {"documents": 0, "cut": 1, "left_out": 0, "bytes": sample["bytes"]}
@@ -197,5 +292,5 @@ def test_a_bad_out_folder_is_one_line(tmp_path, make, match):
   corpus = tmp_path / "mine.jsonl"
   small_jsonl(corpus, n=4)
   with pytest.raises(corpus_lib.OutputFolderError, match=match) as info:
-    corpus_lib.prepare_corpus(str(corpus), make(tmp_path), tokenizer="bytes")
+    corpus_lib.build_corpus(str(corpus), make(tmp_path), tokenizer="bytes")
   assert "\n" not in str(info.value)

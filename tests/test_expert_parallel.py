@@ -14,7 +14,8 @@ from collectives import emulated_ragged_all_to_all
 from emo_jax.model import expert_parallel, experts, sharding
 from emo_jax.train import trainer as train_lib
 from emo_jax.config import ConfigError
-from emo_jax.model.execution import ExecutionConfig, run_configs
+from emo_jax.model.execution import ExecutionConfig
+from emo_jax.train.experiment import Experiment
 from emo_jax.model.moe import MoE
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -61,7 +62,7 @@ def test_moe_on_a_mesh_equals_single_device(backend, capacity_factor, axes, monk
     def refuse(*_, **__):
       raise AssertionError("data parallelism went through the all_to_all exchange")
     monkeypatch.setattr(expert_parallel, "_capacity_all_to_all", refuse)
-  cfg = run_configs(tiny.get_config())[0].replace(init_std=0.2)
+  cfg = Experiment.from_config(tiny.get_config()).model.replace(init_std=0.2)
   execution = ExecutionConfig(expert_backend=backend, capacity_factor=capacity_factor)
   layer = MoE(cfg, execution, rngs=nnx.Rngs(3))
   rng = np.random.default_rng(0)

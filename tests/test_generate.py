@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from emo_jax.inference import generate
-from emo_jax.study import selective
+from emo_jax.config import ConfigError
+from emo_jax.inference import decode, generate, sampling
+from emo_jax.study import calibration, selective
 from emo_jax.config import ModelConfig
 from emo_jax.model.execution import ExecutionConfig
 from emo_jax.inference import loading
@@ -83,10 +84,10 @@ def test_stops_at_eos_per_row():
 
 def test_pruned_model_and_routing_mask_generate_the_same():
   raw, graphdef, params = model()
-  batch = selective.calibration_batch(["abc"], type("T", (), {
+  batches = calibration.calibration_batches(["abc"], type("T", (), {
       "encode": staticmethod(lambda s: [ord(c) % 64 for c in s]), "eos_id": 1, "pad_id": 0})(),
-                                      seq_len=16)
-  sel = selective.select_experts(graphdef, params, CFG, [batch], 3)
+                                            seq_len=16)
+  sel = selective.select_experts(graphdef, params, CFG, batches, 3)
   pruned, pcfg = selective.prune(raw, CFG, sel)
   pgraphdef, pparams = loading.build_model(pcfg, pruned)
   sampling = generate.SamplingConfig(NEW)
@@ -99,30 +100,75 @@ def test_pruned_model_and_routing_mask_generate_the_same():
   assert np.abs(full["logits"] - masked["logits"]).max() > 1e-3  # the mask took effect
 
 
+def draw(temperature, top_p, *, rows=4000, seed=0, **fields):
+  """Tokens sampled from [0.4, 0.3, 0.2, 0.1] in every row, under per-row settings."""
+  logits = jnp.log(jnp.array([[0.4, 0.3, 0.2, 0.1]] * rows))
+  settings = sampling.Rows(keys=sampling.row_keys(seed, rows),
+                           temperature=jnp.broadcast_to(jnp.float32(temperature), (rows,)),
+                           top_p=jnp.broadcast_to(jnp.float32(top_p), (rows,)), **fields)
+  return sampling.sample(logits, settings, top_logprobs=2)
+
+
 def test_sampling_top_p_and_temperature():
-  logits = jnp.log(jnp.array([[0.4, 0.3, 0.2, 0.1]] * 4000))
-  key = jax.random.key(0)
-  greedy = generate.sample_logits(logits, key, 0.0, 1.0)
-  assert set(np.asarray(greedy).tolist()) == {0}
-  tiny_p = generate.sample_logits(logits, key, 1.0, 1e-6)
-  assert set(np.asarray(tiny_p).tolist()) == {0}
-  nucleus = np.asarray(generate.sample_logits(logits, key, 1.0, 0.5))
+  assert set(np.asarray(draw(0.0, 1.0).tokens).tolist()) == {0}
+  assert set(np.asarray(draw(1.0, 1e-6).tokens).tolist()) == {0}
+  nucleus = np.asarray(draw(1.0, 0.5).tokens)
   assert set(nucleus.tolist()) == {0, 1}  # 0.4 + 0.3 reaches 0.5; 2 and 3 are cut
   assert abs(np.mean(nucleus == 0) - 0.4 / 0.7) < 0.05
-  free = np.asarray(generate.sample_logits(logits, key, 1.0, 1.0))
-  assert set(free.tolist()) == {0, 1, 2, 3}
-  hot = np.asarray(generate.sample_logits(logits, key, 100.0, 1.0))
+  free = np.asarray(draw(1.0, 1.0).tokens)
+  np.testing.assert_allclose(np.bincount(free, minlength=4) / free.size, [0.4, 0.3, 0.2, 0.1],
+                             atol=0.03)
+  hot = np.asarray(draw(100.0, 1.0).tokens)
   assert abs(np.mean(hot == 3) - 0.25) < 0.05  # high temperature flattens
-  # Sampled generation is reproducible by seed.
+  # Sampled generation is reproducible by seed, and the seed matters.
   _, graphdef, params = model()
   s = generate.SamplingConfig(NEW, temperature=1.0, top_p=0.9, seed=3)
   a = generate.generate_ids(graphdef, params, PROMPTS, s)["tokens"]
   assert a == generate.generate_ids(graphdef, params, PROMPTS, s)["tokens"]
+  other = generate.SamplingConfig(NEW, temperature=1.0, top_p=0.9, seed=4)
+  assert a != generate.generate_ids(graphdef, params, PROMPTS, other)["tokens"]
+
+
+def test_sampling_settings_are_per_row_and_rows_are_independent():
+  rows = 400
+  temperature = jnp.asarray(np.tile([0.0, 1.0], rows // 2), jnp.float32)
+  top_p = jnp.asarray(np.tile([1.0, 1.0, 1.0, 0.5], rows // 4), jnp.float32)
+  out = draw(temperature, top_p, rows=rows)
+  tokens = np.asarray(out.tokens)
+  assert set(tokens[0::2].tolist()) == {0}           # greedy rows
+  assert set(tokens[3::4].tolist()) == {0, 1}        # top-p 0.5
+  assert set(tokens[1::4].tolist()) == {0, 1, 2, 3}  # the whole distribution
+  keys = sampling.row_keys(0, rows)
+  for row in (1, 3, 6):  # a row draws the same alone as in the batch
+    alone = sampling.sample(jnp.log(jnp.array([[0.4, 0.3, 0.2, 0.1]])), sampling.Rows(
+        keys[row:row + 1], temperature[row:row + 1], top_p[row:row + 1]))
+    assert int(alone.tokens[0]) == tokens[row]
+  # Log-probabilities are the model's, whatever the temperature.
+  np.testing.assert_allclose(out.logprobs, np.log([0.4, 0.3, 0.2, 0.1])[tokens], rtol=1e-5)
+  np.testing.assert_array_equal(out.top_ids, [[0, 1]] * rows)
+  # The keys move on, so the next draw differs.
+  again = sampling.sample(jnp.log(jnp.array([[0.4, 0.3, 0.2, 0.1]] * rows)),
+                          sampling.Rows(out.keys, temperature, top_p))
+  assert not np.array_equal(np.asarray(again.tokens)[1::2], tokens[1::2])
+
+
+def test_penalties_are_per_row():
+  seen = jnp.array([[True, False, False, False]] * 2)
+  banned = jnp.array([[False, True, False, False]] * 2)
+  out = draw(0.0, 1.0, rows=2, seen=seen, banned=banned,
+             repetition_penalty=jnp.array([1.0, 4.0], jnp.float32))
+  # Row 0: token 0 is seen but unpenalised; row 1: 0.4 -> log 0.4 * 4 falls below log 0.2.
+  assert np.asarray(out.tokens).tolist() == [0, 2]  # token 1 is banned in both
 
 
 def test_bad_inputs():
-  with pytest.raises(ValueError, match="top_p"):
+  with pytest.raises(ConfigError, match="top_p"):
     generate.SamplingConfig(top_p=0.0)
+  with pytest.raises(ConfigError, match="temperature"):
+    sampling.SamplingConfig(temperature=-1.0)
+  with pytest.raises(ValueError, match="shorter than the longest prompt"):
+    decode.left_pad([[1, 2, 3]], 0, length=2)
+  np.testing.assert_array_equal(decode.left_pad([[1, 2]], 9, length=4)[0], [[9, 9, 1, 2]])
   with pytest.raises(ValueError, match="prompt 1 is empty"):
     generate.left_pad([[1], []], 0)
   tokens, positions, valid = generate.left_pad([[1, 2, 3], [4]], 0)

@@ -1,7 +1,10 @@
 """The decoder: attention, RoPE and norms against NumPy; document isolation; pool behaviour."""
 
+import enum
 import functools
 import re
+import sys
+import types
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +15,7 @@ from flax import nnx
 from emo_jax.model import attention, transformer as model_lib
 from emo_jax.config import ModelConfig
 from emo_jax.model.execution import ExecutionConfig
+from emo_jax.model.sharding import MeshConfig, make_mesh
 
 TINY = ModelConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
                    head_dim=8, num_experts=7, num_shared_experts=1, top_k=2, expert_hidden=16,
@@ -335,7 +339,6 @@ def test_attention_impls_equal_the_reference(impl, dtype, tol):
   args, segment_ids, want = qkv_and_reference(4, 128, 4, 2, 8, jnp.dtype(dtype), seed=13)
   mesh = None
   if impl == "splash":
-    from emo_jax.model.sharding import MeshConfig, make_mesh
     mesh = make_mesh(MeshConfig(data=2, tensor=2), jax.devices()[:4])
   fn = lambda q, k, v: attention.segment_attention(q, k, v, segment_ids, impl, mesh=mesh,
                                                    interpret=True)
@@ -386,7 +389,7 @@ def emulate_cudnn_packed(q, k, v, seqlens, q_offsets, kv_offsets):
 
 def test_cudnn_packed_layout_equals_the_reference():
   """Our runs, through jax's own offset conversion, give the reference under cuDNN's rules."""
-  from jax._src.cudnn import fused_attention_stablehlo as cudnn_fa
+  cudnn_fa = attention.jax_cudnn_attention()
   (q, k, v, _), segment_ids, want = qkv_and_reference(4, 32, 4, 2, 8, jnp.float32, seed=14)
 
   @jax.jit
@@ -416,13 +419,39 @@ def test_fast_paths_off_their_hardware_are_clear_errors():
     assert attention.resolve_attention_impl("auto", jnp.bfloat16, 128, 4096) == "xla"
 
 
+def test_jax_cudnn_attention_that_does_not_fit_is_a_clear_error(monkeypatch):
+  """A jax whose private cuDNN module is gone or changed: "cudnn" says which jax it needs,
+  "auto" on a GPU falls back to the reference, and the installed jax passes the check."""
+  assert attention.jax_cudnn_attention().MaskType.PADDING_CAUSAL is not None
+  changed = types.ModuleType("changed_cudnn_attention")
+  changed.dot_product_attention = lambda query, key, value, q_seqlen=None, kv_seqlen=None: None
+  changed.MaskType = enum.Enum("MaskType", "NO_MASK CAUSAL")
+  changed.check_cudnn_version = changed.check_compute_capability = lambda *_: None
+  monkeypatch.setitem(sys.modules, changed.__name__, changed)
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  needs = ("attention_impl='cudnn' needs jax's cuDNN packed-document attention as in "
+           f"{attention.JAX_CUDNN_ATTENTION_VERSIONS}, but jax {jax.__version__} ")
+  for module, lacks in (
+      ("jax.no_cudnn_attention_here", "has no module jax.no_cudnn_attention_here"),
+      (changed.__name__, "has no dot_product_attention(q_offsets=...), "
+       "dot_product_attention(kv_offsets=...), MaskType.PADDING_CAUSAL in changed_cudnn")):
+    monkeypatch.setattr(attention, "JAX_CUDNN_ATTENTION_MODULE", module)
+    with pytest.raises(RuntimeError, match=re.escape(needs + lacks)):
+      attention.jax_cudnn_attention()
+    with pytest.raises(ValueError, match=re.escape(
+        "attention_impl='cudnn' needs jax's cuDNN packed-document attention (jax >= 0.10.2, "
+        f"< 0.13); use 'xla' or 'auto' (jax {jax.__version__} {lacks}")):
+      attention.resolve_attention_impl("cudnn", jnp.bfloat16, 128, 4096)
+    assert attention.resolve_attention_impl("auto", jnp.bfloat16, 128, 4096) == "xla"
+
+
 def test_cudnn_path_lowers_for_gpu_without_a_mask(monkeypatch):
   """The whole model's gradient lowers to cuDNN flash attention for a CUDA target, from CPU.
 
   No bias operand (no [B, 1, L, L] mask in memory), the padding-causal mask over packed
   sequences, and remat policies that keep the attention kernel's outputs run it once.
   """
-  from jax._src.cudnn import fused_attention_stablehlo as cudnn_fa
+  cudnn_fa = attention.jax_cudnn_attention()
   monkeypatch.setattr(cudnn_fa, "check_cudnn_version", lambda: 91000)
   monkeypatch.setattr(cudnn_fa, "check_compute_capability", lambda capability: True)
   monkeypatch.setattr(attention, "_cudnn_problem", lambda dtype, head_dim: None)

@@ -4,44 +4,50 @@ configs/repro.py, held-out splits, the model cache key, EMO-anneal's start, and 
 import dataclasses
 import json
 
+import jax
 import numpy as np
 import pytest
 
 from configs import demo, repro, repro_stdmoe, tiny
 from emo_jax.train import checkpoint as ckpt_lib
+from emo_jax.study import calibration, plots, selective
 from emo_jax.study import reproduction as study
 from emo_jax.study import reproduction_report as report
 from emo_jax.config import ConfigError, ModelConfig
 from emo_jax.data.corpus import DataConfig, load_corpus
-from emo_jax.model.execution import ExecutionConfig, run_configs
+from emo_jax.data.tokenizer import ByteTokenizer
+from emo_jax.model.execution import ExecutionConfig
+from emo_jax.train.experiment import Experiment
 from emo_jax.model.transformer import count_params
 from emo_jax.study.selective import pruned_param_count
-from emo_jax.train.trainer import TrainConfig
+from emo_jax.train import TrainConfig, evaluate
+from emo_jax.train.trainer import init_state
 from emo_jax.inference import loading
+from random_model import random_params
 
 
 def test_repro_config_is_the_papers_regime():
-  cfg = run_configs(repro.get_config())[0]
-  active = study.active_experts(cfg)
+  cfg = Experiment.from_config(repro.get_config()).model
+  active = selective.active_experts(cfg)
   assert (cfg.num_experts, cfg.num_shared_experts, cfg.top_k) == (64, 1, 3)
   assert active * 16 == cfg.num_experts                      # 1/16 of the bank, as 8 of 128
   assert (cfg.pool_min, cfg.pool_max) == (cfg.top_k + 1, cfg.num_experts)
-  sizes = study.subset_sizes(cfg, study.DEFAULT_FRACTIONS)
+  sizes = selective.subset_sizes(cfg, study.DEFAULT_FRACTIONS)
   assert sizes == [64, 32, 16, 8, 4]
   assert all(k >= active for k in sizes)
   assert 8 == 2 * active                                     # 12.5 % holds twice the active count
   assert tuple(study.DEFAULT_FRACTIONS[1:]) == repro.SUBSET_FRACTIONS
-  twin = run_configs(repro_stdmoe.get_config())[0]
+  twin = Experiment.from_config(repro_stdmoe.get_config()).model
   assert twin == cfg.replace(pool=False)
 
 
 def test_subsets_below_the_active_count_are_refused():
-  cfg = run_configs(demo.get_config())[0]                     # 17 experts, 3 active
-  assert study.subset_sizes(cfg, [1, 0.5, 0.25]) == [17, 8, 4]
-  with pytest.raises(study.StudyError, match="fewer than the 3 every token uses"):
-    study.subset_sizes(cfg, [0.125])
-  with pytest.raises(study.StudyError, match=r"must be in \(0, 1\]"):
-    study.subset_sizes(cfg, [1.5])
+  cfg = Experiment.from_config(demo.get_config()).model   # 17 experts, 3 active
+  assert selective.subset_sizes(cfg, [1, 0.5, 0.25]) == [17, 8, 4]
+  with pytest.raises(ValueError, match="fewer than the 3 every token uses"):
+    selective.subset_sizes(cfg, [0.125])
+  with pytest.raises(ValueError, match=r"must be in \(0, 1\]"):
+    selective.subset_sizes(cfg, [1.5])
 
 
 def _docs(n_per_domain, domains=("code", "math", "news")):
@@ -117,11 +123,11 @@ def test_cache_key_changes_with_every_training_field():
 
 def test_memory_matched_models_have_the_subsets_parameter_count():
   config = repro.get_config()
-  cfg = run_configs(config)[0]
+  cfg = Experiment.from_config(config).model
   for keep in (16, 8):
     target = pruned_param_count(cfg, keep)
-    dense = run_configs(study.memory_matched_config(config, keep, "dense"))[0]
-    moe = run_configs(study.memory_matched_config(config, keep, "moe"))[0]
+    dense = Experiment.from_config(study.memory_matched_config(config, keep, "dense")).model
+    moe = Experiment.from_config(study.memory_matched_config(config, keep, "moe")).model
     assert dense.num_experts == 0
     assert abs(count_params(dense)["total_params"] - target) <= 3 * cfg.d_model * cfg.num_layers
     assert (moe.num_experts, moe.top_k, moe.pool) == (keep, cfg.top_k, False)
@@ -129,7 +135,6 @@ def test_memory_matched_models_have_the_subsets_parameter_count():
 
 
 def test_anneal_starts_from_the_stdmoe_parameters_and_turns_the_pool_on(tmp_path):
-  from emo_jax.train.trainer import init_state
   config = tiny.get_config()
   config.train.steps = 4
   config.train.warmup_steps = 1
@@ -143,10 +148,10 @@ def test_anneal_starts_from_the_stdmoe_parameters_and_turns_the_pool_on(tmp_path
   assert anneal.train.schedule == "linear" and anneal.train.warmup_steps >= 1
   assert anneal.data.seed != first.data.seed                  # new documents for the anneal
   # The StdMoE's parameters, as its trained workdir would hold them.
-  first_cfg = run_configs(first)[0]
-  stdmoe = jax_tree(init_state(first_cfg, TrainConfig.from_dict(first.train))[2].params)
+  first_cfg = first.model
+  stdmoe = jax_tree(init_state(first_cfg, first.train)[2].params)
   ckpt_lib.save_params(tmp_path / "stdmoe", stdmoe, first_cfg.to_dict())
-  anneal.train.init_from = str(tmp_path / "stdmoe")
+  anneal = anneal.replace(train=anneal.train.replace(init_from=str(tmp_path / "stdmoe")))
   # Step 0 of the warm-up has learning rate 0 (AdamW's weight decay is scaled by it too), so
   # after one step the annealed model still holds exactly what it started from.
   run = study.train_cached("EMO-anneal", anneal, tmp_path, 0)
@@ -162,12 +167,10 @@ def test_anneal_starts_from_the_stdmoe_parameters_and_turns_the_pool_on(tmp_path
 
 
 def jax_tree(params):
-  import jax
   return jax.tree.map(np.asarray, params)
 
 
 def jax_leaves(params):
-  import jax
   return sorted((jax.tree_util.keystr(k), np.asarray(v))
                 for k, v in jax.tree_util.tree_leaves_with_path(params))
 
@@ -224,7 +227,6 @@ def test_rows_average_seeds_and_mark_differences_within_noise(tmp_path):
   assert "| Dense, 25 % params | 1.00 M | math | 2.300 ± 0.010 | 2.200 ± 0.010 |" in (
       report.matched_table(rows))
   assert "+0.400 ± 0.000 (1)" in report.calibration_table(rows)
-  from emo_jax.study import plots
   path = plots.plot_reproduction(rows, tmp_path / "r.png")
   assert path.stat().st_size > 10_000
 
@@ -249,16 +251,6 @@ def test_eval_corpus_sets_split_calibration_from_scored(tmp_path):
     study.calibration_counts(3, ["some"])
 
 
-def test_calibration_batches_have_one_shape():
-  from emo_jax.data.tokenizer import ByteTokenizer
-  tok = ByteTokenizer()
-  batches = study.calibration_batches(["a b c", "longer text " * 20, "x"], tok, seq_len=32,
-                                      rows=2)
-  assert [b["tokens"].shape for b in batches] == [(2, 32), (2, 32)]
-  assert batches[1]["segment_ids"][1].sum() == 0              # the padding row is never scored
-  assert batches[0]["segment_ids"][1].sum() == 32             # truncated to seq_len
-
-
 def test_bad_settings_are_refused():
   with pytest.raises(study.StudyError, match="anneal_fraction"):
     study.anneal_configs(tiny.get_config(), 1.0)
@@ -268,10 +260,6 @@ def test_bad_settings_are_refused():
 
 def test_measure_model_scores_the_selected_and_random_subsets(tmp_path):
   """The study's numbers equal evaluate.perplexity with the masks selective picks itself."""
-  from random_model import random_params
-  from emo_jax.train import evaluate
-  from emo_jax.study import selective
-  from emo_jax.data.tokenizer import ByteTokenizer
   cfg = ModelConfig(vocab_size=258, d_model=32, num_layers=2, num_heads=4, num_kv_heads=4,
                     head_dim=8, num_experts=8, num_shared_experts=1, top_k=1, expert_hidden=16,
                     pool_min=2, pool_max=8, max_segments=4, max_seq_len=32,
@@ -294,11 +282,11 @@ def test_measure_model_scores_the_selected_and_random_subsets(tmp_path):
                                   num_batches=2)
   np.testing.assert_allclose(math_["full"], evaluate.perplexity(graphdef, p, batches, [])["loss"],
                              rtol=1e-6)
-  calib = study.calibration_batches([d["text"] for d in docs[4:5]], tok, seq_len=32, rows=2)
+  calib = calibration.calibration_batches([d["text"] for d in docs[4:5]], tok, seq_len=32)
   mask = selective.select_experts(graphdef, p, cfg, calib, 2).mask
   want = evaluate.perplexity(graphdef, p, batches, [], keep_experts=mask)["loss"]
   np.testing.assert_allclose(math_["select"]["1"]["2"], want, rtol=1e-6)
   assert math_["random"]["2"] != math_["select"]["all"]["2"]
-  with pytest.raises(study.StudyError, match="fewer than the 2"):
+  with pytest.raises(ValueError, match="fewer than the 2"):
     study.measure_model(str(tmp_path / "m"), sets, tok, fractions=[0.125], calibrations=["1"],
                         seq_len=32, batch_size=2, num_batches=1, random_floor=False, seed=0)

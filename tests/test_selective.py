@@ -1,6 +1,8 @@
-"""Expert selection and pruning: ranking, routing-mask equivalence, parameter counts."""
+"""Expert selection and pruning: calibration batches, ranking, routing-mask equivalence,
+parameter counts, subset sizes."""
 
 import functools
+import json
 
 import jax
 import jax.numpy as jnp
@@ -8,8 +10,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from emo_jax.study import selective
-from emo_jax.config import ConfigError, ModelConfig
+from emo_jax.study import calibration, selective
+from emo_jax.config import ModelConfig
+from emo_jax.data.tokenizer import ByteTokenizer
 from emo_jax.model.execution import ExecutionConfig
 from emo_jax.model.transformer import Transformer, count_params
 from random_model import random_params
@@ -137,19 +140,107 @@ def test_pruned_config_validates_and_keep_range():
     selective.routed_to_keep(emo, 129)
 
 
-def test_table_and_calibration_batch(tmp_path):
-  from emo_jax.data.tokenizer import ByteTokenizer
-  tok = ByteTokenizer()
-  b = selective.calibration_batch(["abc", "hello world"], tok, seq_len=8)
-  assert b["tokens"].shape == (2, 8)
-  np.testing.assert_array_equal(b["segment_ids"][0], [1, 1, 1, 1, 0, 0, 0, 0])  # 3 bytes + EOS
-  assert b["tokens"][0, 3] == tok.eos_id
+def test_selection_table(tmp_path):
   graphdef, params = model_and_params()
   sel = selective.select_experts(graphdef, params, CFG, [batch()], 3)
   files = selective.write_selection(sel, tmp_path)
-  import json
   table = json.load(open(files["table_json"]))
   assert [row["shared"] for row in table["layers"]] == [[7]] * 3
   assert table["layers"][0]["new_index"]["7"] == 2
+
+
+# ---- calibration batches ------------------------------------------------------------------------
+TOK = ByteTokenizer()
+
+
+class SmallVocab:
+  """Bytes folded into CFG's 64 ids (pad 0, eos 1)."""
+  pad_id, eos_id = 0, 1
+
+  @staticmethod
+  def encode(text):
+    return [2 + b % 62 for b in text.encode()]
+
+
+def reference_rows(texts, seq_len, prompts=False, tok=TOK):
+  """Each text's row by hand: its first seq_len tokens of text + EOS, or for prompts its last
+  seq_len tokens and no EOS."""
+  if prompts:
+    return [tok.encode(t)[-seq_len:] for t in texts]
+  return [(tok.encode(t) + [tok.eos_id])[:seq_len] for t in texts]
+
+
+def unpack(batches):
+  """The real tokens of every non-empty row, in order, and the batch shapes."""
+  rows = [list(b["tokens"][i][b["segment_ids"][i] > 0]) for b in batches
+          for i in range(len(b["tokens"]))]
+  return [r for r in rows if r], [b["tokens"].shape for b in batches]
+
+
+def test_calibration_rows_are_documents_or_prompts():
+  texts = ["abc", "hello world, a longer text", "x" * 40]
+  rows, shapes = unpack(calibration.calibration_batches(texts, TOK, seq_len=24))
+  assert rows == reference_rows(texts, 24) and rows[0][-1] == TOK.eos_id
+  assert shapes == [(3, 24)]                        # the longest row, at most seq_len
+  rows, shapes = unpack(calibration.calibration_batches(texts, TOK, seq_len=64, rows=2,
+                                                        prompts=True))
+  assert rows == reference_rows(texts, 64, prompts=True)
+  assert shapes == [(2, 32), (2, 64)]               # power-of-two widths, a padding row added
+  ends = unpack(calibration.calibration_batches(texts, TOK, seq_len=8, prompts=True))[0]
+  assert ends == reference_rows(texts, 8, prompts=True) and TOK.decode(ends[1]) == "ger text"
+  b = calibration.calibration_batches(["abc", "hello world"], TOK, seq_len=8)[0]
+  np.testing.assert_array_equal(b["segment_ids"][0], [1, 1, 1, 1, 0, 0, 0, 0])  # 3 bytes + EOS
+  np.testing.assert_array_equal(b["positions"][1], np.arange(8))
+  assert (b["tokens"][0, 4:] == TOK.pad_id).all()
   with pytest.raises(ValueError, match="no calibration"):
-    selective.calibration_batch([], tok, seq_len=8)
+    calibration.calibration_batches([], TOK, seq_len=8)
+
+
+def test_full_width_batches_have_one_shape():
+  batches = calibration.calibration_batches(["a b c", "longer text " * 20, "x"], TOK, seq_len=32,
+                                            rows=2, full_width=True)
+  assert [b["tokens"].shape for b in batches] == [(2, 32), (2, 32)]
+  assert batches[1]["segment_ids"][1].sum() == 0              # the padding row is never scored
+  assert batches[0]["segment_ids"][1].sum() == 32             # truncated to seq_len
+  assert calibration.calibration_tokens(batches) == 6 + 32 + 2
+
+
+def test_padding_and_batching_never_change_the_scores():
+  """The scores of one tight batch built by hand (as wide as its longest row) equal those of
+  the same texts in padded batches of every shape the builder makes."""
+  graphdef, params = model_and_params()
+  texts = ["abc", "hello there", "the third text is the longest one", "z"]
+  rows = reference_rows(texts, 24, tok=SmallVocab)
+  width = max(len(r) for r in rows)
+  tight = {k: np.zeros((len(rows), width), np.int32) for k in calibration.FIELDS}
+  for i, r in enumerate(rows):
+    tight["tokens"][i, :len(r)] = r
+    tight["segment_ids"][i, :len(r)] = 1
+    tight["positions"][i, :len(r)] = np.arange(len(r))
+  mask = np.ones((CFG.num_layers, CFG.num_routed_experts), bool)
+  want = selective.routing_scores(graphdef, params, [tight], mask)
+  for options in ({}, {"rows": 3}, {"rows": 8, "full_width": True}):
+    batches = calibration.calibration_batches(texts, SmallVocab, seq_len=24, **options)
+    got = selective.routing_scores(graphdef, params, batches, mask)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+
+
+# ---- subset sizes --------------------------------------------------------------------------------
+def test_subset_sizes_scale_the_papers():
+  emo = ModelConfig(num_layers=2, d_model=64, num_heads=2, num_kv_heads=2, head_dim=32,
+                    vocab_size=128, expert_hidden=8)                 # 128 experts, 7 + 1 active
+  assert selective.subset_sizes(emo) == [128, 64, 32, 16, 8]
+  assert selective.active_experts(emo) == 8
+  small = dict(num_shared_experts=1, top_k=2, pool_min=2)
+  for experts, sizes in ((17, [17, 8, 4, 2]), (8, [8, 4, 2])):
+    cfg = emo.replace(num_experts=experts, pool_max=experts, **small)
+    assert selective.subset_sizes(cfg, allow_below_active=True) == sizes
+    with pytest.raises(ValueError, match="fewer than the 3 every token uses"):
+      selective.subset_sizes(cfg)
+  cfg = emo.replace(num_experts=17, pool_max=17, **small)
+  assert selective.subset_sizes(cfg, [1, 0.5, 0.25]) == [17, 8, 4]
+  assert selective.subset_sizes(cfg, [0.5]) == [17, 8]                # the whole bank is first
+  with pytest.raises(ValueError, match=r"must be in \(0, 1\]"):
+    selective.subset_sizes(cfg, [1.5])
+  with pytest.raises(ValueError, match="mixture-of-experts"):
+    selective.subset_sizes(emo.replace(num_experts=0, pool=False, mlp_hidden=8))

@@ -8,9 +8,11 @@ import sys
 import jax
 import numpy as np
 import pytest
+from absl import app
 
 from emo_jax.train import checkpoint as ckpt_lib
-from emo_jax.study import selective, subset_finetune, subset_methods
+from emo_jax.model import moe as moe_lib
+from emo_jax.study import calibration, selective, subset_finetune, subset_methods
 from emo_jax.config import ModelConfig
 from emo_jax.data.tokenizer import ByteTokenizer
 from emo_jax.tasks import Instance, score_pairs, task_pairs
@@ -31,7 +33,8 @@ INSTANCES = [Instance(i, f"Question: what is item {i}?\nAnswer:",
 def model():
   _, params = random_params(CFG, seed=5)
   graphdef, jparams = loading.build_model(CFG, params)
-  batches = subset_methods.calibration_batches(TEXTS, TOK, seq_len=CFG.max_seq_len, batch_size=4)
+  batches = calibration.calibration_batches(TEXTS, TOK, seq_len=CFG.max_seq_len, rows=4,
+                                            prompts=True)
   return graphdef, jparams, params, batches
 
 
@@ -64,7 +67,6 @@ def test_random_baseline_is_seeded():
 
 def test_easy_ep_ranks_a_planted_expert_first(model):
   graphdef, _, raw, batches = model
-  from emo_jax.model import moe as moe_lib  # pylint: disable=import-outside-toplevel
   call = moe_lib.MoE.__call__
   planted = jax.tree.map(np.array, raw)
   planted["blocks"]["mlp"]["w_down"][:, 5] *= 30.0  # routed expert 5: a much larger output
@@ -222,7 +224,6 @@ def test_command_writes_rows_table_and_plot_and_resumes(tmp_path, model):
 
 
 def test_command_refuses_other_settings_and_bad_keep(tmp_path):
-  from absl import app  # pylint: disable=import-outside-toplevel
   from experiments import selective_eval  # pylint: disable=import-outside-toplevel
   selective_eval.Results(tmp_path, {"limit": None}).add(
       {"model": "EMO", "task": "t", "keep": "all", "method": "full", "num_calibration": None,

@@ -178,6 +178,11 @@ def test_bad_requests_get_the_right_codes_and_the_server_keeps_answering(server,
   assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
   r = post(json.dumps({"prompt": "x", "n": 2}))
   assert r.status_code == 400 and r.json()["error"]["param"] == "n"
+  r = post(json.dumps({"prompt": "x", "temperature": "hot"}))  # the schema refuses it
+  assert r.status_code == 400 and r.json()["error"]["param"] == "temperature"
+  assert "must be a number" in r.json()["error"]["message"]
+  r = post(json.dumps({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}))
+  assert r.status_code == 400 and r.json()["error"]["param"] == "stop"
   r = post(json.dumps({"messages": [{"role": "user", "content": "hi"}]}), "/v1/chat/completions")
   assert r.status_code == 400 and "no chat template" in r.json()["error"]["message"]
   # Queue full: 2 slots + 1 queued; a burst of 8 long requests gets some 429s.
@@ -195,6 +200,19 @@ def test_bad_requests_get_the_right_codes_and_the_server_keeps_answering(server,
   assert 429 in codes and 200 in codes and set(codes) <= {200, 429}, codes
   assert all(h == "1" for c, h in zip(codes, headers) if c == 429)
   assert complete(client, "still there?", "code").choices[0].text
+
+
+def test_openapi_schema_is_the_contract(server):
+  spec = httpx.get(server + "/openapi.json").json()
+  models = spec["components"]["schemas"]
+  assert {"CompletionRequest", "ChatCompletionRequest", "Completion", "ChatCompletion",
+          "SubsetRequest", "Health", "ErrorBody"} <= set(models)
+  post = spec["paths"]["/v1/completions"]["post"]
+  assert post["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith(
+      "/CompletionRequest")
+  assert "experts" in models["CompletionRequest"]["properties"]
+  assert "text/event-stream" in post["responses"]["200"]["content"]
+  assert "429" in post["responses"]
 
 
 def test_client_disconnect_frees_the_slot(server, client):

@@ -93,35 +93,51 @@ def test_subset_equals_generate_on_the_physically_pruned_model(engine, checkpoin
                                 generate.SamplingConfig(max_new_tokens=10), eos_id=TOK.eos_id,
                                 return_logits=True)
     out = engine_lib.run_sync(engine, prompt, mask(name), max_tokens=10, logprobs=1, timeout=60)
-    assert out["tokens"] == ref["tokens"][0], name
+    assert out.tokens == ref["tokens"][0], name
     logprobs = jax.nn.log_softmax(ref["logits"][0], axis=-1)
     expected = [float(logprobs[i, t]) for i, t in enumerate(ref["tokens"][0])]
-    np.testing.assert_allclose(out_logprobs(engine, prompt, name), expected, atol=1e-4)
+    np.testing.assert_allclose(out.logprobs, expected, atol=1e-4)
+    # Sampled, the one sampler draws the same tokens in both: generate's row 0 and a request
+    # share the seed's first key.
+    settings = {"temperature": 0.8, "top_p": 0.9, "seed": 5}
+    ref = generate.generate_ids(graphdef, params, [prompt],
+                                generate.SamplingConfig(max_new_tokens=10, **settings),
+                                eos_id=TOK.eos_id)
+    out = engine_lib.run_sync(engine, prompt, mask(name), max_tokens=10, timeout=60, **settings)
+    assert out.tokens == ref["tokens"][0], name
+    assert out.tokens != engine_lib.run_sync(engine, prompt, mask(name), max_tokens=10,
+                                             timeout=60, temperature=0.8, top_p=0.9,
+                                             seed=6).tokens
 
 
-def out_logprobs(engine, prompt, name):
-  import queue
-  events = queue.Queue()
-  engine.submit(engine_lib.Request(prompt_ids=prompt, mask_LxR=mask(name), max_tokens=10,
-                                   on_event=events.put))
-  logprobs = []
-  while True:
-    event = events.get(timeout=60)
-    if event["type"] == "done":
-      return logprobs
-    logprobs += event["logprobs"]
+def test_events_are_deltas_then_one_done(engine):
+  events = []
+  done = threading.Event()
+
+  def on_event(event):
+    events.append(event)
+    if isinstance(event, engine_lib.Done):
+      done.set()
+  engine.submit(engine_lib.Request(prompt_ids=TOK.encode("ab"), mask_LxR=mask("a"),
+                                   max_tokens=5, on_event=on_event, logprobs=2))
+  assert done.wait(60)
+  *deltas, last = events
+  assert deltas and all(isinstance(e, engine_lib.Delta) for e in deltas)
+  assert last == engine_lib.Done(finish_reason=last.finish_reason, prompt_tokens=2,
+                                 completion_tokens=sum(len(d.tokens) for d in deltas))
+  assert all(len(t) == 2 for d in deltas for t in d.top_logprobs)
 
 
 def test_mixed_subsets_batched_equal_each_alone(engine):
   prompts = {"a": TOK.encode("def main("), "b": TOK.encode("Once upon a time"),
              "c": TOK.encode("x")}
-  alone = {n: engine_lib.run_sync(engine, p, mask(n), max_tokens=12, timeout=60)["tokens"]
+  alone = {n: engine_lib.run_sync(engine, p, mask(n), max_tokens=12, timeout=60).tokens
            for n, p in prompts.items()}
   batched = {}
 
   def run(n):
     batched[n] = engine_lib.run_sync(engine, prompts[n], mask(n), max_tokens=12,
-                                     timeout=60)["tokens"]
+                                     timeout=60).tokens
   threads = [threading.Thread(target=run, args=(n,)) for n in prompts]
   for t in threads:
     t.start()
@@ -138,7 +154,7 @@ def test_generation_across_cache_shifts_matches_generate(engine, checkpoint):
   ref = generate.generate_ids(graphdef, params, [prompt], generate.SamplingConfig(
       max_new_tokens=50), keep_experts=mask("b"))
   out = engine_lib.run_sync(engine, prompt, mask("b"), max_tokens=50, timeout=120)
-  assert out["tokens"] == ref["tokens"][0]
+  assert out.tokens == ref["tokens"][0]
 
 
 def test_register_and_delete_change_resident_bytes_by_the_new_experts(engine):
@@ -150,14 +166,14 @@ def test_register_and_delete_change_resident_bytes_by_the_new_experts(engine):
   memory = engine.register(new)
   assert memory["resident_expert_bytes"] - before == fresh * bank.expert_bytes
   out = engine_lib.run_sync(engine, TOK.encode("hi"), new.mask(7), max_tokens=3, timeout=60)
-  assert out["finish_reason"] in ("length", "stop")
+  assert out.finish_reason in ("length", "stop")
   memory = engine.delete("d")
   assert memory["resident_expert_bytes"] == before
   assert bank.width == width and bank.slots == slots
   with pytest.raises(bank_lib.SubsetError, match="no subset named"):
     engine.delete("d")
   late = engine_lib.run_sync(engine, TOK.encode("hi"), new.mask(7), max_tokens=3, timeout=60)
-  assert late["finish_reason"] == "error" and "no longer resident" in late["error"]
+  assert late.finish_reason == "error" and "no longer resident" in late.error
 
 
 def test_sampled_requests_are_seeded_and_bad_requests_refused(engine):
@@ -166,22 +182,23 @@ def test_sampled_requests_are_seeded_and_bad_requests_refused(engine):
                             top_p=0.9, seed=7, timeout=60)
   two = engine_lib.run_sync(engine, prompt, mask("a"), max_tokens=8, temperature=1.0,
                             top_p=0.9, seed=7, timeout=60)
-  assert one["tokens"] == two["tokens"]
+  assert one.tokens == two.tokens
   late = engine_lib.run_sync(engine, prompt, mask("a"), max_tokens=8, timeout=60,
                             deadline=time.monotonic() - 1)
-  assert late["finish_reason"] == "timeout" and late["tokens"] == []
+  assert late.finish_reason == "timeout" and late.tokens == []
   with pytest.raises(ValueError, match="exceeds the context"):
     engine_lib.run_sync(engine, prompt, mask("a"), max_tokens=64)
   with pytest.raises(ValueError, match="empty"):
     engine_lib.run_sync(engine, [], mask("a"), max_tokens=4)
 
 
-def test_queue_bound_refuses_with_queue_full(checkpoint):
+def test_engine_reports_running_and_queue_bound_refuses_with_queue_full(checkpoint):
   bank = bank_lib.ExpertBank(checkpoint[0])
   subsets = {n: bank_lib.Subset(n, k, "explicit") for n, k in SUBSETS.items()}
   bank.commit(bank.prepare(subsets), subsets)  # the fixture's bank: its compiled functions
   # Not started, so nothing drains: the bound is the free slots plus max_queue (0).
   eng = engine_lib.Engine(bank, TOK, slots=3, max_queue=0, shift_every=16)
+  assert not eng.running
   for _ in range(3):
     eng.submit(engine_lib.Request(prompt_ids=[5], mask_LxR=mask("a"), max_tokens=2,
                                   on_event=lambda e: None))
@@ -189,7 +206,9 @@ def test_queue_bound_refuses_with_queue_full(checkpoint):
     eng.submit(engine_lib.Request(prompt_ids=[5], mask_LxR=mask("a"), max_tokens=2,
                                   on_event=lambda e: None))
   eng.start()
+  assert eng.running
   eng.stop(drain_seconds=30)
+  assert not eng.running
   assert eng.stats["finished_length"] + eng.stats["finished_stop"] == 3, eng.stats
 
 

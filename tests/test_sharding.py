@@ -16,7 +16,7 @@ from emo_jax.model import sharding
 from emo_jax.train import trainer as train_lib
 from emo_jax.config import ConfigError
 from emo_jax.data import corpus as corpus_lib
-from emo_jax.model.execution import run_configs
+from emo_jax.train.experiment import Experiment
 from emo_jax.model.transformer import Transformer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -32,7 +32,7 @@ def mesh_of(**axes):
 
 
 def tiny_model_config():
-  return run_configs(tiny.get_config())[0]
+  return Experiment.from_config(tiny.get_config()).model
 
 
 def test_mesh_config_resolves_and_explains():
@@ -49,7 +49,7 @@ def test_mesh_config_resolves_and_explains():
 
 
 def test_release_model_shards_experts_and_fsdp():
-  cfg = run_configs(emo_1b14b.get_config())[0]
+  cfg = Experiment.from_config(emo_1b14b.get_config()).model
   params = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: Transformer(cfg,
                                                                         rngs=nnx.Rngs(0)))))
   shardings = sharding.param_shardings(params, mesh_of(fsdp=2, expert=4))
@@ -68,7 +68,8 @@ def _batches(n, batch_size=8):
 
 
 def _losses(mesh, batches, steps=3):
-  cfg, execution = run_configs(tiny.get_config())
+  experiment = Experiment.from_config(tiny.get_config())
+  cfg, execution = experiment.model, experiment.execution
   tc = train_lib.TrainConfig(steps=10, warmup_steps=0, learning_rate=3e-3)
   graphdef, optimizer, state = train_lib.init_state(cfg, tc, mesh, execution)
   shardings = train_lib.state_shardings_for(state, mesh)
@@ -137,7 +138,8 @@ def test_two_processes_reach_the_single_process_losses(tmp_path, reap):
 
   # One process with the same global batch: host 0's rows, then host 1's.
   config = tiny.get_config()
-  cfg, execution = run_configs(config)
+  experiment = Experiment.from_config(config)
+  cfg, execution = experiment.model, experiment.execution
   dc = corpus_lib.DataConfig.from_dict(config.data).replace(synthetic_documents=300)
   corpus = corpus_lib.load_corpus(dc)
   shards = [iter(corpus_lib.pipeline.make_dataset(

@@ -1,6 +1,7 @@
 """Benchmark tasks: installed data, OLMES prompts, samples, and scores checked two ways (a model
 whose log-likelihoods are known in closed form, and transformers on our Hugging Face export)."""
 
+import gzip
 import importlib.util
 import json
 import os
@@ -12,11 +13,14 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from emo_jax.config import ModelConfig  # noqa: E402
+from emo_jax.convert import hf  # noqa: E402
+from emo_jax.data.sources import DataError  # noqa: E402
 from emo_jax.data.tokenizer import ByteTokenizer  # noqa: E402
 from emo_jax.tasks import (EXTRA_HINT, Instance, TaskNotInstalled, accuracy, data,  # noqa: E402
                            formats, load_task, registry, score_pairs, task_pairs)
 from emo_jax.tasks.scoring import encode_pair  # noqa: E402
 from emo_jax.inference import loading  # noqa: E402
+from emo_jax.train import checkpoint as ckpt_lib  # noqa: E402
 from random_model import random_params  # noqa: E402
 
 CFG = ModelConfig(vocab_size=258, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -85,8 +89,6 @@ def test_long_prompts_lose_their_start_never_the_continuation():
 def test_logliks_equal_transformers_on_the_hf_export(tmp_path):
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
-  from emo_jax.train import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
-  from emo_jax.convert import hf  # pylint: disable=import-outside-toplevel
   _, params = random_params(CFG, seed=1)
   ckpt_lib.save_params(tmp_path / "ckpt", params, CFG.to_dict())
   hf.export_hf(tmp_path / "ckpt", tmp_path / "hf", layout="qwen2_moe", tokenizer="bytes")
@@ -174,6 +176,51 @@ def test_bad_jsonl_lines_are_named(tmp_path):
   path.write_text('{"context": "c", "continuations": ["a"], "gold": 0}\n')
   with pytest.raises(ValueError, match=r"bad.jsonl:1: continuations must be a list of at least"):
     load_task(str(path))
+  good = json.dumps({"question": "q", "choices": ["a", "b"], "answer": 1})
+  for text, message in (
+      (good + "\n{not json\n", r"bad.jsonl:2: not valid JSON: .*; fix the line\.$"),
+      (good + "\n\n" + json.dumps({"question": "q", "choices": ["a", "b"]}),
+       r"bad.jsonl:3: missing field\(s\) \['answer'\]; each line is"),
+      (json.dumps({"question": "q", "choices": ["a", ""], "answer": 0}), r"bad.jsonl:1: choices"),
+      ("[1, 2]", r"bad.jsonl:1: expected a JSON object, got list"),
+      (good + "\n" + json.dumps({"context": "c", "continuations": ["a", "b"], "gold": 0}),
+       "mixes finished requests"),
+      ("\n \n", "bad.jsonl: the file is empty")):
+    path.write_text(text + "\n")
+    with pytest.raises(DataError, match=message):
+      data.read_jsonl(path)
+  with pytest.raises(DataError, match="no such JSONL file"):
+    data.read_jsonl(tmp_path / "missing.jsonl")
+  path.write_text(good + "\n\n" + good + "\n")
+  assert data.read_jsonl(path) == [{"kind": "raw", "text": "q", "choices": ["a", "b"], "gold": 1,
+                                    "split": ""}] * 2
+
+
+def test_request_files_group_choices_by_document(tmp_path):
+  """An OLMES request folder by hand: choices come back in `idx` order per document, the
+  unconditional requests are left out, and a broken line is named."""
+  folder = tmp_path / "task"
+  folder.mkdir()
+  (folder / "config.json").write_text(json.dumps(
+      {"task_config": {"metric_kwargs": {"uncond_docid_offset": 100}}}))
+  def line(doc_id, idx, label=1, context="Q?", request_type="loglikelihood"):
+    return json.dumps({"request_type": request_type, "doc_id": doc_id, "idx": idx,
+                       "label": label, "request": {"context": context,
+                                                   "continuation": f" c{doc_id}.{idx}"}})
+  def write(lines):
+    with gzip.open(folder / "requests.jsonl.gz", "wt") as f:
+      f.write("\n".join(lines) + "\n")
+  write([line(1, 1), line(0, 0, 0, "P?"), line(1, 0), line(100, 0, context="Answer:"),
+         line(0, 1, 0, "P?")])
+  got = data.read_requests(folder, subject="s")
+  assert got == [Instance(0, "P?", (" c0.0", " c0.1"), 0, "s"),
+                 Instance(1, "Q?", (" c1.0", " c1.1"), 1, "s")]
+  write([line(0, 0), line(0, 1, request_type="generate_until")])
+  with pytest.raises(DataError, match=r"requests.jsonl.gz:2: request_type 'generate_until'"):
+    data.read_requests(folder)
+  write([line(0, 0), json.dumps({"request_type": "loglikelihood", "doc_id": 0})])
+  with pytest.raises(DataError, match=r"requests.jsonl.gz:2: not a multiple-choice request"):
+    data.read_requests(folder)
 
 
 # ---- the installed benchmarks --------------------------------------------------------------------

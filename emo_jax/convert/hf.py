@@ -1,7 +1,7 @@
 """Hugging Face <-> emo_jax conversion, both ways, streamed one tensor (layer slice) at a time.
 
 `export_hf` writes a training workdir or parameter checkpoint as a Hugging Face folder in one of
-two layouts (docs/algorithm.md, "Hugging Face layouts"):
+the exportable layouts of layouts.LAYOUTS (docs/algorithm.md, "Hugging Face layouts"):
 
 * `emo`: the release's `EmoForCausalLM` names and config keys, with this project's own
   `configuration_emo.py` / `modeling_emo.py` copied beside the weights (trust_remote_code);
@@ -10,10 +10,11 @@ two layouts (docs/algorithm.md, "Hugging Face layouts"):
 
 `import_hf` reads the `emo` layout (released checkpoints with 100,352 or 100,278 vocabulary
 rows), the `qwen2_moe` layout written here, and OLMoE into a parameter checkpoint that
-`train.init_from` and evaluation read.
+`train.init_from` and evaluation read; config.json's model_type picks the layout.
 
-Both walk the tensor table of layouts.py array-major, reading and writing one layer slice at a
-time (orbax_io.py, safetensors_io.py): peak host memory grows with a layer, not with the model.
+Both walk the layout's tensor table (tensors.py) array-major, reading and writing one layer
+slice at a time (orbax_io.py, safetensors_io.py): peak host memory grows with a layer, not with
+the model.
 Output goes to a temporary folder beside `out` that is renamed when complete, so a failed
 conversion leaves nothing at `out`.
 """
@@ -34,16 +35,22 @@ import ml_dtypes
 import numpy as np
 
 from emo_jax.config import ModelConfig
-from emo_jax.model.execution import saved_model_config
 from emo_jax.convert import orbax_io, safetensors_io, tokenizer_hf
-from emo_jax.convert.configs import (LAYOUTS, check_exportable, hf_config,  # noqa: F401
-                                     model_config_from_hf)
-from emo_jax.convert.layouts import ConversionError, Path, param_specs, tensor_groups
+from emo_jax.convert.configs import ConversionError
+from emo_jax.convert.layouts import (EXPORT_LAYOUTS, LAYOUTS, get_layout, hf_config,
+                                     model_config_from_hf, tensor_groups)
+from emo_jax.convert.tensors import Path, param_specs
+from emo_jax.data import corpus, sources
+from emo_jax.model.execution import saved_model_config
+
+__all__ = ["EXPORT_LAYOUTS", "LAYOUTS", "ConversionError", "export_hf", "from_hf_tensors",
+           "hf_config", "import_hf", "model_config_from_hf", "param_specs", "read_hf_config",
+           "resolve_tokenizer", "tensor_groups", "to_hf_tensors"]
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
-REMOTE_CODE = ("configuration_emo.py", "modeling_emo.py")
+REMOTE_CODE_DIR = pathlib.Path(__file__).parent / "remote_code"
 EMO_JAX_CONFIG = "emo_jax_config.json"   # our full ModelConfig, beside an export
 HF_CONFIG_COPY = "hf_config.json"        # the source config.json, beside an import
 TOKENIZER_DIR = "tokenizer"              # tokenizer files, beside an import
@@ -81,7 +88,6 @@ def resolve_tokenizer(source: orbax_io.ParamSource) -> str | None:
     return "bytes"
   if tok:
     return tok
-  from emo_jax.data import corpus  # pylint: disable=import-outside-toplevel
   dc = corpus.DataConfig.from_dict(data)
   data_dir = pathlib.Path(dc.data_dir) if dc.data_dir else corpus.default_data_dir(dc)
   try:
@@ -96,7 +102,6 @@ def _validation_texts(source: orbax_io.ParamSource, limit: int = 200) -> list[st
   data = source.data_config or {}
   if data.get("corpus") in (None, "synthetic"):
     return []
-  from emo_jax.data import corpus, sources  # pylint: disable=import-outside-toplevel
   dc = corpus.DataConfig.from_dict(data)
   path = (pathlib.Path(dc.data_dir) if dc.data_dir else corpus.default_data_dir(dc))
   path = path / "validation.jsonl"
@@ -120,7 +125,8 @@ def export_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, *, layout: 
     checkpoint: a training workdir (its newest checkpoint, or `step`) or a parameter checkpoint
       (`params/` + `model_config.json`, e.g. written by `import_hf` or by expert pruning).
     out: the folder to create; written completely or not at all.
-    layout: "emo" (release names, trust_remote_code) or "qwen2_moe" (built-in transformers).
+    layout: a name in EXPORT_LAYOUTS: "emo" (release names, trust_remote_code) or
+      "qwen2_moe" (built-in transformers); see layouts.py.
     dtype: "float32" or "bfloat16" for the weights.
     step: training step to export (training workdirs only).
     tokenizer: "bytes", a SentencePiece .model, a tokenizer.json (or a folder with one), or
@@ -134,9 +140,10 @@ def export_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, *, layout: 
   if dtype not in DTYPES:
     raise ConversionError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
   out_dtype = DTYPES[dtype]
+  family = get_layout(layout)
   source = orbax_io.ParamSource(checkpoint, step=step)
   cfg = saved_model_config(source.model_config)
-  check_exportable(cfg, layout)
+  family.check_exportable(cfg)
   specs = param_specs(cfg)
   for path, (shape, _) in specs.items():
     if path not in source.paths:
@@ -150,7 +157,7 @@ def export_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, *, layout: 
       raise ConversionError(f"cannot tell which tokenizer {source.directory} uses; pass "
                             "--tokenizer=PATH (a .model or tokenizer.json), or --tokenizer=none "
                             "to export the weights without one")
-  groups = tensor_groups(cfg, layout)
+  groups = family.tensor_groups(cfg)
   out, tmp = _prepare_out(out)
   try:
     token_info = None
@@ -173,21 +180,20 @@ def export_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, *, layout: 
       del x
     writer.close()
     source.close()
-    config = hf_config(cfg, layout, dtype=dtype, token_ids=token_ids)
+    config = family.to_hf_config(cfg, dtype=dtype, token_ids=token_ids)
     _write_json(tmp / "config.json", config)
     _write_json(tmp / "generation_config.json", {
         "_from_model_config": True, **token_ids})
     _write_json(tmp / EMO_JAX_CONFIG, cfg.to_dict())
-    if layout == "emo":
-      for name in REMOTE_CODE:
-        shutil.copyfile(pathlib.Path(__file__).parent / "remote_code" / name, tmp / name)
+    for name in family.remote_code:
+      shutil.copyfile(REMOTE_CODE_DIR / name, tmp / name)
     _commit(tmp, out)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
   shards = len({f for f in json.loads((out / safetensors_io.INDEX_FILE).read_text())
                 ["weight_map"].values()})
-  return {"out": str(out), "layout": layout, "dtype": dtype, "step": source.step,
+  return {"out": str(out), "layout": family.name, "dtype": dtype, "step": source.step,
           "tensors": len(plan), "bytes": writer.total_bytes, "shards": shards,
           "tokenizer": token_info, "seconds": round(time.time() - start, 2),
           "peak_rss_mb": round(_peak_rss_mb(), 1)}

@@ -25,6 +25,7 @@ import time
 from typing import Any, Mapping
 
 import numpy as np
+import orbax.checkpoint as ocp
 import tensorstore as ts
 
 from emo_jax.train import checkpoint as ckpt_lib
@@ -74,7 +75,6 @@ def _training_step_dir(workdir: pathlib.Path, step: int | None) -> tuple[pathlib
 
 def _saved_run_config(checkpoints: pathlib.Path, step: int) -> dict:
   """The experiment config ({"model", "data", "train"}) saved with a training checkpoint."""
-  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
   manager = ocp.CheckpointManager(checkpoints,
                                   item_handlers={"config": ocp.JsonCheckpointHandler()})
   try:

@@ -3,11 +3,19 @@
 One place resolves the experiment's data settings into split documents and a tokenizer, so the
 trainer, the evaluator and the analysis tools see the same splits:
 
-* `corpus="demo"`: the built-in multi-domain corpus (built once into the cache, see
-  demo_corpus.py) with a SentencePiece tokenizer trained on its train split;
+* `corpus="demo"`: the built-in multi-domain corpus (see demo_corpus.py) with a SentencePiece
+  tokenizer trained on its train split;
 * `corpus="synthetic"`: generated multi-domain text with the byte tokenizer (tests, smoke runs);
 * any other value: a path to the user's JSONL, text folder or ArrayRecord, split by document id,
   with a tokenizer trained on its train split unless `tokenizer` names one.
+
+Building and reading are separate steps, because building downloads, writes files and trains a
+tokenizer (seconds to minutes) while reading must never change what a run trains on:
+`prepare_corpus(dc)` builds the corpus into its data folder once (the trainer and
+`python -m experiments.prepare_data` call it; it returns at once when the folder already holds
+it), and `load_corpus(dc)` only reads, refusing a folder that is missing or incomplete with the
+command that builds it. `build_corpus(corpus, out, ...)` is the builder both use, with every
+setting of experiments/prepare_data.
 """
 
 from __future__ import annotations
@@ -19,11 +27,13 @@ import json
 import logging
 import os
 import pathlib
+import shlex
 import shutil
 import tempfile
 import time
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
+import jax
 import numpy as np
 
 from emo_jax.config import ConfigError, ConfigMixin
@@ -71,34 +81,51 @@ class Corpus:
 
   def dataset(self, split: str, *, seq_len: int, batch_size: int, max_segments: int,
               seed: int = 0, num_epochs: int | None = None, shuffle: bool = True,
-              drop_remainder: bool = True, num_workers: int = 0):
-    """The packed, batched Grain dataset of a split for this host (batch_size is global)."""
-    import jax
-    if batch_size % jax.process_count():
-      raise ConfigError(f"data.batch_size={batch_size} must be a multiple of the number of "
-                        f"hosts ({jax.process_count()})")
+              drop_remainder: bool = True, num_workers: int = 0,
+              process_index: int | None = None, process_count: int | None = None):
+    """The packed, batched Grain dataset of a split for one host (batch_size is global).
+
+    The host is `process_index` of `process_count` (default: this JAX process); each reads its
+    own strided share of the documents and `batch_size / process_count` rows a batch.
+    """
+    process_index, process_count = host(process_index, process_count)
     return pipeline.make_dataset(
         self.splits[split], self.tokenizer, seq_len=seq_len,
-        batch_size=batch_size // jax.process_count(), max_segments=max_segments,
+        batch_size=rows_per_host(batch_size, process_count), max_segments=max_segments,
         domains=self.domains, seed=seed, shuffle=shuffle, num_epochs=num_epochs,
-        drop_remainder=drop_remainder, num_workers=num_workers)
+        drop_remainder=drop_remainder, num_workers=num_workers, shard_index=process_index,
+        shard_count=process_count)
 
   def eval_batches(self, dc: DataConfig, max_segments: int, num_batches: int,
-                   split: str = "validation") -> list[dict[str, np.ndarray]]:
+                   split: str = "validation", *, process_index: int | None = None,
+                   process_count: int | None = None) -> list[dict[str, np.ndarray]]:
     """The first `num_batches` batches of a split, in a fixed order, padded to full batches."""
     if not self.splits.get(split):
       raise ValueError(f"the {split} split is empty; use a larger corpus or other split "
                        "fractions")
+    process_index, process_count = host(process_index, process_count)
     ds = self.dataset(split, seq_len=dc.seq_len, batch_size=dc.batch_size,
                       max_segments=max_segments, num_epochs=1, shuffle=False,
-                      drop_remainder=False)
-    return [pad_batch(b, dc.batch_size // _process_count())
+                      drop_remainder=False, process_index=process_index,
+                      process_count=process_count)
+    return [pad_batch(b, rows_per_host(dc.batch_size, process_count))
             for b in itertools.islice(ds, num_batches)]
 
 
-def _process_count() -> int:
-  import jax
-  return jax.process_count()
+def host(process_index: int | None = None,
+         process_count: int | None = None) -> tuple[int, int]:
+  """(process_index, process_count) of a host: the given pair, or this JAX process's."""
+  if process_index is None or process_count is None:
+    return jax.process_index(), jax.process_count()
+  return process_index, process_count
+
+
+def rows_per_host(batch_size: int, process_count: int) -> int:
+  """The rows of a global batch each host reads; refuses a batch the hosts cannot share."""
+  if batch_size % process_count:
+    raise ConfigError(f"data.batch_size={batch_size} must be a multiple of the number of "
+                      f"hosts ({process_count})")
+  return batch_size // process_count
 
 
 def pad_batch(batch: Mapping[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
@@ -211,31 +238,38 @@ def _usable_output_folder(out: pathlib.Path, what: str = "--out") -> bool:
   return created
 
 
-def _previous_result(out: pathlib.Path, settings: Mapping[str, Any] | None) -> dict | None:
-  """The result of an earlier preparation whose files are all still there.
-
-  With `settings`, only an identical preparation counts; with None, any preparation does.
-  """
+def _read_preparation(out: pathlib.Path) -> tuple[dict | None, str]:
+  """(the result of an earlier preparation in `out` whose files are all still there, "") or
+  (None, what is missing)."""
+  if not out.is_dir():
+    return None, f"there is no folder {out}"
   try:
     previous = json.loads((out / RESULT_FILE).read_text(encoding="utf-8"))
   except (OSError, ValueError):
-    return None
+    return None, f"{out} holds no complete preparation (no readable {RESULT_FILE})"
   paths = [out / f"{s}.jsonl" for s in sources.SPLITS]
   if previous.get("tokenizer") not in (None, "bytes"):
     paths.append(pathlib.Path(previous["tokenizer"]))
-  if settings is not None and previous.get("settings") != dict(settings):
-    return None
-  if not all(p.is_file() for p in paths):
+  missing = [str(p) for p in paths if not p.is_file()]
+  if missing:
+    return None, f"the preparation in {out} is incomplete ({missing[0]} is missing)"
+  return previous, ""
+
+
+def _previous_result(out: pathlib.Path, settings: Mapping[str, Any]) -> dict | None:
+  """The result of an earlier preparation with exactly these settings, files all there."""
+  previous, _ = _read_preparation(out)
+  if previous is None or previous.get("settings") != dict(settings):
     return None
   return previous
 
 
-def prepare_corpus(corpus: str, out: str | pathlib.Path, *, vocab_size: int = 8192,
-                   tokenizer: str = "", cache_dir: str | None = None,
-                   max_bytes_per_domain: int = demo_corpus.DEFAULT_MAX_BYTES_PER_DOMAIN,
-                   validation: float = 0.02, test: float = 0.02, domain: str | None = None,
-                   on_error: str = "raise", tokenizer_bytes: int = 20_000_000,
-                   skip_tokenizer: bool = False, force: bool = False) -> dict[str, Any]:
+def build_corpus(corpus: str, out: str | pathlib.Path, *, vocab_size: int = 8192,
+                 tokenizer: str = "", cache_dir: str | None = None,
+                 max_bytes_per_domain: int = demo_corpus.DEFAULT_MAX_BYTES_PER_DOMAIN,
+                 validation: float = 0.02, test: float = 0.02, domain: str | None = None,
+                 on_error: str = "raise", tokenizer_bytes: int = 20_000_000,
+                 skip_tokenizer: bool = False, force: bool = False) -> dict[str, Any]:
   """Writes `out/{train,validation,test}.jsonl` and a tokenizer; returns a summary.
 
   `corpus` is "demo" (the built-in corpus) or a path / glob / comma-separated list of JSONL,
@@ -281,7 +315,7 @@ def prepare_corpus(corpus: str, out: str | pathlib.Path, *, vocab_size: int = 81
 
 def _finish(corpus: str, out: pathlib.Path, build: pathlib.Path, settings: Mapping[str, Any],
             *, cache_dir: str | None, force: bool) -> dict[str, Any]:
-  """The corpus and tokenizer of `prepare_corpus`, written into `build`; paths name `out`."""
+  """The corpus and tokenizer of `build_corpus`, written into `build`; paths name `out`."""
   start = time.time()
   if corpus == "demo":
     built = demo_corpus.build_demo_corpus(
@@ -336,22 +370,82 @@ def _finish(corpus: str, out: pathlib.Path, build: pathlib.Path, settings: Mappi
   return result
 
 
+class CorpusNotPreparedError(FileNotFoundError):
+  """`load_corpus` found no complete preparation of the configured corpus in its data folder."""
+
+
+def prepare_command(dc: DataConfig) -> str:
+  """The shell command that prepares exactly the folder `load_corpus(dc)` reads."""
+  words = ["python", "-m", "experiments.prepare_data", "--corpus", dc.corpus, "--out",
+           str(resolved_data_dir(dc))]
+  words += ["--tokenizer", dc.tokenizer] if dc.tokenizer else ["--vocab_size", str(dc.vocab_size)]
+  return shlex.join(words)
+
+
+def _matching_preparation(dc: DataConfig, data_dir: pathlib.Path) -> tuple[dict | None, str]:
+  """(the preparation in `data_dir` that serves `dc`, "") or (None, why there is none).
+
+  Any complete preparation of the same corpus serves, whatever its other settings (e.g. one
+  made by experiments/prepare_data with another vocab size), so a run never rewrites the
+  tokenizer under its own checkpoints; only a `dc.tokenizer` that names another tokenizer
+  asks for a new one.
+  """
+  summary, problem = _read_preparation(data_dir)
+  if summary is None:
+    return None, problem
+  settings = summary.get("settings", {})
+  if settings.get("corpus") != dc.corpus:
+    return None, f"{data_dir} was prepared from corpus {settings.get('corpus')!r}"
+  if dc.tokenizer and settings.get("tokenizer") != dc.tokenizer:
+    made = (f"tokenizer {settings['tokenizer']!r}" if settings.get("tokenizer")
+            else "a tokenizer trained on it")
+    return None, f"{data_dir} was prepared with {made}, not data.tokenizer={dc.tokenizer!r}"
+  return summary, ""
+
+
+def prepare_corpus(dc: DataConfig, *, cache_dir: str | None = None) -> dict | None:
+  """Builds the corpus `dc` names into its data folder, unless the folder already holds it.
+
+  The one step of data/ that writes (sources are downloaded or read, the splits written, a
+  tokenizer trained, with progress lines); run it once before `load_corpus`, which only
+  reads. It returns at once when the folder already holds a complete preparation that serves
+  `dc` (see `_matching_preparation`), and logs which of the two it did. Returns the
+  preparation's summary (its prepare_data.json). The synthetic corpus is generated in memory
+  by `load_corpus` and never written: nothing to prepare, returns None.
+  """
+  if dc.corpus == "synthetic":
+    log.info("corpus: synthetic, %d documents generated in memory from seed 0 (nothing to "
+             "prepare)", dc.synthetic_documents)
+    return None
+  data_dir = resolved_data_dir(dc)
+  summary, problem = _matching_preparation(dc, data_dir)
+  if summary is not None:
+    log.info("corpus: reusing %r prepared in %s", dc.corpus, data_dir)
+    return summary
+  log.info("corpus: preparing %r in %s (%s; later runs reuse it)", dc.corpus, data_dir, problem)
+  return build_corpus(dc.corpus, data_dir, vocab_size=dc.vocab_size, tokenizer=dc.tokenizer,
+                      cache_dir=cache_dir)
+
+
 def load_corpus(dc: DataConfig) -> Corpus:
-  """Splits and tokenizer for `dc`, preparing them first when they are missing."""
+  """The splits and tokenizer of the corpus `dc` names, read from its prepared data folder.
+
+  Reads only: a missing, incomplete or mismatching folder is refused with the command that
+  prepares it (`prepare_corpus(dc)` does the same from Python). The synthetic corpus is the
+  exception that needs no preparation: it is generated here in memory from a fixed seed and
+  writes nothing.
+  """
   if dc.corpus == "synthetic":
     docs = synthetic.synthetic_corpus(dc.synthetic_documents, seed=0)
     splits = sources.split_documents(docs, validation=0.05, test=0.05)
-    tok = (tokenizer_lib.ByteTokenizer() if dc.tokenizer in ("", "bytes")
-           else tokenizer_lib.load_tokenizer(dc.tokenizer))
+    tok = tokenizer_lib.load_tokenizer(dc.tokenizer or "bytes")
     return Corpus(splits, tok, sorted({d["domain"] for d in docs}))
   data_dir = resolved_data_dir(dc)
-  # A folder prepared earlier (e.g. by experiments/prepare_data with its own flags) is used as
-  # it is, so training never rewrites a tokenizer under an existing run.
-  summary = _previous_result(data_dir, None)
-  if summary is None or summary["settings"]["corpus"] != dc.corpus or (
-      dc.tokenizer and summary["settings"]["tokenizer"] != dc.tokenizer):
-    summary = prepare_corpus(dc.corpus, data_dir, vocab_size=dc.vocab_size,
-                             tokenizer=dc.tokenizer)
+  summary, problem = _matching_preparation(dc, data_dir)
+  if summary is None:
+    raise CorpusNotPreparedError(
+        f"corpus {dc.corpus!r} is not prepared: {problem}; prepare it with `{prepare_command(dc)}`"
+        " (or emo_jax.data.corpus.prepare_corpus(data_config) from Python)")
   if summary["tokenizer"] is None:
     raise ValueError(f"{data_dir} was prepared without a tokenizer (--skip_tokenizer); run "
                      "experiments/prepare_data again without it, or set data.tokenizer")
@@ -359,6 +453,5 @@ def load_corpus(dc: DataConfig) -> Corpus:
   splits = {split: (list(sources.read_jsonl(data_dir / f"{split}.jsonl"))
                     if (data_dir / f"{split}.jsonl").stat().st_size else [])
             for split in sources.SPLITS}
-  tok = (tokenizer_lib.ByteTokenizer() if summary["tokenizer"] == "bytes"
-         else tokenizer_lib.load_tokenizer(summary["tokenizer"]))
-  return Corpus(splits, tok, sorted(summary["domains"]))
+  return Corpus(splits, tokenizer_lib.load_tokenizer(summary["tokenizer"]),
+                sorted(summary["domains"]))

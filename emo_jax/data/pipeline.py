@@ -26,7 +26,9 @@ import dataclasses
 from typing import Any, Mapping, Sequence
 
 import grain
+import jax
 import numpy as np
+from absl import flags
 
 FIELDS = ("tokens", "targets", "segment_ids", "positions", "loss_mask", "domain_ids")
 
@@ -230,7 +232,6 @@ def make_dataset(documents: Sequence[Mapping[str, Any]], tokenizer, *, seq_len: 
   processes (Grain multiprocess prefetch); the iterator state stays checkpointable.
   """
   if shard_index is None or shard_count is None:
-    import jax
     shard_index, shard_count = jax.process_index(), jax.process_count()
   spec = PackingSpec(seq_len, max_segments)
   docs = document_dataset(documents, seed=seed, shuffle=shuffle, num_epochs=num_epochs,
@@ -241,7 +242,6 @@ def make_dataset(documents: Sequence[Mapping[str, Any]], tokenizer, *, seq_len: 
   if num_workers > 0:
     # Grain's worker processes read absl flags; outside an absl app (tests, notebooks) they
     # are unparsed, so accept their defaults.
-    from absl import flags
     if not flags.FLAGS.is_parsed():
       flags.FLAGS.mark_as_parsed()
     batched = batched.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))

@@ -29,6 +29,9 @@ from typing import Any, Iterable, Iterator, Sequence, Union
 
 from absl import logging
 
+from emo_jax.data import jsonl
+from emo_jax.data.jsonl import DataError
+
 Doc = dict[str, str]
 PathLike = Union[str, os.PathLike]
 
@@ -37,13 +40,8 @@ ARRAY_RECORD_SUFFIXES = (".array_record", ".arrayrecord")
 SPLITS = ("train", "validation", "test")
 # One record per group: each read decodes one record, which is what random access wants.
 _ARRAY_RECORD_WRITER_OPTIONS = "group_size:1"
-_MAX_ERRORS_KEPT = 20
 # How to opt out of a stop at bad input, for the command line and for Python callers.
 SKIP_HINT = "pass --on_error=skip (on_error='skip' in Python)"
-
-
-class DataError(ValueError):
-  """Bad input data. The message names the file (and line) and says how to fix it."""
 
 
 def _check_on_error(on_error: str) -> None:
@@ -73,55 +71,18 @@ class JsonlReader:
     self.errors: list[str] = []
 
   def __iter__(self) -> Iterator[Doc]:
-    self.documents, self.skipped, self.errors = 0, 0, []
-    if not self.path.is_file():
-      raise DataError(f"{self.path}: no such JSONL file. Check the path "
-                      "(expected one JSON object per line).")
-    seen_content = False
-    with open(self.path, "rb") as f:
-      for lineno, raw in enumerate(f, 1):
-        if not raw.strip():
-          continue
-        seen_content = True
-        try:
-          doc = self._parse(raw, lineno)
-        except DataError as e:
-          if self.on_error == "raise":
-            raise
-          self.skipped += 1
-          if len(self.errors) < _MAX_ERRORS_KEPT:
-            self.errors.append(str(e))
-          continue
-        self.documents += 1
-        yield doc
-    if not seen_content:
-      raise DataError(f"{self.path}: the file is empty. A JSONL corpus needs one JSON object "
-                      'per line, e.g. {"text": "...", "domain": "news"}.')
-    if self.skipped:
-      logging.warning("%s: skipped %d bad line(s) of %d (on_error=skip); first: %s",
-                      self.path, self.skipped, self.skipped + self.documents, self.errors[0])
+    counts = jsonl.LineCounts()
+    self.documents, self.skipped, self.errors = 0, 0, counts.errors
+    for doc in jsonl.read_records(self.path, expected='{"text": "...", "domain": "news"}',
+                                  check=self._make_doc, on_error=self.on_error,
+                                  skip_hint=SKIP_HINT, counts=counts):
+      self.documents, self.skipped = counts.records, counts.skipped
+      yield doc
+    self.documents, self.skipped = counts.records, counts.skipped
 
-  def _parse(self, raw: bytes, lineno: int) -> Doc:
-    where = f"{self.path}:{lineno}"
-    try:
-      line = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-      raise DataError(f"{where}: invalid UTF-8 (byte {e.start} of the line). Re-encode the "
-                      f"file as UTF-8, or {SKIP_HINT} to skip such lines.") from None
-    line = line.rstrip("\r\n")
-    try:
-      obj = json.loads(line)
-    except json.JSONDecodeError as e:
-      msg = e.msg if e.msg.endswith(" at") else f"{e.msg} at"
-      if e.pos >= len(line.rstrip()) or e.msg.startswith("Unterminated"):
-        problem = (f"the line ends before its JSON object does ({msg} column {e.colno} of "
-                   f"{len(line)}; was it cut short?)")
-      else:
-        problem = f"{msg} column {e.colno}"
-      raise DataError(f"{where}: not valid JSON: {problem}. Each line must be one JSON object "
-                      f'like {{"text": "..."}}; fix the line or {SKIP_HINT}.') from None
+  def _make_doc(self, obj: Any, where: str, line_no: int) -> Doc:
     return make_doc(obj, where=where, default_domain=self.default_domain,
-                    default_id=f"{self.path.stem}:{lineno}")
+                    default_id=f"{self.path.stem}:{line_no}")
 
 
 def make_doc(obj: Any, *, where: str, default_domain: str, default_id: str) -> Doc:

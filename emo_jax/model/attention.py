@@ -19,6 +19,10 @@ explicit choice that cannot run is refused with what it needs. See docs/accelera
 
 from __future__ import annotations
 
+import importlib
+import inspect
+from types import ModuleType
+
 import jax
 import jax.numpy as jnp
 
@@ -48,8 +52,8 @@ def dot_product_attention(q_BxLxHxK, k_BxMxGxK, v_BxMxGxK, mask_Bx1xLxM):
   Logits and softmax in float32. Every fast path of `segment_attention` is tested against it,
   and KV-cache decoding uses it directly (its [B, 1, T, M] cache mask is no segment pattern).
   Heads are moved in front of the sequence axes so both products are plain batched matmuls
-  over [B, G] with the R query heads of a group stacked along the rows (on XLA:CPU ~30 %
-  faster forward+backward than the equivalent einsums, whose layouts force copies), and the
+  over [B, G] with the R query heads of a group stacked along the rows (on XLA:CPU the
+  equivalent einsums' layouts force copies; BENCHMARKS.md, "CPU", has the figures), and the
   mask enters as an additive bias (-1e30: exp underflows to exactly 0; no row is ever fully
   masked, see `attention_mask`).
   """
@@ -103,6 +107,50 @@ def chunked_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL,
 CUDNN_MIN_VERSION = 90600
 SPLASH_BLOCKS = (512, 256, 128)
 
+# jax's cuDNN flash attention with per-document offsets lives in a private jax module: the
+# public `jax.nn.dot_product_attention(implementation="cudnn")` takes one query and one key
+# length per row and no offsets (jax-ml/jax#29731, not merged), so packed documents reach it
+# only as a dense mask, which is what the "cudnn" path exists to avoid (see
+# `segment_attention`). `_open_jax_cudnn_attention` is the one place emo_jax opens that module
+# and this constant the one place that names it.
+JAX_CUDNN_ATTENTION_MODULE = ".".join(("jax", "_src", "cudnn", "fused_attention_stablehlo"))
+# The jax releases whose private module `jax_cudnn_attention` is written against (setup.py).
+JAX_CUDNN_ATTENTION_VERSIONS = "jax >= 0.10.2, < 0.13"
+
+
+def jax_cudnn_attention() -> ModuleType:
+  """jax's private cuDNN attention module, checked for what the "cudnn" path calls.
+
+  Raises RuntimeError naming the jax versions this code is written against when the installed
+  jax lacks the module or part of what it calls (`_open_jax_cudnn_attention`).
+  """
+  module, lacks = _open_jax_cudnn_attention()
+  if lacks:
+    raise RuntimeError(
+        f"attention_impl='cudnn' needs jax's cuDNN packed-document attention as in "
+        f"{JAX_CUDNN_ATTENTION_VERSIONS}, but jax {jax.__version__} {lacks}: install a jax in "
+        "that range or use attention_impl='xla' or 'auto'")
+  return module
+
+
+def _open_jax_cudnn_attention() -> tuple[ModuleType | None, str | None]:
+  """(the module, None), or (None, what the installed jax lacks of it)."""
+  try:
+    module = importlib.import_module(JAX_CUDNN_ATTENTION_MODULE)
+  except ImportError as e:
+    return None, f"has no module {JAX_CUDNN_ATTENTION_MODULE} ({e})"
+  missing = [name for name in ("dot_product_attention", "MaskType", "check_cudnn_version",
+                               "check_compute_capability") if not hasattr(module, name)]
+  if not missing:
+    parameters = inspect.signature(module.dot_product_attention).parameters
+    missing = [f"dot_product_attention({name}=...)" for name in ("q_offsets", "kv_offsets")
+               if name not in parameters]
+    if not hasattr(module.MaskType, "PADDING_CAUSAL"):
+      missing.append("MaskType.PADDING_CAUSAL")
+  if missing:
+    return None, f"has no {', '.join(missing)} in {JAX_CUDNN_ATTENTION_MODULE}"
+  return module, None
+
 
 def segment_runs(segment_ids_BxL: jax.Array, max_runs: int) -> tuple[jax.Array, jax.Array]:
   """Start and length of each run of one segment id along a row: int32 [B, max_runs] each.
@@ -128,9 +176,9 @@ def cudnn_packed_arguments(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL, max
   """(q, k, v, seqlens_BxM, offsets_Bx(M+1)) for cuDNN's packed (THD) layout.
 
   Each run of `segment_runs` becomes one sequence of cuDNN's ragged batch: offsets are its
-  first token, seqlens its length, -1 where a row has fewer runs (the convention of
-  `jax._src.cudnn.fused_attention_stablehlo.dot_product_attention`, which turns them into
-  cuDNN's flat element offsets in `_fix_seqlen_offsets`).
+  first token, seqlens its length, -1 where a row has fewer runs (the convention of the
+  `dot_product_attention` of `jax_cudnn_attention()`, which turns them into cuDNN's flat
+  element offsets in `_fix_seqlen_offsets`).
 
   Grouped keys are repeated to one per query head: jax <= 0.10 scales the key offsets by the
   query's per-token stride (N * H instead of N_kv * H), so GQA would read the wrong tokens
@@ -151,7 +199,10 @@ def _cudnn_problem(dtype, head_dim: int) -> tuple[str, str] | None:
   backend = jax.default_backend()
   if backend != "gpu":
     return "an NVIDIA GPU with cuDNN", f"this backend is {backend!r}"
-  from jax._src.cudnn import fused_attention_stablehlo as cudnn_fa  # GPU-only import path
+  cudnn_fa, lacks = _open_jax_cudnn_attention()
+  if lacks:
+    return (f"jax's cuDNN packed-document attention ({JAX_CUDNN_ATTENTION_VERSIONS})",
+            f"jax {jax.__version__} {lacks}")
   try:
     version = cudnn_fa.check_cudnn_version()
   except RuntimeError:
@@ -213,7 +264,7 @@ def segment_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL, impl: st
 
   * "xla": that reference; materialises [B, G, R, L, L] float32 logits.
   * "jax_xla": `jax.nn.dot_product_attention(implementation="xla")` with `is_causal` and a
-    [B, 1, L, L] same-segment mask. Portable; no faster than the reference, a cross-check.
+    [B, 1, L, L] same-segment mask. Portable; a cross-check of the reference, not a fast path.
   * "cudnn": cuDNN flash attention in its packed (THD) layout: every run of one segment id
     (`segment_runs`) is its own sequence, under a padding-causal mask. Why not a mask: jax
     turns a dense boolean `mask` (with or without `is_causal=True`) into an additive bf16 bias
@@ -224,9 +275,9 @@ def segment_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL, impl: st
     documents is skipped. The packed layout reads no mask and skips the work between
     documents (cost follows the sum of squared document lengths, not L^2); it keeps softmax
     statistics of float32 [B * max_runs, H, L] for the backward. It is reached through jax's
-    private `fused_attention_stablehlo.dot_product_attention` (added in jax-ml/jax#25812; the
-    public `jax.nn` function has no offsets argument, jax-ml/jax#29731 is not merged) and
-    needs cuDNN >= 9.6, a Hopper GPU, bfloat16/float16, and `max_runs` >= the runs of a row
+    private `fused_attention_stablehlo.dot_product_attention` (`jax_cudnn_attention`; added in
+    jax-ml/jax#25812; the public `jax.nn` function has no offsets argument) and needs
+    cuDNN >= 9.6, a Hopper GPU, bfloat16/float16, and `max_runs` >= the runs of a row
     (max_segments + 1 for the packer). Padding split into several stretches of one row (never
     written by the packer) attends within each stretch, where the reference joins them.
   * "splash": the Pallas TPU splash kernel with `SegmentIds` and a causal mask, one MQA kernel
@@ -245,7 +296,7 @@ def segment_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL, impl: st
     return jax.nn.dot_product_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, mask=same_Bx1xLxL,
                                         is_causal=True, implementation="xla")
   if impl == "cudnn":
-    from jax._src.cudnn import fused_attention_stablehlo as cudnn_fa
+    cudnn_fa = jax_cudnn_attention()
     q, k, v, seqlens_BxM, offsets_BxM1 = cudnn_packed_arguments(
         q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL, max_runs or L)
     return cudnn_fa.dot_product_attention(
@@ -258,6 +309,8 @@ def segment_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL, impl: st
 
 def _splash_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL, *, mesh, interpret):
   """The splash kernel over rows and key/value groups (inside a shard_map on a mesh)."""
+  # Imported on first use: loading Pallas's TPU kernels is slow, and only TPU runs and the
+  # interpret-mode tests call them.
   from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
   def local(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL):

@@ -19,9 +19,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
+from emo_jax.config import ConfigError, ConfigMixin, ModelConfig
 from emo_jax.model import expert_parallel, experts
 from emo_jax.model.attention import ATTENTION_IMPLS
-from emo_jax.config import ConfigError, ConfigMixin, ModelConfig
 from emo_jax.model.remat import REMAT_POLICIES
 
 
@@ -29,24 +29,26 @@ from emo_jax.model.remat import REMAT_POLICIES
 class ExecutionConfig(ConfigMixin):
   """How the model is computed. Defaults suit training on any platform."""
 
-  # Routed-expert kernel (experts.py): "capacity" (padded per-expert buffers, drops past
-  # `capacity_factor`), "ragged" (sort + grouped matmul, dropless) or "dense" (reference).
+  # The allowed values of each choice below are the tuple named in its comment (`FIELD_CHOICES`),
+  # described one by one in docs/accelerators.md ("The choices").
+  # Routed-expert kernel, one of experts.BACKENDS: the capacity backend drops what exceeds
+  # `capacity_factor`, the others are dropless.
   expert_backend: str = "capacity"
   # Room per expert of the capacity backend, in multiples of a perfectly balanced load
   # (experts.expert_capacity). The dropless backends do not read it.
   capacity_factor: float = 1.25
-  # Grouped-matmul kernel of the ragged backend: "auto" (tokamax on GPU/TPU when installed,
-  # megablox on TPU, XLA elsewhere), "xla", "tokamax" or "megablox" (experts.grouped_matmul).
+  # Grouped-matmul kernel of the ragged backend, one of experts.RAGGED_DOT_IMPLS ("auto" is
+  # resolved by experts.resolve_ragged_dot_impl).
   ragged_dot_impl: str = "auto"
-  # How tokens reach the experts on other devices under expert parallelism
-  # (expert_parallel.py): "auto", "all_to_all" (capacity), "ragged_all_to_all" (ragged,
-  # GPU/TPU) or "all_gather" (ragged, every platform).
+  # How tokens reach the experts on other devices under expert parallelism, one of
+  # expert_parallel.TRANSPORTS; each backend accepts only some (expert_parallel.check_transport,
+  # "auto" resolved by expert_parallel.resolve_transport).
   expert_transport: str = "auto"
-  # Attention kernel (attention.segment_attention): "xla" (the reference, every platform),
-  # "jax_xla", "cudnn" (Hopper GPU, bf16/fp16), "splash" (TPU) or "auto".
+  # Attention kernel of attention.segment_attention, one of attention.ATTENTION_IMPLS ("auto"
+  # resolved by attention.resolve_attention_impl).
   attention_impl: str = "xla"
   # Rematerialise each block in the backward pass (saves activation memory), keeping what
-  # `remat_policy` names (remat.checkpoint_policy).
+  # `remat_policy` names: one of remat.REMAT_POLICIES (remat.checkpoint_policy).
   remat: bool = True
   remat_policy: str = "full"
   # Run the decoder blocks as one `jax.lax.scan` (compiled once whatever the depth: the choice
@@ -69,20 +71,15 @@ def _fail(field: str, value: Any, allowed: str) -> None:
 
 
 def _validate(c: ExecutionConfig) -> None:
-  if c.expert_backend not in experts.BACKENDS:
-    _fail("expert_backend", c.expert_backend, f"allowed values are {list(experts.BACKENDS)}")
-  if c.ragged_dot_impl not in experts.RAGGED_DOT_IMPLS:
-    _fail("ragged_dot_impl", c.ragged_dot_impl,
-          f"allowed values are {list(experts.RAGGED_DOT_IMPLS)}")
+  for field, choices in FIELD_CHOICES.items():
+    value = getattr(c, field)
+    if field != "expert_transport" and value not in choices:  # transports: check_transport
+      hint = ("; remat=False alone also turns rematerialisation off"
+              if field == "remat_policy" else "")
+      _fail(field, value, f"allowed values are {list(choices)}{hint}")
   problem = expert_parallel.check_transport(c.expert_backend, c.expert_transport)
   if problem:
     raise ConfigError(f"ExecutionConfig.{problem}")
-  if c.attention_impl not in ATTENTION_IMPLS:
-    _fail("attention_impl", c.attention_impl, f"allowed values are {list(ATTENTION_IMPLS)}")
-  if c.remat_policy not in REMAT_POLICIES:
-    _fail("remat_policy", c.remat_policy,
-          f"allowed values are {list(REMAT_POLICIES)}; remat=False alone also turns "
-          "rematerialisation off")
   if (isinstance(c.head_chunk_tokens, bool) or not isinstance(c.head_chunk_tokens, int)
       or c.head_chunk_tokens < 0):
     _fail("head_chunk_tokens", c.head_chunk_tokens,
@@ -96,6 +93,16 @@ def _validate(c: ExecutionConfig) -> None:
           "expert_backend='ragged'")
 
 
+# The fields that take one of a fixed set of values, and the tuple that owns each set (declared
+# next to its implementation). docs/accelerators.md describes every value (tests/test_config.py
+# checks that it lists exactly these).
+FIELD_CHOICES = {
+    "expert_backend": experts.BACKENDS,
+    "ragged_dot_impl": experts.RAGGED_DOT_IMPLS,
+    "expert_transport": expert_parallel.TRANSPORTS,
+    "attention_impl": ATTENTION_IMPLS,
+    "remat_policy": REMAT_POLICIES,
+}
 EXECUTION_FIELDS = frozenset(f.name for f in dataclasses.fields(ExecutionConfig))
 
 
@@ -113,19 +120,3 @@ def split_model_fields(values: Mapping[str, Any]) -> tuple[dict, dict]:
 def saved_model_config(values: Mapping[str, Any]) -> ModelConfig:
   """The ModelConfig of a saved model config, whether written before the split or after."""
   return ModelConfig.from_dict(split_model_fields(values)[0])
-
-
-def run_configs(config: Any) -> tuple[ModelConfig, ExecutionConfig]:
-  """(ModelConfig, ExecutionConfig) of an experiment config (`.model`, optional `.execution`).
-
-  An execution field inside `.model` (a config file written before the split) is refused with
-  where it belongs now, rather than being silently used or dropped.
-  """
-  model, misplaced = split_model_fields(config.model)
-  if misplaced:
-    names = sorted(misplaced)
-    raise ConfigError(f"model.{names[0]} is a run setting, not architecture: set it as "
-                      f"execution.{names[0]} (e.g. --config.execution.{names[0]}=...); "
-                      f"misplaced: {['model.' + n for n in names]}")
-  execution = config.get("execution", None) if hasattr(config, "get") else None
-  return ModelConfig.from_dict(model), ExecutionConfig.from_dict(execution or {})

@@ -16,8 +16,8 @@ function with backends that agree with each other (tests compare them to ``dense
   Dropless. ``ragged_dot_impl`` picks the kernel (``grouped_matmul``): "blocked" pads each
   expert's rows to whole blocks and runs one batched matmul over the blocks (the CPU default,
   ``blocked_partial``; padding under one block per expert instead of a capacity), XLA's
-  ``jax.lax.ragged_dot`` (exact everywhere, but on H100 XLA expands it to a dense product,
-  ~5 TFLOP/s, see docs/accelerators.md), tokamax's Pallas kernels (GPU and TPU) or Pallas megablox
+  ``jax.lax.ragged_dot`` (exact everywhere, but on H100 XLA expands it to a dense product;
+  BENCHMARKS.md, "GPU", has its rate), tokamax's Pallas kernels (GPU and TPU) or Pallas megablox
   (TPU; runs interpreted elsewhere, which is how the tests check it).
 
 Moving rows between token order and expert order is the other half of the cost; the index
@@ -69,7 +69,7 @@ def expert_bank_swiglu(x_ExNxD, w_gate_ExDxH, w_up_ExDxH, w_down_ExHxD,
 
   The gate and up projections run as one product against the concatenated [E, D, 2H]
   weights: on XLA:CPU batched matmuls cost more per flop than 2-D ones, so fewer and wider
-  ones are faster. The result equals ``swiglu`` per expert.
+  ones cost less (BENCHMARKS.md, "CPU"). The result equals ``swiglu`` per expert.
 
   This is the compute step between ``capacity_dispatch`` and ``capacity_combine``; under expert
   parallelism it runs on the local slice of the bank after the ``all_to_all``.
@@ -124,8 +124,9 @@ def resolve_ragged_dot_impl(impl: str) -> str:
 
 @functools.lru_cache(maxsize=None)
 def _warn_slow_ragged_dot(platform: str) -> None:
-  """Once per process: XLA's ragged_dot on a GPU is a dense expansion (~5 TFLOP/s on H100,
-  out of memory at EMO shapes), so falling back to it silently would hide a 100x slowdown."""
+  """Once per process: XLA's ragged_dot on a GPU is a dense expansion (out of memory at EMO
+  shapes, and far below the grouped kernels: BENCHMARKS.md, "GPU"), so falling back to it
+  silently would hide the slowest expert path there is."""
   logging.getLogger(__name__).warning(
       "expert_backend='ragged' on %s without tokamax falls back to jax.lax.ragged_dot, which "
       "XLA expands to a dense product (slow, memory-hungry at EMO shapes): pip install tokamax "
@@ -174,7 +175,9 @@ def grouped_matmul(lhs_AxD, rhs_GxDxH, group_sizes_G, *, impl: str = "xla",
                            preferred_element_type=out_dtype)
     return gather_slots(out_NxBxH.reshape(-1, rhs_GxDxH.shape[-1]), layout.slot_A,
                         layout.row_of_slot_S[:, None])
-  from jax.experimental.pallas.ops.tpu.megablox import gmm  # Pallas TPU grouped matmul
+  # Imported on first use: loading Pallas's TPU kernels is slow, and only TPU runs and the
+  # interpret-mode tests call them.
+  from jax.experimental.pallas.ops.tpu.megablox import gmm
   num_rows, d_in = lhs_AxD.shape
   tile_m = min(128, -(-num_rows // 8) * 8)
   padded_rows = -(-num_rows // tile_m) * tile_m

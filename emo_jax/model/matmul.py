@@ -3,10 +3,10 @@
 ``einsum("bld,dv->blv")`` and friends are the natural way to write a projection of [B, L, D]
 activations, but XLA lowers them as dot_generals over 3-D operands whose weight gradient
 contracts two axes (b and l) at once. On XLA:CPU that path transposes the activations
-before the matmul: the demo's LM head (16 x 256 tokens, d 128, vocabulary 8,192) took
-590 ms forward+backward as an einsum and 350 ms as a reshaped 2-D matmul (the attention
-projections ~25 % less). Reshaping leading axes is free (no data moves), so every dense
-projection of the model goes through ``flat_matmul``.
+before the matmul, which made the demo's LM head and attention projections markedly slower
+than the same products as reshaped 2-D matmuls (BENCHMARKS.md, "CPU", has the figures).
+Reshaping leading axes is free (no data moves), so every dense projection of the model goes
+through ``flat_matmul``.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 NEG_INF = -jnp.inf
 
@@ -66,7 +67,6 @@ def check_segment_ids(segment_ids, max_segments: int) -> None:
   Inside jit an id above max_segments would silently drop its document from the pool, so the
   data pipeline should call this once per batch shape it produces.
   """
-  import numpy as np
   segment_ids = np.asarray(segment_ids)
   if segment_ids.min(initial=0) < 0 or segment_ids.max(initial=0) > max_segments:
     raise ValueError(

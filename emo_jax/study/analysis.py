@@ -34,16 +34,21 @@ import jax
 import numpy as np
 from flax import nnx
 
-from emo_jax.train import checkpoint
 from emo_jax.data import sources
-from emo_jax.data import tokenizer as tokenizer_lib
 from emo_jax.data.corpus import DataConfig, load_corpus
-from emo_jax.model.execution import ExecutionConfig, saved_model_config
-from emo_jax.model.transformer import Transformer
+from emo_jax.data.tokenizer import load_tokenizer
+from emo_jax.inference.loading import load_model
+from emo_jax.model.execution import ExecutionConfig
+from emo_jax.study import plots as plots_lib
 
 log = logging.getLogger(__name__)
 
 TOKENS_PER_DOCUMENT = 100
+# Analysis routes as the released inference does (no pool: `eval_pool_size=None` when loading)
+# and needs every token's routing to be independent of its batch, so it runs the dropless
+# `ragged` expert backend: with `capacity`, dropped assignments would make one document's
+# features depend on the others.
+EXECUTION = ExecutionConfig(expert_backend="ragged", remat=False)
 
 
 # ---- features ---------------------------------------------------------------------------------
@@ -78,23 +83,6 @@ class RoutingFeatures:
   def per_layer(self) -> np.ndarray:
     """The features as [T, layers, experts]."""
     return self.features.reshape(-1, self.num_layers, self.num_experts)
-
-
-def load_model(path: str | pathlib.Path, *, expert_backend: str = "ragged"):
-  """(graphdef, params, ModelConfig) of a training workdir or a parameter checkpoint.
-
-  Analysis routes as the released inference does (no pool) and needs every token's routing to
-  be independent of its batch, so it defaults to the dropless `ragged` expert backend: with
-  `capacity`, dropped assignments would make one document's features depend on the others.
-  """
-  params, config = checkpoint.load_params(path)
-  cfg = saved_model_config(config).replace(eval_pool_size=None)
-  if not cfg.is_moe:
-    raise ValueError(f"{path} holds a dense model (num_experts=0): it has no routing to analyse")
-  run = ExecutionConfig(expert_backend=expert_backend, remat=False)
-  graphdef, _ = nnx.split(nnx.eval_shape(
-      lambda: Transformer(cfg, rngs=nnx.Rngs(0), execution=run)))
-  return graphdef, params, cfg
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -473,8 +461,7 @@ def checkpoint_tokenizer(path: str | pathlib.Path, tokenizer: str | None = None)
   """The tokenizer a model was trained with: `tokenizer` ("bytes" or a file) when given, else
   the one of the training run's `config.json` data settings."""
   if tokenizer:
-    return (tokenizer_lib.ByteTokenizer() if tokenizer == "bytes"
-            else tokenizer_lib.load_tokenizer(tokenizer))
+    return load_tokenizer(tokenizer)
   config_file = pathlib.Path(path) / "config.json"
   if not config_file.is_file():
     raise FileNotFoundError(
@@ -483,7 +470,7 @@ def checkpoint_tokenizer(path: str | pathlib.Path, tokenizer: str | None = None)
   config = json.loads(config_file.read_text())
   dc = DataConfig.from_dict(config["data"])
   if dc.tokenizer == "bytes":
-    return tokenizer_lib.ByteTokenizer()
+    return load_tokenizer("bytes")
   return load_corpus(dc).tokenizer
 
 
@@ -527,7 +514,10 @@ def cluster_checkpoints(checkpoints: Sequence[str | pathlib.Path],
   results: list[Analysis] = []
   for i, path in enumerate(checkpoints):
     start = time.time()
-    graphdef, params, cfg = load_model(path)
+    cfg, graphdef, params = load_model(path, execution=EXECUTION, eval_pool_size=None)
+    if not cfg.is_moe:
+      raise ValueError(f"{path} holds a dense model (num_experts=0): it has no routing to "
+                       "analyse; pass a mixture-of-experts checkpoint")
     name = names[i] if names else model_name(cfg)
     if name in {r.name for r in results}:
       name = f"{name} (baseline)"
@@ -553,7 +543,6 @@ def cluster_checkpoints(checkpoints: Sequence[str | pathlib.Path],
     results.append(result)
   plots = []
   if plot:
-    from emo_jax.study import plots as plots_lib
     plots = [p.name for p in plots_lib.plot_all(results, domains, out_dir)]
   main = results[0].summary
   report = {"concentration": main["concentration"], "purity": main["purity"], "nmi": main["nmi"],

@@ -15,6 +15,7 @@ from typing import Mapping, Sequence
 import numpy as np
 from matplotlib import colormaps
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullLocator
 
 DPI = 110
 # The largest number of layers drawn in one expert-usage figure; more layers go to more files.
@@ -41,7 +42,6 @@ def fraction_axis(ax, fractions: Sequence[float],
                   label: str = "experts kept (% of all experts)") -> None:
   """A log-2 x axis of the fraction of experts kept, ticked at the measured fractions and
   labelled in percent, as the tables print them (not 2^-3 ... 2^0)."""
-  from matplotlib.ticker import NullLocator  # pylint: disable=import-outside-toplevel
   ax.set_xscale("log", base=2)
   ticks = sorted({float(f) for f in fractions})
   ax.set_xticks(ticks, [percent(f) for f in ticks])
@@ -320,23 +320,3 @@ def plot_reproduction(rows: Sequence[Mapping], path: str | pathlib.Path,
   fig.legend(handles, labels, loc="outside lower center", ncol=min(4, len(labels)), fontsize=8,
              handlelength=LEGEND_HANDLE_LENGTH)
   return _save(fig, pathlib.Path(path))
-
-
-def plot_fraction_curves(curves: Mapping[str, Sequence[tuple[float, float]]], path, *,
-                         ylabel: str, title: str = "", styles: Mapping[str, dict] | None = None):
-  """One line per curve of (fraction of experts kept, value); log-2 x axis like the paper,
-  labelled in percent of the experts."""
-  fig = Figure(figsize=(6.4, 4.2))
-  ax = fig.add_subplot(1, 1, 1)
-  for label, points in curves.items():
-    points = sorted(points)
-    ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label,
-            **(styles or {}).get(label, {}))
-  fraction_axis(ax, [p[0] for points in curves.values() for p in points])
-  ax.set_ylabel(ylabel)
-  if title:
-    ax.set_title(title)
-  ax.grid(True, alpha=0.3)
-  ax.legend(fontsize=7, ncol=2, handlelength=LEGEND_HANDLE_LENGTH)
-  fig.savefig(path, dpi=DPI, bbox_inches="tight")
-  return path

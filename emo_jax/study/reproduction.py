@@ -18,9 +18,9 @@ The README's "The paper's claim at small scale" section shows the command and it
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import hashlib
+import itertools
 import json
 import logging
 import pathlib
@@ -31,13 +31,16 @@ import numpy as np
 
 from emo_jax.config import ModelConfig
 from emo_jax.data import corpus as corpus_lib, pipeline, sources
-from emo_jax.model.execution import run_configs
 from emo_jax.inference import loading
+from emo_jax.model.transformer import count_params
+from emo_jax.study import calibration, selective
+from emo_jax.train import evaluate
+from emo_jax.train.experiment import Experiment
 
 log = logging.getLogger(__name__)
 
 # Fractions of the bank the study keeps: the paper's 128, 64, 32, 16 and 8 of 128 experts.
-DEFAULT_FRACTIONS = (1.0, 0.5, 0.25, 0.125, 0.0625)
+DEFAULT_FRACTIONS = selective.PAPER_FRACTIONS
 # Subsets whose parameter count the memory-matched models get (the paper: 16 of 128 ~ dense 1B).
 MATCHED_FRACTIONS = (0.25, 0.125)
 # Calibration sets: the first 1 and 5 documents of a domain, and all of its calibration pool.
@@ -54,41 +57,7 @@ class StudyError(ValueError):
   """A study setting that cannot be honoured; the message names the flag or field."""
 
 
-# ---- subset sizes ---------------------------------------------------------------------------------
-def active_experts(cfg: ModelConfig) -> int:
-  """Experts every token uses: top_k routed plus the shared ones."""
-  return cfg.top_k + cfg.num_shared_experts
-
-
-def subset_sizes(cfg: ModelConfig, fractions: Sequence[float]) -> list[int]:
-  """Experts kept (shared included) at each fraction, largest first.
-
-  A subset smaller than the active count would force top-k onto fewer experts than the model
-  was trained to use, a different question from the paper's, so it is refused.
-  """
-  if not cfg.is_moe:
-    raise StudyError("the study needs a mixture-of-experts config (model.num_experts > 0)")
-  sizes = set()
-  for f in fractions:
-    f = float(f)
-    if not 0 < f <= 1:
-      raise StudyError(f"--fractions holds {f}: each fraction must be in (0, 1]")
-    keep = int(round(f * cfg.num_experts))
-    if keep < active_experts(cfg):
-      raise StudyError(
-          f"--fractions {f} keeps {keep} of {cfg.num_experts} experts, fewer than the "
-          f"{active_experts(cfg)} every token uses (top_k={cfg.top_k} + "
-          f"{cfg.num_shared_experts} shared); drop it or use a config with more experts "
-          "(configs/repro.py)")
-    sizes.add(keep)
-  return sorted(sizes | {cfg.num_experts}, reverse=True)
-
-
 # ---- the models -------------------------------------------------------------------------------------
-def _plain(config) -> dict:
-  return config.to_dict() if hasattr(config, "to_dict") else copy.deepcopy(dict(config))
-
-
 def training_key(config) -> str:
   """12 hex digits that change whenever a field that changes the trained parameters does.
 
@@ -97,53 +66,36 @@ def training_key(config) -> str:
   filling in defaults, so spelling a default out does not change the key. The mesh is left out:
   results agree across meshes to rounding.
   """
-  config = _plain(config)
-  model, execution = run_configs(_Config(config))
-  data = corpus_lib.DataConfig.from_dict(config["data"]).to_dict()
-  from emo_jax.train.trainer import TrainConfig  # pylint: disable=import-outside-toplevel
-  train = TrainConfig.from_dict(config["train"]).to_dict()
+  experiment = Experiment.from_config(config)
+  data, train = experiment.data.to_dict(), experiment.train.to_dict()
   for name in UNKEYED_FIELDS["data"]:
     data.pop(name)
   for name in UNKEYED_FIELDS["train"]:
     train.pop(name)
-  keyed = {"model": model.to_dict(), "execution": execution.to_dict(), "data": data,
-           "train": train}
+  keyed = {"model": experiment.model.to_dict(), "execution": experiment.execution.to_dict(),
+           "data": data, "train": train}
   return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:12]
 
 
-class _Config(dict):
-  """A plain dict with attribute access, as execution.run_configs reads configs."""
-
-  def __getattr__(self, name):
-    try:
-      return self[name]
-    except KeyError:
-      raise AttributeError(name) from None
+def with_seed(config, seed: int) -> Experiment:
+  """The experiment with its initialisation, pool draws and data order all from `seed`."""
+  e = Experiment.from_config(config)
+  return e.replace(train=e.train.replace(seed=int(seed)), data=e.data.replace(seed=int(seed)))
 
 
-def with_seed(config, seed: int):
-  """The config with its initialisation, pool draws and data order all from `seed`."""
-  config = copy.deepcopy(config)
-  config.train.seed = int(seed)
-  config.data.seed = int(seed)
-  return config
-
-
-def stdmoe_config(config):
-  config = copy.deepcopy(config)
-  config.model.pool = False
-  return config
+def stdmoe_config(config) -> Experiment:
+  """The same experiment without the document pool."""
+  e = Experiment.from_config(config)
+  return e.replace(model=e.model.replace(pool=False))
 
 
 def _model(config) -> ModelConfig:
-  return run_configs(config)[0]
+  return Experiment.from_config(config).model
 
 
 def matched_dense_hidden(cfg: ModelConfig, keep: int) -> int:
   """mlp_hidden of a dense model with as many parameters as `cfg` pruned to `keep` experts."""
-  from emo_jax.model.transformer import count_params  # pylint: disable=import-outside-toplevel
-  from emo_jax.study.selective import pruned_param_count  # pylint: disable=import-outside-toplevel
-  target = pruned_param_count(cfg, keep)
+  target = selective.pruned_param_count(cfg, keep)
   dense = cfg.replace(num_experts=0, pool=False, mlp_hidden=1)
   base = count_params(dense)["total_params"] - 3 * cfg.d_model * cfg.num_layers
   return max(1, int(round((target - base) / (3 * cfg.d_model * cfg.num_layers))))
@@ -153,22 +105,17 @@ def memory_matched_config(config, keep: int, kind: str):
   """A model trained from scratch with the parameter count of `config` pruned to `keep` experts:
   kind "dense" (a SwiGLU MLP of matched width) or "moe" (keep - shared routed experts + the
   shared ones, no pool)."""
-  cfg = _model(config)
-  config = copy.deepcopy(config)
+  e = Experiment.from_config(config)
+  cfg = e.model
   if kind == "dense":
-    config.model.mlp_hidden = matched_dense_hidden(cfg, keep)
-    config.model.num_experts = 0
-    config.model.pool = False
+    model = cfg.replace(mlp_hidden=matched_dense_hidden(cfg, keep), num_experts=0, pool=False)
   elif kind == "moe":
     top_k = min(cfg.top_k, keep - cfg.num_shared_experts)
-    config.model.num_experts = keep
-    config.model.top_k = top_k
-    config.model.pool = False
-    config.model.pool_max = keep
-    config.model.pool_min = min(max(cfg.pool_min, top_k), keep)
+    model = cfg.replace(num_experts=keep, top_k=top_k, pool=False, pool_max=keep,
+                        pool_min=min(max(cfg.pool_min, top_k), keep))
   else:
     raise StudyError(f"memory-matched kind {kind!r} is unknown: use 'dense' or 'moe'")
-  return config
+  return e.replace(model=model)
 
 
 def anneal_configs(config, fraction: float):
@@ -182,19 +129,19 @@ def anneal_configs(config, fraction: float):
   """
   if not 0 < fraction < 1:
     raise StudyError(f"--anneal_fraction={fraction} must be in (0, 1)")
-  steps = int(config.train.steps)
+  e = Experiment.from_config(config)
+  steps = e.train.steps
   anneal_steps = max(1, int(round(fraction * steps)))
   if anneal_steps >= steps:
     raise StudyError(f"--anneal_fraction={fraction} of {steps} steps leaves no StdMoE steps")
-  first = stdmoe_config(config)
-  first.train.steps = steps - anneal_steps
-  first.train.warmup_steps = min(int(config.train.warmup_steps), max(0, first.train.steps // 10))
-  anneal = copy.deepcopy(config)
-  anneal.model.pool = True
-  anneal.train.steps = anneal_steps
-  anneal.train.schedule = "linear"
-  anneal.train.warmup_steps = max(1, anneal_steps // 20)
-  anneal.data.seed = int(config.data.seed) + 1000
+  first = stdmoe_config(e)
+  first_steps = steps - anneal_steps
+  first = first.replace(train=first.train.replace(
+      steps=first_steps, warmup_steps=min(e.train.warmup_steps, max(0, first_steps // 10))))
+  anneal = e.replace(model=e.model.replace(pool=True),
+                     train=e.train.replace(steps=anneal_steps, schedule="linear",
+                                           warmup_steps=max(1, anneal_steps // 20)),
+                     data=e.data.replace(seed=e.data.seed + 1000))
   return first, anneal
 
 
@@ -217,6 +164,7 @@ def train_cached(label: str, config, models_dir: pathlib.Path, seed: int) -> Tra
 
   An interrupted run resumes from its last checkpoint (the trainer's own resume)."""
   from emo_jax.train.trainer import train_and_evaluate  # pylint: disable=import-outside-toplevel
+  config = Experiment.from_config(config)
   key = training_key(config)
   slug = "".join(c if c.isalnum() else "_" for c in label.lower()).strip("_")
   path = models_dir / f"{slug}-s{seed}-{key}"
@@ -237,7 +185,7 @@ def train_cached(label: str, config, models_dir: pathlib.Path, seed: int) -> Tra
                      "); run the same command again to resume it from its checkpoint in "
                      f"{path}")
   from emo_jax.model.transformer import count_params  # pylint: disable=import-outside-toplevel
-  counts = count_params(_model(config))
+  counts = count_params(config.model)
   summary = {k: v for k, v in last.items() if k.startswith(("val_", "unigram_val_"))}
   summary.update(counts, steps=int(config.train.steps), loss=last.get("loss"))
   done.write_text(json.dumps({"key": key, "seconds": seconds, "summary": summary}, indent=1))
@@ -296,14 +244,13 @@ def write_holdout_data(splits: Mapping[str, Sequence[Mapping]], domain: str,
   return out_dir
 
 
-def holdout_config(config, data_dir: pathlib.Path):
-  """The config trained on a folder written by write_holdout_data."""
-  config = copy.deepcopy(config)
+def holdout_config(config, data_dir: pathlib.Path) -> Experiment:
+  """The experiment trained on a folder written by write_holdout_data."""
+  e = Experiment.from_config(config)
   summary = json.loads((data_dir / corpus_lib.RESULT_FILE).read_text())
-  config.data.corpus = summary["settings"]["corpus"]
-  config.data.data_dir = str(data_dir.absolute())
-  config.data.tokenizer = summary["settings"]["tokenizer"]
-  return config
+  return e.replace(data=e.data.replace(corpus=summary["settings"]["corpus"],
+                                       data_dir=str(data_dir.absolute()),
+                                       tokenizer=summary["settings"]["tokenizer"]))
 
 
 # ---- what is measured -----------------------------------------------------------------------------------
@@ -322,12 +269,12 @@ def corpus_eval_sets(corpus, holdout: str | None, pool: int) -> list[EvalSet]:
   split = "test" if corpus.splits.get("test") else "validation"
   sets = []
   for domain in corpus.domains:
-    calibration = [d["text"] for d in corpus.splits["train"] if d["domain"] == domain][:pool]
+    texts = [d["text"] for d in corpus.splits["train"] if d["domain"] == domain][:pool]
     documents = [d for d in corpus.splits[split] if d["domain"] == domain]
-    if not calibration or not documents:
-      raise StudyError(f"domain {domain!r} has {len(calibration)} train and {len(documents)} "
+    if not texts or not documents:
+      raise StudyError(f"domain {domain!r} has {len(texts)} train and {len(documents)} "
                        f"{split} documents; the study needs both")
-    sets.append(EvalSet(domain, "held-out" if domain == holdout else "trained", calibration,
+    sets.append(EvalSet(domain, "held-out" if domain == holdout else "trained", texts,
                         documents))
   return sets
 
@@ -357,28 +304,10 @@ def file_eval_sets(path: str, pool: int) -> list[EvalSet]:
 def scoring_batches(documents, tokenizer, *, seq_len: int, batch_size: int, max_segments: int,
                     num_batches: int) -> list[dict]:
   """The first `num_batches` packed batches of the documents, in order, padded to full rows."""
-  import itertools  # pylint: disable=import-outside-toplevel
   ds = pipeline.make_dataset(documents, tokenizer, seq_len=seq_len, batch_size=batch_size,
                              max_segments=max_segments, shuffle=False, num_epochs=1,
                              drop_remainder=False, shard_index=0, shard_count=1)
   return [corpus_lib.pad_batch(b, batch_size) for b in itertools.islice(ds, num_batches)]
-
-
-def calibration_batches(texts: Sequence[str], tokenizer, *, seq_len: int,
-                        rows: int) -> list[dict]:
-  """One document per row (truncated to seq_len), in batches of exactly [rows, seq_len], so every
-  calibration set reuses one compiled routing pass; padding rows are never scored."""
-  from emo_jax.study.selective import calibration_batch  # pylint: disable=import-outside-toplevel
-  batches = []
-  for i in range(0, len(texts), rows):
-    b = calibration_batch(texts[i:i + rows], tokenizer, seq_len=seq_len)
-    full = {k: np.zeros((rows, seq_len), np.int32) for k in b}
-    full["tokens"][:] = tokenizer.pad_id
-    n, length = b["tokens"].shape
-    for k, v in b.items():
-      full[k][:n, :length] = v
-    batches.append(full)
-  return batches
 
 
 def calibration_counts(num_available: int, calibrations: Sequence[str]) -> dict[str, int]:
@@ -413,13 +342,8 @@ def measure_model(path: str, eval_sets: Sequence[EvalSet], tokenizer, *, fractio
   "calibration_documents": {calibration: n}, "tokens": scored tokens}}; a dense model (or a
   bank no larger than the smallest subset) has only "full".
   """
-  from emo_jax.train import checkpoint as ckpt_lib, evaluate  # pylint: disable=import-outside-toplevel
-  from emo_jax.study import selective
-  from emo_jax.model.execution import saved_model_config  # pylint: disable=import-outside-toplevel
-  params, saved = ckpt_lib.load_params(path)
-  cfg = saved_model_config(saved)
-  graphdef, params = loading.build_model(cfg, params)
-  sizes = subset_sizes(cfg, fractions)[1:] if cfg.is_moe else []
+  cfg, graphdef, params = loading.load_model(path)
+  sizes = selective.subset_sizes(cfg, fractions)[1:] if cfg.is_moe else []
   out = {}
   start = time.time()
   for i, es in enumerate(eval_sets):
@@ -430,8 +354,8 @@ def measure_model(path: str, eval_sets: Sequence[EvalSet], tokenizer, *, fractio
          "select": {}, "random": {}, "calibration_documents": {}}
     counts = calibration_counts(len(es.calibration), calibrations)
     for name, n in counts.items() if sizes else ():
-      calib = calibration_batches(es.calibration[:n], tokenizer, seq_len=seq_len,
-                                  rows=batch_size)
+      calib = calibration.calibration_batches(es.calibration[:n], tokenizer, seq_len=seq_len,
+                                              rows=batch_size, full_width=True)
       r["calibration_documents"][name] = n
       r["select"][name] = {}
       for keep in sizes:
@@ -450,5 +374,5 @@ def measure_model(path: str, eval_sets: Sequence[EvalSet], tokenizer, *, fractio
              {c: {k: round(v - r["full"], 3) for k, v in s.items()}
               for c, s in r["select"].items()}, elapsed,
              elapsed / (i + 1) * (len(eval_sets) - i - 1))
-  return {"num_experts": cfg.num_experts, "active_experts": active_experts(cfg)
+  return {"num_experts": cfg.num_experts, "active_experts": selective.active_experts(cfg)
           if cfg.is_moe else 0, "domains": out}

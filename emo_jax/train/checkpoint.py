@@ -26,6 +26,8 @@ import pathlib
 from typing import Any, Mapping
 
 import grain
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from emo_jax.config import ModelConfig
@@ -263,6 +265,4 @@ def load_params(path: str | pathlib.Path, *, step: int | None = None):
 
 
 def _to_numpy(tree):
-  import jax
-  import numpy as np
   return jax.tree.map(np.asarray, tree)

@@ -9,14 +9,12 @@ the pools the uninterrupted run would have drawn.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
-import math
 import pathlib
 import shutil
 import signal
-from typing import Any
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -29,89 +27,15 @@ from emo_jax.train import checkpoint as ckpt_lib
 from emo_jax.model import sharding as sharding_lib
 from emo_jax.train import evaluate, metrics as metrics_lib
 from emo_jax.model.losses import fused_head_loss, token_losses
-from emo_jax.config import ConfigError, ConfigMixin, ModelConfig
-from emo_jax.data import corpus as corpus_lib
-from emo_jax.data import fingerprint as fingerprint_lib
-from emo_jax.model.execution import ExecutionConfig, run_configs
+from emo_jax.config import ConfigError, ModelConfig
+from emo_jax.data.training_data import training_data
+from emo_jax.model.execution import ExecutionConfig
 from emo_jax.model.transformer import Transformer, count_params
+from emo_jax.train.config import TrainConfig
+from emo_jax.train.experiment import Experiment
 from emo_jax.train.workdir import WorkdirLock
 
 log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig(ConfigMixin):
-  """Optimiser, schedule and loop settings. Defaults are the release's recipe
-  (docs/algorithm.md)."""
-  steps: int = 1000
-  # Length of the learning-rate schedule; 0 = `steps`. A run's first start fixes it and resumes
-  # keep it, so raising `steps` later extends training along the same curve (past its end the
-  # rate stays at the final value) instead of rewriting the rates of steps already taken.
-  schedule_steps: int = 0
-  learning_rate: float = 4e-3
-  warmup_steps: int = 2000
-  # "cosine": warm-up then cosine to final_lr_fraction * peak; "linear": warm-up then linear
-  # decay to 0 (the release's anneal); "constant": warm-up then flat.
-  schedule: str = "cosine"
-  final_lr_fraction: float = 0.1
-  b1: float = 0.9
-  b2: float = 0.95
-  eps: float = 1e-8
-  weight_decay: float = 0.1
-  grad_clip: float = 1.0
-  # The global batch is split into this many micro-batches whose gradients are averaged.
-  grad_accum_steps: int = 1
-  seed: int = 0
-  log_every: int = 10
-  eval_every: int = 200
-  eval_batches: int = 8
-  checkpoint_every: int = 200
-  keep_checkpoints: int = 3
-  async_checkpoint: bool = True
-  # Peak FLOP/s of one device for MFU; 0 = look the device up (unknown devices report none).
-  peak_flops: float = 0.0
-  # Start a new run from these parameters (a parameter checkpoint, e.g. a Hugging Face import
-  # or a pruned model, or another run's workdir) with a fresh optimiser. Ignored on resume.
-  init_from: str = ""
-
-  def __post_init__(self):
-    positive = ("steps", "grad_accum_steps", "log_every", "eval_every", "checkpoint_every",
-                "keep_checkpoints")
-    for name in positive:
-      if getattr(self, name) < 1:
-        raise ConfigError(f"TrainConfig.{name}={getattr(self, name)!r} is invalid: must be >= 1")
-    if self.schedule not in ("cosine", "linear", "constant"):
-      raise ConfigError(f"TrainConfig.schedule={self.schedule!r} is invalid: allowed values are "
-                        "['cosine', 'linear', 'constant']")
-    if self.schedule_steps < 0:
-      raise ConfigError(f"TrainConfig.schedule_steps={self.schedule_steps!r} is invalid: must "
-                        "be >= 0 (0 = train.steps)")
-    if self.warmup_steps < 0:
-      raise ConfigError(f"TrainConfig.warmup_steps={self.warmup_steps!r} is invalid: must be >= 0")
-    if self.eval_batches < 1:
-      raise ConfigError(f"TrainConfig.eval_batches={self.eval_batches!r} is invalid: an "
-                        "evaluation needs at least one batch; set eval_batches >= 1 (it runs "
-                        "every eval_every steps and at the last step)")
-    if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
-      raise ConfigError(f"TrainConfig.learning_rate={self.learning_rate!r} is invalid: it "
-                        "would make the update of step 1 non-finite; set a finite number > 0 "
-                        "(the release's peak is 4e-3)")
-    if not (math.isfinite(self.grad_clip) and self.grad_clip > 0):
-      raise ConfigError(f"TrainConfig.grad_clip={self.grad_clip!r} is invalid: it is the "
-                        "largest global gradient norm, so it must be a finite number > 0 "
-                        "(the release clips at 1.0)")
-    for name in ("b1", "b2"):
-      if not 0 <= getattr(self, name) < 1:
-        raise ConfigError(f"TrainConfig.{name}={getattr(self, name)!r} is invalid: Adam's "
-                          "moment decay must lie in [0, 1) (the release uses b1=0.9, b2=0.95)")
-    if not self.eps > 0:
-      raise ConfigError(f"TrainConfig.eps={self.eps!r} is invalid: must be > 0")
-    if not self.weight_decay >= 0:
-      raise ConfigError(f"TrainConfig.weight_decay={self.weight_decay!r} is invalid: must be "
-                        ">= 0")
-    if not 0 <= self.final_lr_fraction <= 1:
-      raise ConfigError(f"TrainConfig.final_lr_fraction={self.final_lr_fraction!r} is invalid: "
-                        "must lie in [0, 1]")
 
 
 class TrainState(struct.PyTreeNode):
@@ -269,21 +193,22 @@ class NonFiniteLossError(FloatingPointError):
   """The loss or the updated train state became NaN or infinite; nothing of it was saved."""
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
+def train_and_evaluate(experiment: Experiment | ml_collections.ConfigDict | Mapping[str, Any],
+                       workdir: str | pathlib.Path) -> dict:
   """Trains (or resumes) the experiment in `workdir`; returns the last logged metrics.
 
-  The workdir holds `checkpoints/`, `metrics.jsonl` (one JSON object per logged step),
+  `experiment` is an Experiment or a config it parses (`Experiment.from_config`: a config
+  file's ConfigDict or a mapping of sections); a bad config is refused before the workdir is
+  touched. The workdir holds `checkpoints/`, `metrics.jsonl` (one JSON object per logged step),
   TensorBoard event files and `config.json`. It belongs to one run at a time: a second trainer
   on a busy workdir is refused (workdir.WorkdirBusyError) before it touches anything.
   """
+  experiment = Experiment.from_config(experiment)
   workdir = pathlib.Path(workdir)
-  cfg, execution = run_configs(config)  # a bad config is refused before the workdir is touched
-  tc = TrainConfig.from_dict(config.train)
-  dc = corpus_lib.DataConfig.from_dict(config.data)
   created = not workdir.exists()
   lock = WorkdirLock(workdir, jax.process_index())
   try:
-    return _train_and_evaluate(config, workdir, cfg, execution, tc, dc)
+    return _train_and_evaluate(experiment, workdir)
   except BaseException:
     if created and not (workdir / "config.json").exists():
       _remove_if_only_empty_folders(workdir)  # failed before its first step: leave no trace
@@ -298,40 +223,32 @@ def _remove_if_only_empty_folders(workdir: pathlib.Path) -> None:
     shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path,
-                        cfg: ModelConfig, execution: ExecutionConfig, tc: TrainConfig,
-                        dc: corpus_lib.DataConfig) -> dict:
-  if dc.batch_size % tc.grad_accum_steps:
-    raise ConfigError(f"data.batch_size={dc.batch_size} must be a multiple of "
-                      f"train.grad_accum_steps={tc.grad_accum_steps}")
-  if dc.seq_len > cfg.max_seq_len:
-    raise ConfigError(f"data.seq_len={dc.seq_len} exceeds model.max_seq_len={cfg.max_seq_len}; "
-                      f"lower data.seq_len or raise model.max_seq_len to {dc.seq_len}")
-  mc = sharding_lib.MeshConfig.from_dict(config.get("mesh", {}))
+def _train_and_evaluate(experiment: Experiment, workdir: pathlib.Path) -> dict:
+  cfg, execution, tc, dc = experiment.model, experiment.execution, experiment.train, experiment.data
+  mc = experiment.mesh
   mesh = sharding_lib.make_mesh(mc)
   sharding_lib.check_divisible(cfg.num_experts, dc.batch_size, mesh)
 
-  corpus = corpus_lib.load_corpus(dc)
-  if corpus.tokenizer.vocab_size > cfg.vocab_size:
-    raise ConfigError(f"the tokenizer has {corpus.tokenizer.vocab_size} ids but "
+  # Everything the run reads from data/, in one call: the corpus is prepared here (or reused,
+  # and the log says which) and only read from then on.
+  data = training_data(dc, max_segments=cfg.max_segments, eval_batches=tc.eval_batches)
+  if data.tokenizer.vocab_size > cfg.vocab_size:
+    raise ConfigError(f"the tokenizer has {data.tokenizer.vocab_size} ids but "
                       f"model.vocab_size={cfg.vocab_size}; raise model.vocab_size to at least "
-                      f"{corpus.tokenizer.vocab_size}")
+                      f"{data.tokenizer.vocab_size}")
   checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", save_every=tc.checkpoint_every,
                                        keep=tc.keep_checkpoints, async_save=tc.async_checkpoint)
   tc = _resolve_schedule_steps(tc, checkpointer.latest_readable_config())
-  experiment = {"model": cfg.to_dict(), "execution": execution.to_dict(), "data": dc.to_dict(),
-                "data_stream": fingerprint_lib.data_stream_fingerprint(
-                    corpus, corpus_lib.resolved_data_dir(dc)),
-                "train": tc.to_dict(), "mesh": mc.to_dict()}
-  train_data = corpus.dataset("train", seq_len=dc.seq_len, batch_size=dc.batch_size,
-                              max_segments=cfg.max_segments, seed=dc.seed, num_epochs=None,
-                              num_workers=dc.num_workers)
-  data_iter = iter(train_data)
+  # What config.json and every checkpoint record: the sections and the data stream's identity.
+  record = {"model": cfg.to_dict(), "execution": execution.to_dict(), "data": dc.to_dict(),
+            "data_stream": data.fingerprint,
+            "train": tc.to_dict(), "mesh": mc.to_dict()}
+  data_iter = data.train_iterator
 
   graphdef, optimizer, state = init_state(cfg, tc, mesh, execution)
   shardings = state_shardings_for(state, mesh)
   try:
-    restored = checkpointer.restore_latest(state, data_iter, experiment)
+    restored = checkpointer.restore_latest(state, data_iter, record)
   except Exception:
     checkpointer.close()
     raise
@@ -350,15 +267,15 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
   # Only a run whose checks all passed describes the workdir (atomically: never half a file).
   if jax.process_index() == 0:
     _write_atomically(workdir / "config.json",
-                      json.dumps(experiment, indent=2, sort_keys=True))
+                      json.dumps(record, indent=2, sort_keys=True))
 
   writer = metrics_lib.MetricsWriter(workdir, resume_step=start_step, total_steps=tc.steps)
   step_fn = jax.jit(lambda s, b: train_step(s, b, graphdef=graphdef, optimizer=optimizer,
                                             cfg=cfg, tc=tc, mesh=mesh),
                     in_shardings=(shardings, sharding_lib.batch_sharding(mesh)),
                     out_shardings=(shardings, None), donate_argnums=0)
-  eval_data = corpus.eval_batches(dc, cfg.max_segments, tc.eval_batches)
-  baseline = evaluate.unigram_baseline(corpus, dc, cfg.max_segments, tc.eval_batches)
+  eval_data = data.eval_batches
+  baseline = evaluate.unigram_baseline(data)
   counts = count_params(cfg)
   flops_per_token = metrics_lib.flops_per_token(cfg, counts, dc.seq_len)
   peak = tc.peak_flops or metrics_lib.device_peak_flops()
@@ -397,7 +314,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
         if flops_per_token and peak:
           row["mfu"] = row["tokens_per_s"] * flops_per_token / (peak * jax.device_count())
         if wants_eval:
-          row.update(evaluate.perplexity(graphdef, state.params, eval_data, corpus.domains,
+          row.update(evaluate.perplexity(graphdef, state.params, eval_data, data.domains,
                                          prefix="val_", mesh=mesh))
           row.update(metrics_lib.baseline_fields(baseline))
         writer.write(step, row)
@@ -408,7 +325,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
         log.warning("received %s at step %d: saving a checkpoint and stopping",
                     signal.Signals(stop_requested[0]).name, step)
       if wants_save or stop_requested:
-        checkpointer.save(step, state, data_iter, experiment, force=is_last or bool(stop_requested))
+        checkpointer.save(step, state, data_iter, record, force=is_last or bool(stop_requested))
       if stop_requested:
         break
   finally:

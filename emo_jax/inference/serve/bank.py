@@ -33,9 +33,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from emo_jax.study import selective
 from emo_jax.config import ModelConfig
+from emo_jax.convert import orbax_io
 from emo_jax.inference import loading
+from emo_jax.study import calibration, selective
 
 EXPERT_WEIGHTS = ("w_gate", "w_up", "w_down")
 ALL = "all"
@@ -108,7 +109,6 @@ class ExpertBank:
   """
 
   def __init__(self, checkpoint: str | pathlib.Path):
-    from emo_jax.convert import orbax_io  # pylint: disable=import-outside-toplevel
     self.checkpoint = str(checkpoint)
     self._source = orbax_io.ParamSource(checkpoint)
     self.cfg = ModelConfig.from_dict(self._source.model_config)
@@ -286,12 +286,12 @@ def select_from_texts(bank: ExpertBank, texts: Sequence[str], keep: int, tokeniz
   selective.routed_to_keep(bank.cfg, keep)  # range check first, before any work
   if not texts:
     raise SubsetError("the calibration holds no documents")
-  batch = selective.calibration_batch(list(texts), tokenizer, seq_len=bank.cfg.max_seq_len)
+  batches = calibration.calibration_batches(list(texts), tokenizer, seq_len=bank.cfg.max_seq_len)
   if bank.holds_everything():
     graphdef, params = loading.build_model(bank.compact_config(), bank.compact_params())
   else:
     with bank.io_lock:
       _, graphdef, params, _, _ = loading.load_checkpoint(bank.checkpoint, tokenizer="none")
-  selection = selective.select_experts(graphdef, params, bank.cfg, [batch], keep, greedy=True)
+  selection = selective.select_experts(graphdef, params, bank.cfg, batches, keep, greedy=True)
   del params
   return Subset(name, tuple(tuple(int(e) for e in k) for k in selection.kept_routed), source)

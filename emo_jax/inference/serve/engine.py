@@ -11,8 +11,12 @@ step boundaries and leave when done:
   the cache's write column `index`, the column every row writes next. The model's cache has
   one write column for all rows (`Transformer.init_cache`); a row's tokens keep their own RoPE
   positions and its other columns are marked empty, which is exactly the left-padded layout of
-  `generate.generate_ids`, so a row decodes as it would alone;
+  `decode.left_pad`, so a row decodes as it would alone;
 * generate: one step for every row; finished, cancelled and timed-out rows free their slot.
+
+Prefill and step are `decode.prefill` and `decode.decode_step`, the functions the batch
+generator (`generate.generate_ids`) drives, with every row's temperature, top-p and key as
+inputs of the one sampler (`sampling.sample`): greedy text equals `generate`'s.
 
 The write column starts at the context length and grows by one per step; when it reaches the
 cache's end (context + `shift_every` columns), the cache is shifted left by `shift_every`
@@ -20,7 +24,7 @@ columns. Every live row's tokens lie in its last `context` columns (prompt + max
 exceed the context), so nothing live is dropped, and one compiled shift serves every time.
 
 All JAX work happens on the engine thread; other threads submit requests and bank changes and
-receive events through each request's `on_event` callback.
+receive events (`Delta`, then one `Done`) through each request's `on_event` callback.
 """
 
 from __future__ import annotations
@@ -29,20 +33,21 @@ import collections
 import concurrent.futures
 import dataclasses
 import functools
-import itertools
 import logging
+import queue
 import threading
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from emo_jax.inference import generate
-from emo_jax.inference.serve import bank as bank_lib
+from emo_jax.inference import decode
 from emo_jax.inference import loading
+from emo_jax.inference import sampling
+from emo_jax.inference.serve import bank as bank_lib
 
 log = logging.getLogger(__name__)
 TOP_LOGPROBS = 5  # the most alternatives a request may ask for (as OpenAI's completions API)
@@ -56,19 +61,40 @@ class ShuttingDown(RuntimeError):
   """The engine is stopping and takes no new requests."""
 
 
+@dataclasses.dataclass(frozen=True)
+class Delta:
+  """Text of a request that can no longer change (no partial character, no partial stop
+  string), with the tokens it came from and their log-probabilities."""
+  text: str
+  tokens: list[int]
+  logprobs: list[float]
+  top_logprobs: list[dict[int, float]] | None  # per token, when the request asked for them
+
+
+@dataclasses.dataclass(frozen=True)
+class Done:
+  """The last event of a request. finish_reason: "stop" (EOS or a stop string), "length",
+  "cancelled", "timeout" or "error" (then `error` says what failed)."""
+  finish_reason: str
+  prompt_tokens: int
+  completion_tokens: int
+  error: str | None = None
+
+
+Event = Union[Delta, Done]
+
+
 @dataclasses.dataclass
 class Request:
   """One generation: the prompt's token ids, its routing mask and how to sample.
 
-  on_event receives dicts from the engine thread: {"type": "delta", "text", "tokens",
-  "logprobs", "top_logprobs"} as text becomes final, then one {"type": "done", "finish_reason"
-  ("stop", "length", "cancelled", "timeout", "error"), "error", "prompt_tokens",
-  "completion_tokens"}.
+  on_event receives, on the engine thread, a `Delta` whenever text becomes final, then one
+  `Done`.
   """
   prompt_ids: Sequence[int]
   mask_LxR: np.ndarray
   max_tokens: int
-  on_event: Callable[[dict], None]
+  on_event: Callable[[Event], None]
   temperature: float = 0.0
   top_p: float = 1.0
   seed: int = 0
@@ -89,18 +115,10 @@ class Request:
     self.cancelled = True
 
 
-# ---- compiled pieces ------------------------------------------------------------------------
-@functools.partial(jax.jit, static_argnums=(0,))
-def _prefill(graphdef, params, tokens_1xT, positions_1xT, valid_1xT, keep_1xLxC):
-  model = nnx.merge(graphdef, params)
-  cache = model.init_cache(1, tokens_1xT.shape[1])
-  logits, cache = model.decode(tokens_1xT, positions_1xT, valid_1xT, cache,
-                               keep_experts=keep_1xLxC)
-  return logits[:, -1], cache["k"], cache["v"]
-
-
+# ---- the cache's rows -----------------------------------------------------------------------
 @functools.partial(jax.jit, donate_argnums=(0,))
 def _insert(cache, k_Lx1xTxGxK, v_Lx1xTxGxK, valid_1xT, row):
+  """A prefilled prompt's keys and values into `row`, ending just before the write column."""
   T = k_Lx1xTxGxK.shape[2]
   M = cache["valid"].shape[1]
   start = cache["index"] - T
@@ -113,59 +131,15 @@ def _insert(cache, k_Lx1xTxGxK, v_Lx1xTxGxK, valid_1xT, row):
   return {"k": k, "v": v, "valid": valid, "index": cache["index"]}
 
 
-def _decode_rows(graphdef, params, token_S, position_S, cache, keep_SxLxC):
-  """One token for every row, each under its own routing mask: (logits_SxV, cache)."""
-  model = nnx.merge(graphdef, params)
-  S = token_S.shape[0]
-  logits, cache = model.decode(token_S[:, None], position_S[:, None], jnp.ones((S, 1), bool),
-                               cache, keep_experts=keep_SxLxC)
-  return logits[:, 0], cache
-
-
-@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(4,))
-def _step_and_sample(graphdef, params, token_S, position_S, cache, keep_SxLxC, keys_S,
-                     temperature_S, top_p_S):
-  """`_decode_rows` then `_sample_rows`: one dispatch and one transfer per decode step."""
-  logits, cache = _decode_rows(graphdef, params, token_S, position_S, cache, keep_SxLxC)
-  return _sample_rows(logits, keys_S, temperature_S, top_p_S), cache
-
-
 @functools.partial(jax.jit, static_argnums=(1,), donate_argnums=(0,))
 def _shift(cache, amount: int):
+  """Every row's columns `amount` to the left (the oldest drop out), the write column too."""
   def left(x, axis):
     pad = [(0, 0)] * x.ndim
     pad[axis] = (0, amount)
     return jnp.pad(jax.lax.slice_in_dim(x, amount, x.shape[axis], axis=axis), pad)
   return {"k": left(cache["k"], 2), "v": left(cache["v"], 2), "valid": left(cache["valid"], 1),
           "index": cache["index"] - amount}
-
-
-def _sample_one(logits_V, key, temperature, top_p):
-  key, sub = jax.random.split(key)
-  greedy = jnp.argmax(logits_V).astype(jnp.int32)
-  scaled = logits_V.astype(jnp.float32) / jnp.where(temperature > 0, temperature, 1.0)
-  order_V = jnp.argsort(-scaled)
-  sorted_V = scaled[order_V]
-  probs = jax.nn.softmax(sorted_V)
-  mass_before = jnp.cumsum(probs) - probs  # the smallest prefix reaching top_p is kept
-  sorted_V = jnp.where(mass_before < top_p, sorted_V, -jnp.inf)
-  sampled = order_V[jax.random.categorical(sub, sorted_V)].astype(jnp.int32)
-  return jnp.where(temperature > 0, sampled, greedy), key
-
-
-@jax.jit
-def _sample_rows(logits_SxV, keys_S, temperature_S, top_p_S):
-  """Per-row sampling: argmax where temperature is 0, else top-p at the row's temperature.
-
-  Each row draws from its own key (seeded by its request), so a sampled request is
-  reproducible whatever else shares the batch. Log-probabilities are of the model's
-  distribution (before temperature), as OpenAI's API reports them.
-  """
-  tokens_S, keys_S = jax.vmap(_sample_one)(logits_SxV, keys_S, temperature_S, top_p_S)
-  logprobs_SxV = jax.nn.log_softmax(logits_SxV.astype(jnp.float32), axis=-1)
-  chosen_S = jnp.take_along_axis(logprobs_SxV, tokens_S[:, None], axis=1)[:, 0]
-  top_lp, top_ids = jax.lax.top_k(logprobs_SxV, TOP_LOGPROBS)
-  return tokens_S, chosen_S, top_ids, top_lp, keys_S
 
 
 def length_buckets(context: int, smallest: int = 16) -> list[int]:
@@ -203,10 +177,9 @@ class Engine:
     self._controls: collections.deque = collections.deque()
     self._admin_lock = threading.Lock()
     self._rows: list[Request | None] = [None] * slots
-    self._thread: threading.Thread | None = None
+    self._worker: threading.Thread | None = None
     self._stopping = False
     self._accepting = True
-    self._ids = itertools.count()
     self.stats = collections.Counter()
     self._recent = collections.deque()  # (time, tokens) of the last steps, for tokens/s
     self._graphdefs: dict[int, Any] = {}
@@ -241,31 +214,48 @@ class Engine:
     self._positions = np.zeros(self.slots, np.int32)
     self._temperature = np.zeros(self.slots, np.float32)
     self._top_p = np.ones(self.slots, np.float32)
-    self._keys = jax.random.split(jax.random.key(0), self.slots)
+    self._keys = sampling.row_keys(0, self.slots)
 
   def warmup(self) -> float:
-    """Compiles every prefill bucket, insert, step, shift and sampler before serving (call it
-    before `start`); returns the seconds it took. The cache is reset afterwards."""
+    """Compiles every prefill bucket, insert, step and shift before serving (call it before
+    `start`); returns the seconds it took. The cache is reset afterwards."""
     start = time.perf_counter()
     mask = jnp.asarray(self._idle_mask[None])
     for T in self.buckets:
       ones = jnp.ones((1, T), bool)
-      logits, k, v = _prefill(self._graphdef, self._params, jnp.zeros((1, T), jnp.int32),
-                              jnp.zeros((1, T), jnp.int32), ones, mask)
-      self._cache = _insert(self._cache, k, v, ones, jnp.int32(0))
-      _sample_rows(logits, self._keys[:1], jnp.zeros(1), jnp.ones(1))
-    _, self._cache = _step_and_sample(
-        self._graphdef, self._params, jnp.asarray(self._tokens), jnp.asarray(self._positions),
-        self._cache, jnp.asarray(self._masks), self._keys, jnp.asarray(self._temperature),
-        jnp.asarray(self._top_p))
+      _, cache = self._prefill(jnp.zeros((1, T), jnp.int32), jnp.zeros((1, T), jnp.int32), ones,
+                               mask, self._sampling_rows(slice(0, 1)))
+      self._cache = _insert(self._cache, cache["k"], cache["v"], ones, jnp.int32(0))
+    _, self._cache = self._step(jnp.asarray(self._masks), self._sampling_rows(slice(None)))
     jax.block_until_ready(_shift(self._cache, self.shift_every))
     self._reset_cache()
     return time.perf_counter() - start
 
+  def _sampling_rows(self, rows: slice) -> sampling.Rows:
+    return sampling.Rows(keys=self._keys[rows], temperature=jnp.asarray(self._temperature[rows]),
+                         top_p=jnp.asarray(self._top_p[rows]))
+
+  def _prefill(self, tokens_1xT, positions_1xT, valid_1xT, keep_1xLxC, rows: sampling.Rows):
+    """One prompt alone, in a cache of its bucket's length: (Sampled, cache)."""
+    return decode.prefill(self._graphdef, self._params, tokens_1xT, positions_1xT, valid_1xT,
+                          keep_1xLxC, rows, cache_len=tokens_1xT.shape[1],
+                          top_logprobs=TOP_LOGPROBS)
+
+  def _step(self, keep_SxLxC, rows: sampling.Rows):
+    """One token for every row, each under its own routing mask: (Sampled, cache)."""
+    return decode.decode_step(self._graphdef, self._params, jnp.asarray(self._tokens),
+                              jnp.asarray(self._positions), self._cache, keep_SxLxC, rows,
+                              top_logprobs=TOP_LOGPROBS)
+
   # ---- threads -------------------------------------------------------------------------------
+  @property
+  def running(self) -> bool:
+    """Whether the engine thread is serving (started and not stopped)."""
+    return self._worker is not None and self._worker.is_alive()
+
   def start(self) -> "Engine":
-    self._thread = threading.Thread(target=self._loop, name="emo-engine", daemon=True)
-    self._thread.start()
+    self._worker = threading.Thread(target=self._loop, name="emo-engine", daemon=True)
+    self._worker.start()
     return self
 
   def stop(self, *, drain_seconds: float = 0.0) -> None:
@@ -280,8 +270,8 @@ class Engine:
     with self._cv:
       self._stopping = True
       self._cv.notify_all()
-    if self._thread is not None:
-      self._thread.join(timeout=30)
+    if self._worker is not None:
+      self._worker.join(timeout=30)
     for req in list(self._pending) + [r for r in self._rows if r is not None]:
       self._finish(req, "cancelled")
     self._pending.clear()
@@ -306,7 +296,7 @@ class Engine:
 
   def call(self, fn: Callable[[], Any]) -> Any:
     """Runs fn on the engine thread between two steps and returns its result."""
-    if self._thread is None or not self._thread.is_alive():
+    if not self.running:
       return fn()
     future: concurrent.futures.Future = concurrent.futures.Future()
     with self._cv:
@@ -425,29 +415,26 @@ class Engine:
   def _prefill_into(self, row: int, req: Request) -> None:
     n = len(req.prompt_ids)
     T = next(b for b in self.buckets if b >= n)
-    tokens, positions, valid = generate.left_pad([req.prompt_ids], self.tokenizer.pad_id)
-    pad = T - n
-    tokens = np.pad(tokens, ((0, 0), (pad, 0)), constant_values=self.tokenizer.pad_id)
-    positions = np.pad(positions, ((0, 0), (pad, 0)))
-    valid = np.pad(valid, ((0, 0), (pad, 0)))
+    tokens, positions, valid = decode.left_pad([req.prompt_ids], self.tokenizer.pad_id, T)
     mask = self._row_mask(req)
-    logits, k, v = _prefill(self._graphdef, self._params, jnp.asarray(tokens),
-                            jnp.asarray(positions), jnp.asarray(valid), jnp.asarray(mask[None]))
-    self._cache = _insert(self._cache, k, v, jnp.asarray(valid), jnp.int32(row))
-    self._keys = self._keys.at[row].set(jax.random.key(req.seed))
+    rows = sampling.Rows(keys=sampling.row_keys(req.seed, 1),
+                         temperature=jnp.asarray([req.temperature], jnp.float32),
+                         top_p=jnp.asarray([req.top_p], jnp.float32))
+    sampled, cache = self._prefill(jnp.asarray(tokens), jnp.asarray(positions),
+                                   jnp.asarray(valid), jnp.asarray(mask[None]), rows)
+    self._cache = _insert(self._cache, cache["k"], cache["v"], jnp.asarray(valid),
+                          jnp.int32(row))
+    self._keys = self._keys.at[row].set(sampled.keys[0])
     self._temperature[row] = req.temperature
     self._top_p[row] = req.top_p
     self._rows[row] = req
     self._masks[row] = mask
     self._masks_device = None
     self.stats["prompt_tokens"] += n
-    tokens_1, lp, top_ids, top_lp, keys = _sample_rows(
-        logits, self._keys[row:row + 1], jnp.asarray(self._temperature[row:row + 1]),
-        jnp.asarray(self._top_p[row:row + 1]))
-    self._keys = self._keys.at[row].set(keys[0])
     self._positions[row] = n
-    self._accept(row, int(tokens_1[0]), float(lp[0]), np.asarray(top_ids[0]),
-                 np.asarray(top_lp[0]))
+    token, lp, top_ids, top_lp = jax.device_get(
+        (sampled.tokens[0], sampled.logprobs[0], sampled.top_ids[0], sampled.top_logprobs[0]))
+    self._accept(row, int(token), float(lp), top_ids, top_lp)
 
   def _decode_step(self) -> None:
     for row, req in enumerate(self._rows):
@@ -463,13 +450,13 @@ class Engine:
     if self._masks_device is None:
       self._masks_device = jnp.asarray(self._masks)
       self._sampling_device = (jnp.asarray(self._temperature), jnp.asarray(self._top_p))
-    sampled, self._cache = _step_and_sample(
-        self._graphdef, self._params, jnp.asarray(self._tokens), jnp.asarray(self._positions),
-        self._cache, self._masks_device, self._keys, *self._sampling_device)
+    sampled, self._cache = self._step(self._masks_device,
+                                      sampling.Rows(self._keys, *self._sampling_device))
     self._index += 1
     self._positions += 1
-    tokens, lp, top_ids, top_lp, self._keys = sampled
-    tokens, lp, top_ids, top_lp = jax.device_get((tokens, lp, top_ids, top_lp))
+    self._keys = sampled.keys
+    tokens, lp, top_ids, top_lp = jax.device_get(
+        (sampled.tokens, sampled.logprobs, sampled.top_ids, sampled.top_logprobs))
     produced = 0
     for row, req in enumerate(self._rows):
       if req is not None:
@@ -521,14 +508,14 @@ class Engine:
     tokens = req.generated[req.emitted_tokens:]
     if stable <= req.emitted_chars and not (final and tokens):
       return
-    delta = {"type": "delta", "text": text[req.emitted_chars:stable], "tokens": tokens,
-             "logprobs": req.token_logprobs[req.emitted_tokens:],
-             "top_logprobs": req.top[req.emitted_tokens:] if req.logprobs else None}
+    delta = Delta(text=text[req.emitted_chars:stable], tokens=tokens,
+                  logprobs=req.token_logprobs[req.emitted_tokens:],
+                  top_logprobs=req.top[req.emitted_tokens:] if req.logprobs else None)
     req.emitted_chars = stable
     req.emitted_tokens = len(req.generated)
     self._send(req, delta)
 
-  def _send(self, req: Request, event: dict) -> None:
+  def _send(self, req: Request, event: Event) -> None:
     try:
       req.on_event(event)
     except Exception:  # pylint: disable=broad-except
@@ -548,24 +535,37 @@ class Engine:
       return
     req.done = True
     self.stats[f"finished_{reason}"] += 1
-    self._send(req, {"type": "done", "finish_reason": reason, "error": error,
-                     "prompt_tokens": len(req.prompt_ids),
-                     "completion_tokens": len(req.generated)})
+    self._send(req, Done(finish_reason=reason, prompt_tokens=len(req.prompt_ids),
+                         completion_tokens=len(req.generated), error=error))
+
+
+@dataclasses.dataclass(frozen=True)
+class Result:
+  """A whole generation (`run_sync`): its text, tokens and their log-probabilities, and how it
+  ended (the fields of its `Done`)."""
+  text: str
+  tokens: list[int]
+  logprobs: list[float]
+  finish_reason: str
+  prompt_tokens: int
+  completion_tokens: int
+  error: str | None = None
 
 
 def run_sync(engine: Engine, prompt_ids: Sequence[int], mask_LxR: np.ndarray, *,
-             max_tokens: int, timeout: float | None = None, **sampling) -> dict:
-  """Submits one request and waits for it: {"tokens", "text", "finish_reason", ...}."""
-  import queue  # pylint: disable=import-outside-toplevel
+             max_tokens: int, timeout: float | None = None, **request_fields) -> Result:
+  """Submits one request (`request_fields`: temperature, top_p, seed, stop, ... of `Request`)
+  and waits for it."""
   events: queue.Queue = queue.Queue()
   req = Request(prompt_ids=list(prompt_ids), mask_LxR=mask_LxR, max_tokens=max_tokens,
-                on_event=events.put, **sampling)
+                on_event=events.put, **request_fields)
   engine.submit(req)
-  text, tokens = [], []
+  text, tokens, logprobs = [], [], []
   while True:
     event = events.get(timeout=timeout)
-    if event["type"] == "delta":
-      text.append(event["text"])
-      tokens.extend(event["tokens"])
+    if isinstance(event, Delta):
+      text.append(event.text)
+      tokens.extend(event.tokens)
+      logprobs.extend(event.logprobs)
     else:
-      return {"text": "".join(text), "tokens": tokens, **event}
+      return Result("".join(text), tokens, logprobs, **dataclasses.asdict(event))
