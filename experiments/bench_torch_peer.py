@@ -12,6 +12,7 @@ import time
 
 from emo_jax.train import trainer as train_lib
 from emo_jax.config import ModelConfig
+from emo_jax.convert.layouts import hf_config
 from experiments.bench_harness import log, max_rss_bytes, timed_steps
 
 
@@ -48,7 +49,6 @@ def torch_peer_config(cfg: ModelConfig) -> dict:
   The export (emo_jax.convert.layouts.hf_config) is the same architecture EMO's inference
   reduces to; the peer adds the load-balancing loss at our weight and drops the KV cache.
   """
-  from emo_jax.convert.layouts import hf_config  # the converter needs nothing from torch
   values = hf_config(cfg, "qwen2_moe")
   for key in ("architectures", "model_type", "torch_dtype"):
     values.pop(key, None)

@@ -139,18 +139,18 @@ class SentencePieceTokenizer:
           f"SentencePiece model {self.path!r} does not exist; train one with "
           f"train_sentencepiece(texts, model_prefix) or pass the path of an existing .model file."
       )
-    self._sp = spm.SentencePieceProcessor()
+    self._processor = spm.SentencePieceProcessor()
     try:
-      self._sp.Load(self.path)
+      self._processor.Load(self.path)
     except (OSError, RuntimeError) as e:
       raise TokenizerError(
           f"{self.path!r} is not a readable SentencePiece model ({e}); pass a .model file "
           f"written by SentencePiece."
       ) from e
     self.num_threads = num_threads
-    self.vocab_size = self._sp.get_piece_size()
-    self.eos_id = self._resolve("eos_id", eos_id, self._sp.eos_id())
-    self.pad_id = self._resolve("pad_id", pad_id, self._sp.pad_id())
+    self.vocab_size = self._processor.get_piece_size()
+    self.eos_id = self._resolve("eos_id", eos_id, self._processor.eos_id())
+    self.pad_id = self._resolve("pad_id", pad_id, self._processor.pad_id())
 
   def _resolve(self, name: str, given: int | None, from_model: int) -> int:
     if given is not None:
@@ -164,21 +164,21 @@ class SentencePieceTokenizer:
     return from_model
 
   def encode(self, text: str) -> list[int]:
-    return self._sp.encode(text, out_type=int)
+    return self._processor.encode(text, out_type=int)
 
   def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-    return self._sp.encode(list(texts), out_type=int, num_threads=self.num_threads)
+    return self._processor.encode(list(texts), out_type=int, num_threads=self.num_threads)
 
   def decode(self, ids: Sequence[int]) -> str:
-    return self._sp.decode(_ints_without(ids, self.pad_id))
+    return self._processor.decode(_ints_without(ids, self.pad_id))
 
   def id_to_piece(self, i: int) -> str:
-    return self._sp.id_to_piece(int(i))
+    return self._processor.id_to_piece(int(i))
 
   @property
   def unk_id(self) -> int | None:
     """The id of the model's unknown piece, or None when it has none."""
-    unk = self._sp.unk_id()
+    unk = self._processor.unk_id()
     return unk if unk >= 0 else None
 
   def __repr__(self) -> str:

@@ -36,6 +36,7 @@ from emo_jax.model.transformer import count_params
 from emo_jax.study import calibration, selective
 from emo_jax.train import evaluate
 from emo_jax.train.experiment import Experiment
+from emo_jax.train.trainer import train_and_evaluate
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +164,6 @@ def train_cached(label: str, config, models_dir: pathlib.Path, seed: int) -> Tra
   """Trains `config` into models_dir/<label>-s<seed>-<key>, or reuses a finished run there.
 
   An interrupted run resumes from its last checkpoint (the trainer's own resume)."""
-  from emo_jax.train.trainer import train_and_evaluate  # pylint: disable=import-outside-toplevel
   config = Experiment.from_config(config)
   key = training_key(config)
   slug = "".join(c if c.isalnum() else "_" for c in label.lower()).strip("_")
@@ -184,7 +184,6 @@ def train_cached(label: str, config, models_dir: pathlib.Path, seed: int) -> Tra
                      f"at step {reached}"
                      "); run the same command again to resume it from its checkpoint in "
                      f"{path}")
-  from emo_jax.model.transformer import count_params  # pylint: disable=import-outside-toplevel
   counts = count_params(config.model)
   summary = {k: v for k, v in last.items() if k.startswith(("val_", "unigram_val_"))}
   summary.update(counts, steps=int(config.train.steps), loss=last.get("loss"))
