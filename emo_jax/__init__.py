@@ -26,8 +26,8 @@ _EXPORTS = {
     "count_params": "emo_jax.model.transformer",
     "DataConfig": "emo_jax.data.corpus",
     "TrainConfig": "emo_jax.train.config",
-    "load_model": "emo_jax.inference.loading",
-    "load_checkpoint": "emo_jax.inference.loading",
+    "load_model": "emo_jax.convert.loading",
+    "load_checkpoint": "emo_jax.convert.loading",
     "load_tokenizer": "emo_jax.data.tokenizer",
     "train_and_evaluate": "emo_jax.train.trainer",
 }

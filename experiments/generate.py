@@ -28,7 +28,7 @@ import json
 from absl import app, flags, logging
 
 from emo_jax.inference import generate
-from emo_jax.inference import loading
+from emo_jax.convert import loading
 from emo_jax.inference.sampling import SamplingConfig
 from experiments import cli
 

@@ -44,7 +44,7 @@ from safetensors.numpy import load_file, save_file
 
 from emo_jax.config import ModelConfig
 from emo_jax.convert import hf
-from emo_jax.inference import loading
+from emo_jax.convert import loading
 from emo_jax.model.transformer import Transformer
 from emo_jax.study import selective
 from emo_jax.train import checkpoint as ckpt_lib

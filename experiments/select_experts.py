@@ -25,7 +25,7 @@ from absl import app, flags, logging
 
 from emo_jax.convert import hf
 from emo_jax.data import sources
-from emo_jax.inference import loading
+from emo_jax.convert import loading
 from emo_jax.study import calibration, selective
 from emo_jax.train import checkpoint as ckpt_lib
 from experiments import cli

@@ -39,7 +39,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from emo_jax.config import ModelConfig
-from emo_jax.inference import loading
+from emo_jax.convert import loading
 from emo_jax.study import calibration, plots, selective, subset_finetune, subset_methods
 from emo_jax.tasks import evaluate_task, load_task, report
 from emo_jax.train import checkpoint as ckpt_lib

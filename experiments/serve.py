@@ -25,7 +25,7 @@ import signal
 
 from absl import app, flags
 
-from emo_jax.inference import loading
+from emo_jax.convert import loading
 from emo_jax.inference.serve import bank as bank_lib
 from emo_jax.inference.serve import engine as engine_lib
 from emo_jax.inference.serve import protocol

@@ -111,4 +111,4 @@ def test_importing_emo_jax_starts_no_library_and_exports_load_on_use():
           "print(emo_jax.Experiment.__module__, emo_jax.load_model.__module__)")
   out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                        check=True, timeout=120).stdout.split()
-  assert out == ["False", "emo_jax.train.experiment", "emo_jax.inference.loading"]
+  assert out == ["False", "emo_jax.train.experiment", "emo_jax.convert.loading"]

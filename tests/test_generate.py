@@ -13,7 +13,7 @@ from emo_jax.inference import decode, generate, sampling
 from emo_jax.study import calibration, selective
 from emo_jax.config import ModelConfig
 from emo_jax.model.execution import ExecutionConfig
-from emo_jax.inference import loading
+from emo_jax.convert import loading
 from random_model import random_params
 
 # capacity backend with a small factor: generation must make it dropless by itself.

@@ -18,7 +18,7 @@ from emo_jax.train import metrics
 from emo_jax.model import summary
 from emo_jax.config import ModelConfig
 from emo_jax.model.transformer import count_params, describe
-from emo_jax.inference import loading
+from emo_jax.convert import loading
 from random_model import random_params
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

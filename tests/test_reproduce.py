@@ -22,7 +22,7 @@ from emo_jax.model.transformer import count_params
 from emo_jax.study.selective import pruned_param_count
 from emo_jax.train import TrainConfig, evaluate
 from emo_jax.train.trainer import init_state
-from emo_jax.inference import loading
+from emo_jax.convert import loading
 from random_model import random_params
 
 

@@ -16,7 +16,7 @@ from emo_jax.study import calibration, selective, subset_finetune, subset_method
 from emo_jax.config import ModelConfig
 from emo_jax.data.tokenizer import ByteTokenizer
 from emo_jax.tasks import Instance, score_pairs, task_pairs
-from emo_jax.inference import loading
+from emo_jax.convert import loading
 from random_model import random_params
 
 CFG = ModelConfig(vocab_size=258, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,

@@ -16,7 +16,7 @@ from emo_jax.config import ModelConfig
 from emo_jax.data.tokenizer import ByteTokenizer
 from emo_jax.inference.serve import bank as bank_lib
 from emo_jax.inference.serve import engine as engine_lib
-from emo_jax.inference import loading
+from emo_jax.convert import loading
 from tests.random_model import random_params
 
 CFG = ModelConfig(vocab_size=258, d_model=32, num_layers=2, num_heads=2, num_kv_heads=2,

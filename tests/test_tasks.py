@@ -19,7 +19,7 @@ from emo_jax.data.tokenizer import ByteTokenizer  # noqa: E402
 from emo_jax.tasks import (EXTRA_HINT, Instance, TaskNotInstalled, accuracy, data,  # noqa: E402
                            formats, load_task, registry, score_pairs, task_pairs)
 from emo_jax.tasks.scoring import encode_pair  # noqa: E402
-from emo_jax.inference import loading  # noqa: E402
+from emo_jax.convert import loading  # noqa: E402
 from emo_jax.train import checkpoint as ckpt_lib  # noqa: E402
 from random_model import random_params  # noqa: E402
 

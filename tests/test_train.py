@@ -20,7 +20,7 @@ from emo_jax.config import ConfigError, ModelConfig
 from emo_jax.model.execution import ExecutionConfig, split_model_fields
 from emo_jax.model.losses import token_losses
 from emo_jax.model.transformer import Transformer
-from emo_jax.inference import loading
+from emo_jax.convert import loading
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))

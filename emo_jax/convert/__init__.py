@@ -1,5 +1,7 @@
-"""Conversion between emo_jax checkpoints and Hugging Face (see hf.py for the entry points).
+"""Checkpoints in and out: every kind loaded as one model, and Hugging Face both ways (hf.py).
 
+  loading.py         load_model / load_checkpoint: a workdir, a parameter checkpoint or an
+                     HF import as (ModelConfig, graphdef, params[, tokenizer]), for inference
   hf.py              export_hf / import_hf, streamed and atomic; in-memory helpers
   layouts.py         one Layout per model family (emo, qwen2_moe, olmoe), registered in LAYOUTS:
                      its config.json both ways and its tensor table

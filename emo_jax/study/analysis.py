@@ -37,7 +37,7 @@ from flax import nnx
 from emo_jax.data import sources
 from emo_jax.data.corpus import DataConfig, load_corpus
 from emo_jax.data.tokenizer import load_tokenizer
-from emo_jax.inference.loading import load_model
+from emo_jax.convert.loading import load_model
 from emo_jax.model.execution import ExecutionConfig
 from emo_jax.study import plots as plots_lib
 

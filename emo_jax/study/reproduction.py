@@ -31,7 +31,7 @@ import numpy as np
 
 from emo_jax.config import ModelConfig
 from emo_jax.data import corpus as corpus_lib, pipeline, sources
-from emo_jax.inference import loading
+from emo_jax.convert import loading
 from emo_jax.model.transformer import count_params
 from emo_jax.study import calibration, selective
 from emo_jax.train import evaluate

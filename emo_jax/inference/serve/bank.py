@@ -35,7 +35,7 @@ import numpy as np
 
 from emo_jax.config import ModelConfig
 from emo_jax.convert import orbax_io
-from emo_jax.inference import loading
+from emo_jax.convert import loading
 from emo_jax.study import calibration, selective
 
 EXPERT_WEIGHTS = ("w_gate", "w_up", "w_down")

@@ -45,7 +45,7 @@ import numpy as np
 from flax import nnx
 
 from emo_jax.inference import decode
-from emo_jax.inference import loading
+from emo_jax.convert import loading
 from emo_jax.inference import sampling
 from emo_jax.inference.serve import bank as bank_lib
 
