@@ -15,4 +15,4 @@ from emo_jax.config import ModelConfig
 
 def get_config() -> ml_collections.ConfigDict:
   return release_config("dense_1b", ModelConfig(num_experts=0, num_shared_experts=0, pool=False,
-                                                mlp_hidden=8192), steps=238_419)
+                                                mlp_hidden=8192, document_attention=False), steps=238_419)

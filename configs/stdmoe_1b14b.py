@@ -14,4 +14,4 @@ from emo_jax.config import ModelConfig
 
 
 def get_config() -> ml_collections.ConfigDict:
-  return release_config("stdmoe_1b14b", ModelConfig(pool=False), steps=238_419)
+  return release_config("stdmoe_1b14b", ModelConfig(pool=False, document_attention=False), steps=238_419)

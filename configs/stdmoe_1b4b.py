@@ -14,4 +14,5 @@ from emo_jax.config import ModelConfig
 
 
 def get_config() -> ml_collections.ConfigDict:
-  return release_config("stdmoe_1b4b", ModelConfig(num_experts=32, pool=False), steps=238_419)
+  return release_config("stdmoe_1b4b", ModelConfig(num_experts=32, pool=False,
+                                                    document_attention=False), steps=238_419)
