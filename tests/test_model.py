@@ -590,10 +590,17 @@ on_gpu = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU"
 
 
 @on_gpu
+@pytest.mark.parametrize("document_attention", [True, False])
 @pytest.mark.parametrize("kv_heads", [4, 2])
-def test_cudnn_equals_the_reference_on_gpu(kv_heads):
+def test_cudnn_equals_the_reference_on_gpu(kv_heads, document_attention):
   args, segment_ids, want = qkv_and_reference(2, 1024, 4, kv_heads, 128, jnp.bfloat16, seed=17)
-  fn = lambda q, k, v: attention.segment_attention(q, k, v, segment_ids, "cudnn", max_runs=64)
+  if not document_attention:
+    mask = whole_row_mask(segment_ids)
+    want = jax.jit(lambda *a: attention_and_grads(
+        lambda q, k, v: attention.dot_product_attention(q, k, v, mask),
+        *(x.astype(jnp.float32) for x in a)))(*args)
+  fn = lambda q, k, v: attention.segment_attention(q, k, v, segment_ids, "cudnn", max_runs=64,
+                                                   document_attention=document_attention)
   got = jax.jit(lambda *a: attention_and_grads(fn, *a))(*args)
   for g, w in zip(got, want):
     assert_close(g, w, 2e-2)
