@@ -2,8 +2,9 @@
 
 A packed row holds several documents; a token attends to the earlier tokens of its own document
 only (segment ids, 0 = padding), or with `document_attention=False` to every earlier
-non-padding token of the row (the release's baselines). `segment_attention` computes exactly that by one of several
-implementations, all tested against `dot_product_attention` under `attention_mask`:
+non-padding token of the row (the release's baselines). `segment_attention` computes exactly
+that by one of several implementations, all tested against `dot_product_attention` under
+`attention_mask`:
 
 * "xla": the reference, batched matmuls under a dense boolean mask (every platform);
 * "chunked": the reference over chunks of queries, each against the keys causality lets it

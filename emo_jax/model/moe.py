@@ -89,7 +89,6 @@ class MoE(nnx.Module):
                                precision=jax.lax.Precision.HIGHEST)
     pool_sizes_BxS = self.pool_sizes(B, pool_rng=pool_rng, train=train)
     keep_BxLxE = None
-    pool_keep_TxE = None
     if pool_sizes_BxS is not None:
       keep_BxLxE = document_pool_mask(jax.nn.softmax(logits_BxLxE, axis=-1), segment_ids_BxL,
                                       pool_sizes_BxS, cfg.max_segments)
