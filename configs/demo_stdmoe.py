@@ -14,4 +14,6 @@ def get_config() -> ml_collections.ConfigDict:
   config = demo.get_config()
   config.name = "demo_stdmoe"
   config.model.pool = False
+  # The release's baselines attend across the documents of a packed row.
+  config.model.document_attention = False
   return config

@@ -14,5 +14,7 @@ from emo_jax.config import ModelConfig
 
 
 def get_config() -> ml_collections.ConfigDict:
-  return release_config("dense_1b", ModelConfig(num_experts=0, num_shared_experts=0, pool=False,
-                                                mlp_hidden=8192), steps=238_419)
+  # The release's baselines attend causally across the documents of a packed row.
+  model = ModelConfig(num_experts=0, num_shared_experts=0, pool=False, mlp_hidden=8192,
+                      document_attention=False)
+  return release_config("dense_1b", model, steps=238_419)

@@ -15,4 +15,6 @@ from emo_jax.config import ModelConfig
 
 
 def get_config() -> ml_collections.ConfigDict:
-  return release_config("emo_1b14b", ModelConfig(), steps=238_419)
+  # Intra-document attention and a 32-expert pool for in-loop evaluation, as the launch script.
+  model = ModelConfig(document_attention=True, eval_pool_size=32)
+  return release_config("emo_1b14b", model, steps=238_419)

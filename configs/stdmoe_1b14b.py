@@ -14,4 +14,6 @@ from emo_jax.config import ModelConfig
 
 
 def get_config() -> ml_collections.ConfigDict:
-  return release_config("stdmoe_1b14b", ModelConfig(pool=False), steps=238_419)
+  # The release's baselines attend causally across the documents of a packed row.
+  model = ModelConfig(pool=False, document_attention=False)
+  return release_config("stdmoe_1b14b", model, steps=238_419)

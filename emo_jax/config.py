@@ -97,6 +97,12 @@ class ModelConfig(ConfigMixin):
   # 0 marks padding. The packer must respect it.
   max_segments: int = 64
 
+  # Attention confined to each document of a packed row (True, the EMO launch scripts'
+  # generate_doc_lengths=true) or causal over the whole row (False, the release's StdMoE and
+  # dense scripts). Padding is never attended either way; the document pool reads the segment
+  # ids regardless.
+  document_attention: bool = True
+
   norm_eps: float = 1e-6
   rope_theta: float = 500_000.0
   max_seq_len: int = 4096
@@ -163,6 +169,8 @@ def _validate(c: ModelConfig) -> None:
     _fail("param_dtype", c.param_dtype, f"allowed values are {sorted(DTYPES)}")
   if c.compute_dtype not in DTYPES:
     _fail("compute_dtype", c.compute_dtype, f"allowed values are {sorted(DTYPES)}")
+  if not isinstance(c.document_attention, bool):
+    _fail("document_attention", c.document_attention, "must be True or False")
   if not c.norm_eps > 0:
     _fail("norm_eps", c.norm_eps, "must be > 0")
   if not c.rope_theta > 0:

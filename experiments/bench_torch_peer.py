@@ -108,7 +108,8 @@ def measure_torch(cfg: ModelConfig, tc: train_lib.TrainConfig, batch: int, seq_l
   kernel = _grouped_mm_kernel(torch, device, weight_dtype) if experts_impl == "grouped_mm" else None
   model.train()
 
-  # emo_jax decays every weight but the embedding and the norm scales (train.decay_mask).
+  # emo_jax's default decays every weight but the embedding and the norm scales
+  # (train.decay_mask under TrainConfig.weight_decay_exempt="embedding_and_norms").
   decay, no_decay = [], []
   for name, p in model.named_parameters():
     (no_decay if "embed_tokens" in name or "norm" in name or name.endswith(".bias")

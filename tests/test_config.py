@@ -48,6 +48,7 @@ def load_config(path):
         (dict(d_model=0), "d_model"),
         (dict(max_segments=1), "max_segments"),
         (dict(eval_pool_size=3), "eval_pool_size"),
+        (dict(document_attention="no"), "document_attention"),
         (dict(num_experts=-1), "num_experts"),
         (dict(lb_loss_weight=-0.1), "lb_loss_weight"),
     ],
@@ -186,6 +187,19 @@ def test_shipped_configs_validate_and_document_their_command(path):
   config = load_config(path)
   model_config_from(config)  # validates
   assert f"--config configs/{path.name}" in path.read_text()
+
+
+@pytest.mark.parametrize("name, document_attention, eval_pool_size", [
+    ("emo_1b14b", True, 32), ("emo_1b14b_130b", True, 32), ("stdmoe_1b14b", False, None),
+    ("stdmoe_1b14b_130b", False, None), ("stdmoe_1b4b", False, None), ("dense_1b", False, None),
+    ("repro", True, None), ("repro_stdmoe", False, None), ("demo", True, None),
+    ("demo_stdmoe", False, None)])
+def test_configs_take_the_release_attention_and_eval_pool(name, document_attention,
+                                                          eval_pool_size):
+  """Only the EMO launch scripts set generate_doc_lengths=true and an in-loop eval pool of 32."""
+  cfg = model_config_from(load_config(ROOT / f"configs/{name}.py"))
+  assert cfg.document_attention is document_attention
+  assert cfg.eval_pool_size == eval_pool_size
 
 
 def test_release_parameter_counts():

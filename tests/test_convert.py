@@ -28,6 +28,7 @@ from flax import nnx  # noqa: E402
 
 from emo_jax.config import ModelConfig  # noqa: E402
 from emo_jax.convert import hf, orbax_io, safetensors_io, tokenizer_hf  # noqa: E402
+from emo_jax.convert.layouts import EXPORT_LAYOUTS, LAYOUTS, model_config_from_hf  # noqa: E402
 from emo_jax.data import tokenizer as tokenizer_lib  # noqa: E402
 from emo_jax.model.execution import ExecutionConfig  # noqa: E402
 from emo_jax.model.transformer import Transformer  # noqa: E402
@@ -261,6 +262,17 @@ def test_import_restores_the_exact_parameters(moe, tmp_path):
   like = jax.tree.map(jnp.asarray, moe["params"])
   train_lib.initial_params(str(out), moe["cfg"], like)
   assert summary["tokenizer"] and (out / "tokenizer" / "tokenizer.json").is_file()
+
+
+@pytest.mark.parametrize("layout", EXPORT_LAYOUTS)
+def test_document_attention_travels_in_emo_jax_config(layout):
+  """Hugging Face configs carry no document attention (their models see one sequence per row,
+  where both choices compute the same): emo_jax_config.json beside an export carries it back,
+  and a checkpoint without one imports with the EMO default."""
+  cfg = ModelConfig(**MOE).replace(pool=False, document_attention=False)
+  config = LAYOUTS[layout].to_hf_config(cfg)
+  assert model_config_from_hf(config, base=cfg.to_dict())[0].document_attention is False
+  assert model_config_from_hf(config)[0].document_attention is True
 
 
 @pytest.mark.parametrize("layout,dtype", [("emo", "bfloat16"), ("qwen2_moe", "float32"),

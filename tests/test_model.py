@@ -348,6 +348,65 @@ def test_attention_impls_equal_the_reference(impl, dtype, tol):
     assert_close(g, w, tol)
 
 
+def whole_row_mask(segment_ids):
+  """bool [B, 1, L, L] of attention without document boundaries, written out directly: causal,
+  and a query and a key either both padding (0) or both not."""
+  L = segment_ids.shape[1]
+  real = np.asarray(segment_ids) > 0
+  return (np.tril(np.ones((L, L), bool))[None] & (real[:, :, None] == real[:, None, :]))[:, None]
+
+
+@pytest.mark.parametrize("document_attention", [False, True])
+@pytest.mark.parametrize("impl", ["xla", "jax_xla", "chunked", "splash"])
+def test_attention_impls_honour_document_attention(impl, document_attention):
+  """Every CPU-runnable implementation, with the documents joined or apart, equals the
+  reference under the mask that choice means (outputs and gradients, float32)."""
+  rng = np.random.default_rng(21)
+  B, L, H, G, K = 4, 128, 4, 2, 8
+  segment_ids = random_packing(rng, B, L)
+  args = tuple(jnp.asarray(rng.normal(size=(B, L, n, K)), jnp.float32) for n in (H, G, G, H))
+  mask = (whole_row_mask(segment_ids) if not document_attention
+          else attention.attention_mask(segment_ids))
+  want = jax.jit(lambda *a: attention_and_grads(
+      lambda q, k, v: attention.dot_product_attention(q, k, v, mask), *a))(*args)
+  mesh = make_mesh(MeshConfig(data=2, tensor=2), jax.devices()[:4]) if impl == "splash" else None
+  fn = lambda q, k, v: attention.segment_attention(
+      q, k, v, segment_ids, impl, mesh=mesh, interpret=True,
+      document_attention=document_attention)
+  got = jax.jit(lambda *a: attention_and_grads(fn, *a))(*args)
+  for g, w in zip(got, want):
+    assert_close(g, w, 1e-5)
+
+
+def test_document_attention_false_attends_across_documents():
+  """On a row of 2 documents the second document's outputs change when the documents are
+  joined, and the first document's (which sees nothing earlier) and padding's do not."""
+  rng = np.random.default_rng(22)
+  segment_ids = np.array([[1] * 10 + [2] * 14 + [0] * 8], np.int32)
+  q, k, v = (jnp.asarray(rng.normal(size=(1, 32, 2, 8)), jnp.float32) for _ in range(3))
+  apart, joined = (np.asarray(attention.segment_attention(q, k, v, segment_ids,
+                                                          document_attention=d))
+                   for d in (True, False))
+  np.testing.assert_allclose(joined[:, :10], apart[:, :10], rtol=1e-6)
+  np.testing.assert_allclose(joined[:, 24:], apart[:, 24:], rtol=1e-6)
+  assert np.min(np.abs(joined[:, 10:24] - apart[:, 10:24]).max(axis=(2, 3))) > 1e-3
+  want = reference_attention(*(np.asarray(x, np.float64) for x in (q, k, v)),
+                             (segment_ids > 0).astype(np.int32))
+  np.testing.assert_allclose(joined, want, atol=1e-5)
+
+
+def test_model_document_attention_false_differs_on_two_documents():
+  """The whole model: joining 2 packed documents changes the second one's logits only."""
+  rng = np.random.default_rng(23)
+  tokens, segment_ids, positions = packed_batch(rng, [9, 7], 20, TINY.vocab_size)
+  apart = make_model(TINY)
+  joined = make_model(TINY.replace(document_attention=False))
+  la, lj = (np.asarray(forward(m, tokens, segment_ids, positions, None, False)[0])
+            for m in (apart, joined))
+  np.testing.assert_allclose(lj[:, :9], la[:, :9], rtol=1e-5, atol=1e-6)
+  assert np.abs(lj[:, 9:16] - la[:, 9:16]).max() > 1e-3
+
+
 @pytest.mark.parametrize("chunk", [32, 48, 128, 200])
 def test_chunked_attention_any_chunk_equals_the_reference(chunk):
   """Chunks that do not divide the row (a short last chunk), single-query chunks and one chunk
@@ -387,10 +446,15 @@ def emulate_cudnn_packed(q, k, v, seqlens, q_offsets, kv_offsets):
   return out.reshape(q.shape)
 
 
-def test_cudnn_packed_layout_equals_the_reference():
-  """Our runs, through jax's own offset conversion, give the reference under cuDNN's rules."""
+@pytest.mark.parametrize("document_attention", [True, False])
+def test_cudnn_packed_layout_equals_the_reference(document_attention):
+  """Our runs, through jax's own offset conversion, give the reference under cuDNN's rules,
+  with the documents apart and joined (`attention_segment_ids`, as `segment_attention` does)."""
   cudnn_fa = attention.jax_cudnn_attention()
   (q, k, v, _), segment_ids, want = qkv_and_reference(4, 32, 4, 2, 8, jnp.float32, seed=14)
+  if not document_attention:
+    want = (attention.dot_product_attention(q, k, v, whole_row_mask(segment_ids)),)
+    segment_ids = attention.attention_segment_ids(jnp.asarray(segment_ids), False)
 
   @jax.jit
   def cudnn_arguments(q, k, v, segment_ids):
@@ -526,10 +590,17 @@ on_gpu = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU"
 
 
 @on_gpu
+@pytest.mark.parametrize("document_attention", [True, False])
 @pytest.mark.parametrize("kv_heads", [4, 2])
-def test_cudnn_equals_the_reference_on_gpu(kv_heads):
+def test_cudnn_equals_the_reference_on_gpu(kv_heads, document_attention):
   args, segment_ids, want = qkv_and_reference(2, 1024, 4, kv_heads, 128, jnp.bfloat16, seed=17)
-  fn = lambda q, k, v: attention.segment_attention(q, k, v, segment_ids, "cudnn", max_runs=64)
+  if not document_attention:
+    mask = whole_row_mask(segment_ids)
+    want = jax.jit(lambda *a: attention_and_grads(
+        lambda q, k, v: attention.dot_product_attention(q, k, v, mask),
+        *(x.astype(jnp.float32) for x in a)))(*args)
+  fn = lambda q, k, v: attention.segment_attention(q, k, v, segment_ids, "cudnn", max_runs=64,
+                                                   document_attention=document_attention)
   got = jax.jit(lambda *a: attention_and_grads(fn, *a))(*args)
   for g, w in zip(got, want):
     assert_close(g, w, 2e-2)

@@ -169,9 +169,41 @@ def test_moe_layer_matches_numpy():
       want[b, t] = sum(probs[b, t, e] * expert(e, x[b, t]) for e in top) + expert(R, x[b, t])
   real = segment_ids > 0  # padding outputs are never used; only documents are compared
   np.testing.assert_allclose(np.asarray(y)[real], want[real], rtol=2e-4, atol=2e-5)
+  # The router z-loss sums over each token's pool only (the release masks the logits first).
+  assert not keep[real].all()
   mask = segment_ids.reshape(-1) > 0
-  lse = np.log(np.exp(logits).sum(-1)).reshape(-1)
+  lse = np.log((np.exp(logits) * keep).sum(-1)).reshape(-1)
   np.testing.assert_allclose(float(aux["router_z_loss"]), np.mean(lse[mask] ** 2), rtol=1e-5)
+  lse_all = np.log(np.exp(logits).sum(-1)).reshape(-1)
+  assert abs(float(aux["router_z_loss"]) - np.mean(lse_all[mask] ** 2)) > 1e-3
+
+
+@pytest.mark.parametrize("eval_pool_size", [2, None])
+def test_router_z_loss_gradient_reaches_in_pool_experts_only(eval_pool_size):
+  """One document under a fixed pool of 2 of 6 routed experts: the z-loss gradient of every
+  out-of-pool expert's router row is exactly zero, of every in-pool row not; no pool: all
+  rows get one."""
+  cfg = ModelConfig(vocab_size=32, d_model=8, num_layers=1, num_heads=1, num_kv_heads=1,
+                    head_dim=8, num_experts=7, num_shared_experts=1, top_k=2, expert_hidden=4,
+                    pool=False, eval_pool_size=eval_pool_size, max_segments=2,
+                    compute_dtype="float32", init_std=0.5)
+  layer = moe.MoE(cfg, ExecutionConfig(expert_backend="dense"), rngs=nnx.Rngs(2))
+  x = jnp.asarray(np.random.default_rng(8).normal(size=(1, 6, 8)), jnp.float32)
+  segment_ids = np.array([[1, 1, 1, 1, 1, 0]], np.int32)
+  graphdef, params = nnx.split(layer)
+
+  def z_loss(params):
+    return nnx.merge(graphdef, params)(x, segment_ids, train=False)[1]["router_z_loss"]
+
+  grad_DxE = np.asarray(jax.grad(z_loss)(params)["router"][...])
+  logits = np.asarray(x[0, :5] @ layer.router[...][:, :6], np.float64)
+  scores = _softmax(logits).sum(0)
+  in_pool = np.argsort(-scores, kind="stable")[:eval_pool_size or 6]
+  out_pool = np.setdiff1d(np.arange(6), in_pool)
+  assert np.all(grad_DxE[:, out_pool] == 0.0)
+  assert np.all(np.abs(grad_DxE[:, in_pool]).max(axis=0) > 0)
+  lse = np.log(np.exp(logits[:, in_pool]).sum(-1))
+  np.testing.assert_allclose(float(z_loss(params)), np.mean(lse ** 2), rtol=1e-5)
 
 
 def test_load_balancing_loss_hand_checked():

@@ -82,7 +82,7 @@ _CHANGED = {"schedule": "linear", "compute_dtype": "bfloat16", "param_dtype": "b
             "remat_policy": "dots", "expert_transport": "all_to_all", "eval_pool_size": 3,
             "corpus": "other.jsonl", "data_dir": "/tmp/elsewhere", "tokenizer": "x.model",
             "init_from": "/tmp/init", "num_kv_heads": 2, "head_dim": 32, "pool_min": 3,
-            "num_heads": 8, "top_k": 1}
+            "num_heads": 8, "top_k": 1, "weight_decay_exempt": "embedding"}
 
 
 def _changed(value, name):

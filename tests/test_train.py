@@ -66,15 +66,34 @@ def test_schedule_warms_up_then_decays_to_ten_percent():
   assert float(anneal(1000)) == 0.0
 
 
-def test_weight_decay_skips_embeddings_and_norms():
-  cfg = ModelConfig.from_dict(tiny.get_config().model.to_dict())
-  params = nnx.state(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
-  mask = train_lib.decay_mask(nnx.to_pure_dict(params))
+@pytest.mark.parametrize("exempt", ["embedding_and_norms", "embedding"])
+def test_weight_decay_mask_exempts_what_train_config_names(exempt):
+  """The default skips the embedding and every norm scale; "embedding" (the release, and
+  configs/_release.py) decays the norms too. Every other weight decays either way."""
+  cfg = ModelConfig.from_dict(tiny.get_config().model.to_dict()).replace(qk_norm=True)
+  abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+  params = nnx.to_pure_dict(nnx.state(abstract))
+  mask = train_lib.decay_mask(params, exempt)
+  norms = [mask["final_norm"]["weight"], mask["blocks"]["attn_norm"]["weight"],
+           mask["blocks"]["mlp_norm"]["weight"], mask["blocks"]["attn"]["q_norm"]["weight"],
+           mask["blocks"]["attn"]["k_norm"]["weight"]]
+  assert norms == [exempt == "embedding"] * 5
   assert mask["embed"] is False
-  assert mask["final_norm"]["weight"] is False
-  assert mask["blocks"]["attn_norm"]["weight"] is False
-  assert mask["blocks"]["attn"]["wq"] is True
-  assert mask["blocks"]["mlp"]["w_gate"] is True and mask["lm_head"] is True
+  names = [(jax.tree_util.keystr(path), m) for path, m in jax.tree_util.tree_leaves_with_path(mask)]
+  others = [m for name, m in names if "norm" not in name and "embed" not in name]
+  assert others and all(m is True for m in others)
+  assert mask["lm_head"] is True and mask["blocks"]["mlp"]["router"] is True
+  assert train_lib.TrainConfig().weight_decay_exempt == "embedding_and_norms"
+
+
+def test_release_configs_decay_norms_and_bad_exempt_is_refused():
+  sys.path.insert(0, str(ROOT))
+  from configs import emo_1b14b, stdmoe_1b14b
+  for config in (emo_1b14b.get_config(), stdmoe_1b14b.get_config()):
+    assert train_lib.TrainConfig.from_dict(config.train).weight_decay_exempt == "embedding"
+  with pytest.raises(ConfigError, match=r"TrainConfig\.weight_decay_exempt='norms' is invalid: "
+                     r"allowed values are \['embedding', 'embedding_and_norms'\]"):
+    train_lib.TrainConfig(weight_decay_exempt="norms")
 
 
 def random_rows(rng, B, L, loss_mask=None):

@@ -1,8 +1,10 @@
 """Segment-confined causal attention: the reference and the fast kernels behind one function.
 
 A packed row holds several documents; a token attends to the earlier tokens of its own document
-only (segment ids, 0 = padding). `segment_attention` computes exactly that by one of several
-implementations, all tested against `dot_product_attention` under `attention_mask`:
+only (segment ids, 0 = padding), or with `document_attention=False` to every earlier
+non-padding token of the row (the release's baselines). `segment_attention` computes exactly
+that by one of several implementations, all tested against `dot_product_attention` under
+`attention_mask`:
 
 * "xla": the reference, batched matmuls under a dense boolean mask (every platform);
 * "chunked": the reference over chunks of queries, each against the keys causality lets it
@@ -33,6 +35,19 @@ from emo_jax.model.sharding import BATCH_AXES
 ATTENTION_IMPLS = ("xla", "auto", "chunked", "jax_xla", "cudnn", "splash")
 # Query rows per chunk of the "chunked" implementation (`chunked_attention`).
 ATTENTION_CHUNK = 64
+
+
+def attention_segment_ids(segment_ids_BxL: jax.Array, document_attention: bool) -> jax.Array:
+  """The segment ids attention is confined to (ModelConfig.document_attention).
+
+  True: the documents themselves (the EMO launch scripts' intra-document attention). False:
+  every non-padding token in one segment, so attention is causal over the whole packed row, as
+  in the release's StdMoE and dense runs; padding (0) stays apart either way. Expressing the
+  choice as segment ids lets every implementation of `segment_attention` honour it unchanged.
+  """
+  if document_attention:
+    return segment_ids_BxL
+  return (segment_ids_BxL > 0).astype(segment_ids_BxL.dtype)
 
 
 def attention_mask(segment_ids_BxL: jax.Array) -> jax.Array:
@@ -256,8 +271,14 @@ def resolve_attention_impl(impl: str, dtype, head_dim: int, seq_len: int, *,
 
 
 def segment_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL, impl: str = "xla", *,
-                      max_runs: int | None = None, mesh=None, interpret: bool = False):
+                      max_runs: int | None = None, mesh=None, interpret: bool = False,
+                      document_attention: bool = True):
   """Causal attention confined to each token's segment, by one of several implementations.
+
+  `document_attention=False` joins the documents of a row into one segment first
+  (`attention_segment_ids`): causal over the whole packed row, padding still apart. Every
+  implementation below then computes that pattern (one run of documents and one of padding
+  for "cudnn", well within `max_runs`).
 
   All equal `dot_product_attention(q, k, v, attention_mask(segment_ids))`, tested on CPU
   (cuDNN through a NumPy model of its packed layout and a lowering for a CUDA target):
@@ -287,6 +308,7 @@ def segment_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL, impl: st
   """
   B, L, H, K = q_BxLxHxK.shape
   impl = resolve_attention_impl(impl, q_BxLxHxK.dtype, K, L, interpret=interpret)
+  segment_ids_BxL = attention_segment_ids(segment_ids_BxL, document_attention)
   if impl == "xla":
     return dot_product_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, attention_mask(segment_ids_BxL))
   if impl == "chunked":

@@ -93,6 +93,8 @@ class MoE(nnx.Module):
       keep_BxLxE = document_pool_mask(jax.nn.softmax(logits_BxLxE, axis=-1), segment_ids_BxL,
                                       pool_sizes_BxS, cfg.max_segments)
       keep_BxLxE = keep_BxLxE.reshape(B * L, R)
+    # The router z-loss reads the document pool only, not a deployment's expert subset.
+    pool_keep_TxE = keep_BxLxE
 
     if keep_experts_E is not None:
       keep = keep_experts_E.astype(bool)  # [R], or [B, R]: one subset per row
@@ -126,7 +128,7 @@ class MoE(nnx.Module):
     lb_loss, load_E = load_balancing_loss(probs_TxE, ids_TxK, token_mask_T, data_axes=data_axes)
     aux = {
         "lb_loss": lb_loss,
-        "router_z_loss": router_z_loss(logits_TxE, token_mask_T),
+        "router_z_loss": router_z_loss(logits_TxE, token_mask_T, pool_keep_TxE),
         "expert_load": load_E,
         "dropped_fraction": dropped,
     }

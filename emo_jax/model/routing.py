@@ -120,8 +120,16 @@ def load_balancing_loss(probs_TxE: jax.Array, expert_ids_TxK: jax.Array,
   return loss, load_E
 
 
-def router_z_loss(routed_logits_TxE: jax.Array, token_mask_T: jax.Array) -> jax.Array:
-  """Mean over (non-padding) tokens of logsumexp(routed logits)^2."""
+def router_z_loss(routed_logits_TxE: jax.Array, token_mask_T: jax.Array,
+                  keep_TxE: jax.Array | None = None) -> jax.Array:
+  """Mean over (non-padding) tokens of logsumexp(routed logits)^2, over the pool when given.
+
+  `keep_TxE` is the document pool: out-of-pool logits are -inf, as the release masks them in
+  place before its z-loss, so only the in-pool experts' router rows get its gradient.
+  """
   mask_T = token_mask_T.astype(jnp.float32)
-  lse_T = jax.nn.logsumexp(routed_logits_TxE.astype(jnp.float32), axis=-1)
+  logits_TxE = routed_logits_TxE.astype(jnp.float32)
+  if keep_TxE is not None:
+    logits_TxE = jnp.where(keep_TxE, logits_TxE, NEG_INF)
+  lse_T = jax.nn.logsumexp(logits_TxE, axis=-1)
   return jnp.sum(mask_T * lse_T**2) / jnp.maximum(jnp.sum(mask_T), 1.0)

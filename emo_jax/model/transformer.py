@@ -2,7 +2,9 @@
 
 `h = x + attn(norm1(x)); y = h + mlp(norm2(h))` (docs/architecture.md). Attention is causal *and*
 confined to the token's own segment (document) of a packed row, with RoPE on per-token positions
-that restart at each document, so a packed row behaves like its documents run separately.
+that restart at each document, so a packed row behaves like its documents run separately;
+`ModelConfig.document_attention=False` makes it causal over the whole row (the release's
+baselines) while the document pool still reads the segments.
 
 The blocks' parameters are stacked along a leading layer axis and run with `jax.lax.scan`: one
 block is compiled once whatever the depth (compile time on CPU, and at 16 layers on a pod), and
@@ -78,7 +80,8 @@ class Attention(nnx.Module):
     q, k, v = self._project(x_BxLxD, positions_BxL)
     # A packed row holds at most max_segments documents and one stretch of padding.
     out = segment_attention(q, k, v, segment_ids_BxL, self.execution.attention_impl,
-                            max_runs=cfg.max_segments + 1, mesh=mesh)
+                            max_runs=cfg.max_segments + 1, mesh=mesh,
+                            document_attention=cfg.document_attention)
     out = checkpoint_name(out, ATTENTION_OUT)
     return flat_matmul(out, self.wo[...].astype(cfg.compute_jnp_dtype), contract=2)
 

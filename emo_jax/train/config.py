@@ -13,6 +13,8 @@ import math
 from emo_jax.config import ConfigError, ConfigMixin
 
 SCHEDULES = ("cosine", "linear", "constant")
+# What TrainConfig.weight_decay_exempt may exempt from weight decay (trainer.decay_mask).
+WEIGHT_DECAY_EXEMPT = ("embedding", "embedding_and_norms")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +36,10 @@ class TrainConfig(ConfigMixin):
   b2: float = 0.95
   eps: float = 1e-8
   weight_decay: float = 0.1
+  # Parameters weight decay skips, one of WEIGHT_DECAY_EXEMPT: "embedding" (the input
+  # embedding only, as the release: its RMSNorm weights are decayed) or "embedding_and_norms"
+  # (also every norm scale, the common choice since decay pulls a scale towards 0, not 1).
+  weight_decay_exempt: str = "embedding_and_norms"
   grad_clip: float = 1.0
   # The global batch is split into this many micro-batches whose gradients are averaged.
   grad_accum_steps: int = 1
@@ -85,6 +91,10 @@ class TrainConfig(ConfigMixin):
     if not self.weight_decay >= 0:
       raise ConfigError(f"TrainConfig.weight_decay={self.weight_decay!r} is invalid: must be "
                         ">= 0")
+    if self.weight_decay_exempt not in WEIGHT_DECAY_EXEMPT:
+      raise ConfigError(f"TrainConfig.weight_decay_exempt={self.weight_decay_exempt!r} is "
+                        f"invalid: allowed values are {list(WEIGHT_DECAY_EXEMPT)} (the release "
+                        "exempts the embedding only)")
     if not 0 <= self.final_lr_fraction <= 1:
       raise ConfigError(f"TrainConfig.final_lr_fraction={self.final_lr_fraction!r} is invalid: "
                         "must lie in [0, 1]")

@@ -31,7 +31,7 @@ from emo_jax.config import ConfigError, ModelConfig
 from emo_jax.data.training_data import training_data
 from emo_jax.model.execution import ExecutionConfig
 from emo_jax.model.transformer import Transformer, count_params
-from emo_jax.train.config import TrainConfig
+from emo_jax.train.config import WEIGHT_DECAY_EXEMPT, TrainConfig
 from emo_jax.train.experiment import Experiment
 from emo_jax.train.workdir import WorkdirLock
 
@@ -60,11 +60,17 @@ def learning_rate_schedule(tc: TrainConfig) -> optax.Schedule:
   return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
 
 
-def decay_mask(params) -> Any:
-  """True for weights that get weight decay: not the embedding, not norm scales."""
+def decay_mask(params, exempt: str = "embedding_and_norms") -> Any:
+  """True for weights that get weight decay: all but the input embedding, and with
+  `exempt="embedding_and_norms"` (TrainConfig.weight_decay_exempt) all but the norm scales."""
+  if exempt not in WEIGHT_DECAY_EXEMPT:
+    raise ValueError(f"decay_mask(exempt={exempt!r}) is invalid: allowed values are "
+                     f"{list(WEIGHT_DECAY_EXEMPT)}")
+  skip_norms = exempt == "embedding_and_norms"
+
   def decays(path, _):
-    names = [getattr(p, "key", getattr(p, "name", str(p))) for p in path]
-    return not any(n == "embed" or "norm" in str(n) for n in names)
+    names = [str(getattr(p, "key", getattr(p, "name", p))) for p in path]
+    return not any(n == "embed" or (skip_norms and "norm" in n) for n in names)
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
@@ -72,7 +78,8 @@ def make_optimizer(tc: TrainConfig, params) -> optax.GradientTransformation:
   return optax.chain(
       optax.clip_by_global_norm(tc.grad_clip),
       optax.adamw(learning_rate_schedule(tc), b1=tc.b1, b2=tc.b2, eps=tc.eps,
-                  weight_decay=tc.weight_decay, mask=decay_mask(params)))
+                  weight_decay=tc.weight_decay,
+                  mask=decay_mask(params, tc.weight_decay_exempt)))
 
 
 # ---- loss and step ---------------------------------------------------------------------------

@@ -14,7 +14,10 @@ Inference routing is the release's (docs/algorithm.md): softmax over the routed 
 without renormalisation, and every shared expert (the last rows of the bank) added with weight
 exactly 1.0; no document pool. The router runs in float32 whatever the model dtype, as in
 training. Attention is plain causal (left padding through `attention_mask`), eager, with
-logits and softmax in float32, so results do not depend on an attention backend.
+logits and softmax in float32, so results do not depend on an attention backend. Each row is
+one sequence, where a model trained with attention confined to each packed document and one
+trained across them (emo_jax's ModelConfig.document_attention, kept in emo_jax_config.json
+beside an export) compute the same.
 
 The key/value cache follows whichever cache API the installed transformers speaks: releases up to
 5.23 pass and return it as `past_key_values`, 5.24 and later as `cache` (the old name still
