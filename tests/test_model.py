@@ -405,6 +405,12 @@ def test_model_document_attention_false_differs_on_two_documents():
             for m in (apart, joined))
   np.testing.assert_allclose(lj[:, :9], la[:, :9], rtol=1e-5, atol=1e-6)
   assert np.abs(lj[:, 9:16] - la[:, 9:16]).max() > 1e-3
+  # Across documents RoPE counts over the row, as attention does: the packer's restarting
+  # positions give what positions 0..15 over the row's tokens give (were the restarting ones
+  # used, the second document would see the first at other offsets).
+  row = np.where(segment_ids > 0, np.arange(segment_ids.shape[1]), 0).astype(np.int32)
+  np.testing.assert_allclose(np.asarray(forward(joined, tokens, segment_ids, row, None, False)[0]),
+                             lj, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("chunk", [32, 48, 128, 200])

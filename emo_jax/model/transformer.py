@@ -233,6 +233,10 @@ class Transformer(nnx.Module):
       segment_ids_BxL = jnp.ones((B, L), jnp.int32)
     if positions_BxL is None:
       positions_BxL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
+    if not cfg.document_attention:
+      # Attention runs over the whole row, so RoPE counts positions over the row's tokens too
+      # (the release's baselines); left padding keeps a row's first token at position 0.
+      positions_BxL = jnp.maximum(jnp.cumsum(segment_ids_BxL > 0, axis=1) - 1, 0).astype(jnp.int32)
     x = jnp.take(self.embed[...], tokens_BxL, axis=0).astype(cfg.compute_jnp_dtype)
     constrain = lambda y: y
     if mesh is not None and mesh.size > 1:
