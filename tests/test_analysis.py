@@ -156,6 +156,7 @@ def test_document_windows_take_the_first_non_pad_tokens():
   assert tokens[1, -1] == 106
 
 
+@pytest.mark.slow
 def test_routing_features_come_from_exactly_the_first_100_tokens():
   cfg = tiny_model_config()
   graphdef, params = random_model(cfg)
@@ -192,6 +193,8 @@ def test_routing_features_come_from_exactly_the_first_100_tokens():
 
 # ---- the command ------------------------------------------------------------------------------
 
+@pytest.mark.slow
+@pytest.mark.integration
 def test_cluster_command_end_to_end(tmp_path):
   emo_cfg = tiny_model_config()
   for name, cfg, seed in (("emo", emo_cfg, 0), ("std", emo_cfg.replace(pool=False), 1)):

@@ -5,6 +5,8 @@ import pytest
 from experiments import bench_moe
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 def test_report_rows_per_backend_and_consistent_ratios():
   report = bench_moe.run(["tiny"], tokens=64, backends=["capacity", "ragged:xla"], steps=1,
                          matmul_size=64)

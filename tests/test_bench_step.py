@@ -24,6 +24,8 @@ def result():
                         steps=2, warmup=1, isolate=False, matmul_size=128)
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 def test_json_has_both_sides_and_their_ratio(result):
   result = json.loads(json.dumps(result))  # what --json_out writes
   for key in ("config", "device", "versions", "date", "shapes", "matmul", "emo_jax", "torch",
@@ -47,6 +49,8 @@ def test_json_has_both_sides_and_their_ratio(result):
     assert result["torch"] is None and result["ratio"] is None and result["torch_skipped"]
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 def test_one_finite_row_per_requested_backend(result):
   rows = result["emo_jax"]
   assert [r["backend"] for r in rows] == BACKENDS

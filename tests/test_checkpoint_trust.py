@@ -49,6 +49,7 @@ def all_finite(tree):
 
 
 # ---- never save a poisoned state -----------------------------------------------------------
+@pytest.mark.slow
 def test_a_non_finite_update_on_a_save_step_is_never_written(tmp_path, monkeypatch):
   """Step 4's update is poisoned (the loss of step 4 is still finite): no checkpoint at 4."""
   original = train_lib.train_step
@@ -68,6 +69,7 @@ def test_a_non_finite_update_on_a_save_step_is_never_written(tmp_path, monkeypat
   assert all_finite(params)
 
 
+@pytest.mark.slow
 def test_an_overflowing_learning_rate_stops_at_step_1_without_a_checkpoint(tmp_path):
   # 1e39 is a finite Python float but overflows float32: every update is infinite.
   with pytest.raises(train_lib.NonFiniteLossError, match=r"step 1 .*No checkpoint was written"):
@@ -94,6 +96,7 @@ def trained(tmp_path_factory):
   return workdir
 
 
+@pytest.mark.slow
 def test_a_changed_synthetic_corpus_is_refused_and_nothing_moves(trained):
   config_json = (trained / "config.json").read_bytes()
   changed = tiny_config(steps=6, checkpoint_every=2)
@@ -124,6 +127,7 @@ def _prepared(tmp_path, name, docs):
   return corpus, out
 
 
+@pytest.mark.slow
 def test_another_data_dir_or_an_edited_split_is_refused_naming_it(tmp_path):
   docs = [{"text": f"document {i} " + "word " * (20 + i % 7), "domain": "ab"[i % 2]}
           for i in range(300)]
@@ -171,6 +175,7 @@ def test_an_iterator_mismatch_is_found_behind_the_restore_machinery():
 
 
 # ---- a refused restart and a failed start change nothing -------------------------------------
+@pytest.mark.slow
 def test_a_refused_architecture_change_leaves_config_json_byte_identical(trained):
   config_json = (trained / "config.json").read_bytes()
   changed = tiny_config(steps=6, checkpoint_every=2)
@@ -193,6 +198,8 @@ def test_a_run_that_fails_before_its_first_step_leaves_no_workdir(tmp_path):
   assert not (tmp_path / "new").exists()
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 def test_a_bad_workdir_is_one_line(tmp_path):
   blocker = tmp_path / "file"
   blocker.write_text("x")
@@ -209,6 +216,7 @@ def test_a_bad_workdir_is_one_line(tmp_path):
 
 
 # ---- extending a run keeps its past --------------------------------------------------------
+@pytest.mark.slow
 def test_extending_a_run_continues_its_schedule_exactly(trained, tmp_path):
   shutil.copytree(trained, tmp_path / "short")  # a finished 4-step run, extended to 8
   train_lib.train_and_evaluate(tiny_config(steps=8, checkpoint_every=2), tmp_path / "short")

@@ -212,6 +212,8 @@ def test_release_parameter_counts():
   assert 3.5e9 < small["total_params"] < 4.5e9  # "1b4b"
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 def test_describe_command():
   out = subprocess.run(
       [sys.executable, "-m", "experiments.describe", "--config", "configs/emo_1b14b.py",
@@ -228,6 +230,8 @@ def test_describe_command():
   assert override.returncode != 0 and "ModelConfig.top_k=99" in override.stderr
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 def test_unknown_override_key_is_one_line_naming_the_close_match():
   unknown = subprocess.run(
       [sys.executable, "-m", "experiments.describe", "--config", "configs/tiny.py",

@@ -549,6 +549,8 @@ def test_unknown_layout_names_the_registered_ones():
     assert all(name in message for name in ("emo", "qwen2_moe", "olmoe")), message
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 def test_command_line(moe, tmp_path):
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   ok = subprocess.run([sys.executable, "-m", "experiments.convert", "--from_hf",

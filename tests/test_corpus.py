@@ -207,6 +207,8 @@ def run_prepare_data(*args):
                         cwd=ROOT, capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 def test_prepare_data_names_what_it_skipped_and_refuses_a_vocabulary_too_large(tmp_path):
   corpus = tmp_path / "mine.jsonl"
   bad = small_jsonl(corpus, bad_line=17)

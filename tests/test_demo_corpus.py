@@ -374,6 +374,8 @@ def test_demo_sources_cover_distinct_domains():
 # experiments/prepare_data on the user's own data
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 def test_prepare_data_own_corpus(tmp_path):
   root = tmp_path / "mine"
   for domain, word in [("law", "contract clause party"), ("food", "recipe flour sugar")]:

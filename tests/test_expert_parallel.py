@@ -56,6 +56,7 @@ CASES = [
 
 @pytest.mark.parametrize("backend,capacity_factor,axes", CASES,
                          ids=[f"{b}-{MESH_IDS(a)}" for b, _, a in CASES])
+@pytest.mark.slow
 def test_moe_on_a_mesh_equals_single_device(backend, capacity_factor, axes, monkeypatch):
   if "expert" not in axes:
     # Plain data parallelism moves no token: the capacity exchange must not even be traced.
@@ -109,6 +110,7 @@ def test_capacity_backend_on_data_parallelism_drops_per_device_as_one_device_wou
 @pytest.mark.parametrize("transport", ["ragged_all_to_all-emulated", "ragged_all_to_all-native",
                                        "all_gather"])
 @pytest.mark.parametrize("axes", [dict(expert=8), dict(data=2, expert=4)], ids=MESH_IDS)
+@pytest.mark.slow
 def test_dropless_transports_equal_single_device(axes, transport):
   """The dropless exchanges, forward and backward. On CPU the ragged one runs through an
   all_gather emulation of the collective (XLA:CPU does not implement it)."""
@@ -166,6 +168,7 @@ def test_transport_that_would_change_the_backends_numbers_is_refused():
     expert_parallel.resolve_transport("dense", "auto")
 
 
+@pytest.mark.slow
 def test_dropless_training_on_a_data_mesh_drops_nothing_and_matches_one_device(tmp_path):
   """The trainer with expert_backend=ragged and capacity_factor=0.5: nothing is dropped at any
   step on data=8 (where the capacity exchange used to drop most assignments)."""

@@ -82,6 +82,7 @@ def test_stops_at_eos_per_row():
     assert row[-1] == eos or len(row) == NEW
 
 
+@pytest.mark.slow
 def test_pruned_model_and_routing_mask_generate_the_same():
   raw, graphdef, params = model()
   batches = calibration.calibration_batches(["abc"], type("T", (), {

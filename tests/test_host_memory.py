@@ -40,6 +40,7 @@ def probe(choice: str) -> dict:
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the setting is glibc malloc's")
+@pytest.mark.slow
 def test_retained_memory_is_not_faulted_in_again():
   retained = probe("retain")
   assert retained["in_effect"] == "retain"

@@ -36,6 +36,8 @@ def test_release_model_fits_eight_h100s_only_when_sharded():
     memory_plan.plan(cfg, ONE, micro_batch=1, seq_len=8, chip="tpu-v9")
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 def test_command_prints_the_plan():
   out = subprocess.run([sys.executable, "-m", "experiments.plan_memory", "--config",
                         "configs/emo_1b14b.py", "--mesh", "fsdp=16", "--chip", "h100-80gb"],

@@ -190,6 +190,7 @@ def test_full_pool_and_eval_mode_route_over_all_experts():
     dict(qk_norm=True, num_shared_experts=0, top_k=3, pool_min=3, tie_embeddings=True),  # OLMoE-like
     dict(compute_dtype="bfloat16"),
 ], ids=["dense", "qknorm-noshared-tied", "bf16-capacity"])
+@pytest.mark.slow
 def test_variants_train_with_finite_gradients(changes):
   cfg = TINY.replace(**changes)
   model = make_model(cfg, execution=ExecutionConfig() if "compute_dtype" in changes else DENSE)
@@ -550,6 +551,7 @@ def abstract_graphdef(cfg: ModelConfig, execution: ExecutionConfig = DENSE):
       lambda: model_lib.Transformer(cfg, rngs=nnx.Rngs(0), execution=execution)))
 
 
+@pytest.mark.slow
 def test_remat_policies_and_unrolled_layers_equal_no_remat():
   """Loss, per-layer routing statistics and gradients of every remat policy, and of the layers
   unrolled instead of scanned (with and without remat), equal the scanned remat=False model

@@ -179,6 +179,7 @@ def test_moe_layer_matches_numpy():
 
 
 @pytest.mark.parametrize("eval_pool_size", [2, None])
+@pytest.mark.slow
 def test_router_z_loss_gradient_reaches_in_pool_experts_only(eval_pool_size):
   """One document under a fixed pool of 2 of 6 routed experts: the z-loss gradient of every
   out-of-pool expert's router row is exactly zero, of every in-pool row not; no pool: all

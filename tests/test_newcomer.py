@@ -120,6 +120,8 @@ def test_describe_components_sum_to_the_counts(name):
   assert s["active_params_without_embeddings"] == s["active_params"] - embeddings
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 def test_describe_prints_a_table_that_sums_to_its_json():
   def run(*extra):
     done = subprocess.run([sys.executable, "-m", "experiments.describe", "--config",
@@ -169,6 +171,7 @@ def small_model():
   return loading.build_model(cfg, params)
 
 
+@pytest.mark.slow
 def test_no_repeat_ngram_and_penalty_hold_in_generation(small_model):
   graphdef, params = small_model
   prompts = [[1, 2, 3], [4, 4]]

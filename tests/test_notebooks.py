@@ -78,6 +78,8 @@ def test_notebooks_keep_logic_in_the_library():
         f"{path.name} is saved with outputs; clear them"
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 def test_quickstart_runs(tmp_path, monkeypatch):
   nb = run_notebook(NOTEBOOKS / "quickstart.ipynb", tmp_path, monkeypatch)
   text = outputs_text(nb)
@@ -88,6 +90,8 @@ def test_quickstart_runs(tmp_path, monkeypatch):
   assert len(images) >= 1 + len(report["plots"])  # training curves + every analysis plot
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 @pytest.mark.skipif(not _has_hf_export(), reason="the Hugging Face export (emo_jax/convert/hf.py "
                     "and experiments/convert.py, issue 6) is not in this checkout yet; "
                     "to_pytorch.ipynb needs it")

@@ -123,6 +123,7 @@ def test_host_shards_are_disjoint_and_cover_the_corpus():
   assert set(seen) == {d["id"] for d in docs}
 
 
+@pytest.mark.slow
 def test_multiprocess_prefetch_is_deterministic_and_complete():
   """Workers pack disjoint slices of the documents: other rows, same tokens, same every run."""
   docs = make_docs(30)

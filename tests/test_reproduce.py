@@ -134,6 +134,7 @@ def test_memory_matched_models_have_the_subsets_parameter_count():
     assert count_params(moe)["total_params"] == target
 
 
+@pytest.mark.slow
 def test_anneal_starts_from_the_stdmoe_parameters_and_turns_the_pool_on(tmp_path):
   config = tiny.get_config()
   config.train.steps = 4
@@ -258,6 +259,7 @@ def test_bad_settings_are_refused():
     study.training_key({**tiny.get_config().to_dict(), "train": {"steps": 0}})
 
 
+@pytest.mark.slow
 def test_measure_model_scores_the_selected_and_random_subsets(tmp_path):
   """The study's numbers equal evaluate.perplexity with the masks selective picks itself."""
   cfg = ModelConfig(vocab_size=258, d_model=32, num_layers=2, num_heads=4, num_kv_heads=4,

@@ -205,6 +205,7 @@ def test_full_width_batches_have_one_shape():
   assert calibration.calibration_tokens(batches) == 6 + 32 + 2
 
 
+@pytest.mark.slow
 def test_padding_and_batching_never_change_the_scores():
   """The scores of one tight batch built by hand (as wide as its longest row) equal those of
   the same texts in padded batches of every shape the builder makes."""

@@ -114,6 +114,7 @@ def test_easy_ep_layer_score_matches_numpy(model):
   np.testing.assert_allclose(got, want, rtol=2e-4)
 
 
+@pytest.mark.slow
 def test_merge_back_then_reprune_gives_the_tuned_subset(model):
   trainable, flags = "all", dict(shared=True, router=True, non_moe=True)
   graphdef, params, raw, batches = model
@@ -180,6 +181,8 @@ def run_cli(*args):
                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 def test_command_writes_rows_table_and_plot_and_resumes(tmp_path, model):
   _, _, raw, _ = model
   ckpt_lib.save_params(tmp_path / "ckpt", raw, CFG.to_dict())

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 openai = pytest.importorskip("openai")
+pytestmark = [pytest.mark.slow, pytest.mark.integration]  # one server process per module
 
 from emo_jax.train import checkpoint as ckpt_lib  # pylint: disable=wrong-import-position
 from emo_jax.config import ModelConfig  # pylint: disable=wrong-import-position

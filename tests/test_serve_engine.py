@@ -51,6 +51,7 @@ def mask(name):
   return bank_lib.Subset(name, SUBSETS[name], "explicit").mask(CFG.num_routed_experts)
 
 
+@pytest.mark.slow
 def test_per_row_routing_mask_equals_each_row_alone():
   _, params = random_params(CFG, seed=1)
   model = nnx.merge(*loading.build_model(CFG, params))  # dropless: rows are independent
@@ -80,6 +81,7 @@ def test_bank_holds_only_the_union_and_the_right_rows(engine, checkpoint):
       np.testing.assert_array_equal(np.asarray(bank.bank[name][layer, -1]), params[name][layer, -1])
 
 
+@pytest.mark.slow
 def test_subset_equals_generate_on_the_physically_pruned_model(engine, checkpoint):
   prompt = TOK.encode("The patient was")
   for name in ("a",):  # "b" and "c" decode batched against "a" in the mixed test

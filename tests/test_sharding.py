@@ -84,6 +84,7 @@ def _losses(mesh, batches, steps=3):
   return losses
 
 
+@pytest.mark.slow
 def test_train_steps_on_every_mesh_equal_one_device():
   batches = _batches(3)
   reference = _losses(mesh_of(), batches)
@@ -106,6 +107,7 @@ def _metrics(workdir):
                                             (workdir / "metrics.jsonl").read_text().splitlines())}
 
 
+@pytest.mark.slow
 def test_checkpoint_written_under_one_mesh_resumes_under_another(tmp_path):
   train_lib.train_and_evaluate(tiny_run_config(8), tmp_path / "reference")
   moved = tmp_path / "moved"
@@ -117,6 +119,8 @@ def test_checkpoint_written_under_one_mesh_resumes_under_another(tmp_path):
                              rtol=1e-5)
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 def test_two_processes_reach_the_single_process_losses(tmp_path, reap):
   """jax.distributed over gloo on localhost: each host feeds its own data shard."""
   steps, port = 3, portpicker.pick_unused_port()

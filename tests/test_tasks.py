@@ -225,6 +225,7 @@ def test_request_files_group_choices_by_document(tmp_path):
 
 # ---- the installed benchmarks --------------------------------------------------------------------
 @needs_data
+@pytest.mark.slow
 def test_installed_arc_easy_is_olmes_5shot_on_test_calibrated_on_validation():
   task = load_task("arc_easy")
   assert len(task.instances) == 1000 and len(task.calibration) == 570  # 1,000 of 2,376 test
