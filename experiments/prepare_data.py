@@ -2,6 +2,7 @@
 
   python -m experiments.prepare_data --corpus demo --out /tmp/demo_data
   python -m experiments.prepare_data --corpus my_docs.jsonl --out /tmp/my_data --vocab_size 16384
+  python -m experiments.prepare_data --corpus heldout [--out DIR]
 
 This is the step that writes; training and the other commands only read the prepared folder
 (the trainer runs this step itself, with the config's data settings, when its folder is missing;
@@ -14,6 +15,11 @@ folders of text (emo_jax/data/sources.py), split by document id. Either way OUT 
 {train,validation,test}.jsonl and tokenizer.model (unless --tokenizer names one), and the last
 stdout line is one JSON object: domains (domain -> documents, bytes), total_bytes, tokenizer,
 vocab_size, skipped, splits.
+
+`--corpus heldout` builds the held-out evaluation domains instead (legal text, a dictionary,
+German, Spanish and Italian prose; emo_jax/data/heldout_corpus.py): one file, OUT/eval.jsonl
+(default OUT: <cache>/corpora/heldout), never trained on and not tokenized, which
+`experiments.reproduce --eval_corpus` scores (`--eval_corpus_default` finds it there).
 
 Re-running with the same settings reuses what is there (pass --force to rebuild). Nothing is
 written to OUT until the whole input has been read and the tokenizer trained: bad input (a bad
@@ -31,13 +37,14 @@ import json
 from absl import app, flags
 
 from emo_jax.data import corpus as corpus_lib
-from emo_jax.data import demo_corpus, sources
+from emo_jax.data import demo_corpus, heldout_corpus, sources
 from emo_jax.data.tokenizer import TokenizerError
 from experiments import cli
 
-_CORPUS = flags.DEFINE_string("corpus", None, "'demo', or a path / glob / comma-separated list "
+_CORPUS = flags.DEFINE_string("corpus", None, "'demo', 'heldout', or a path / glob / comma-separated list "
                               "of .jsonl, .array_record, text files or folders.")
-_OUT = flags.DEFINE_string("out", None, "Output folder.")
+_OUT = flags.DEFINE_string("out", None, "Output folder (with --corpus heldout default "
+                           "<cache>/corpora/heldout).")
 _VOCAB_SIZE = flags.DEFINE_integer("vocab_size", 8192, "SentencePiece vocabulary size.")
 _TOKENIZER = flags.DEFINE_string("tokenizer", "", "Use this tokenizer instead of training one: "
                                  "'bytes' or a SentencePiece .model / tokenizer.json path (what "
@@ -46,7 +53,8 @@ _CACHE_DIR = flags.DEFINE_string("cache_dir", None, "Download cache for the demo
                                  "(default $EMO_JAX_CACHE or ~/.cache/emo_jax).")
 _MAX_BYTES_PER_DOMAIN = flags.DEFINE_integer(
     "max_bytes_per_domain", demo_corpus.DEFAULT_MAX_BYTES_PER_DOMAIN,
-    "Demo corpus: cap on the text bytes of each domain.")
+    "Demo corpus: cap on the text bytes of each domain (held-out corpus: default "
+    f"{heldout_corpus.DEFAULT_MAX_BYTES_PER_DOMAIN}).")
 _VALIDATION = flags.DEFINE_float("validation", 0.02, "Share of documents in validation.")
 _TEST = flags.DEFINE_float("test", 0.02, "Share of documents in test.")
 _DOMAIN = flags.DEFINE_string("domain", None, "Own corpus: domain for documents without one "
@@ -61,8 +69,23 @@ _SKIP_TOKENIZER = flags.DEFINE_bool("skip_tokenizer", False, "Only build the cor
 _FORCE = flags.DEFINE_bool("force", False, "Rebuild even if OUT already holds the result.")
 
 
+def build_heldout():
+  cap = (_MAX_BYTES_PER_DOMAIN.value if _MAX_BYTES_PER_DOMAIN.present
+         else heldout_corpus.DEFAULT_MAX_BYTES_PER_DOMAIN)
+  try:
+    return heldout_corpus.build_heldout_corpus(_OUT.value, cache_dir=_CACHE_DIR.value,
+                                               max_bytes_per_domain=cap, force=_FORCE.value)
+  except demo_corpus.SourceUnavailable as e:
+    raise SystemExit(f"prepare_data: the held-out corpus: {e}") from None
+
+
 def main(argv):
   cli.start(argv)
+  if _CORPUS.value == "heldout":
+    print(json.dumps(build_heldout()), flush=True)
+    return
+  if not _OUT.value:
+    raise app.UsageError("--out is required (the folder the prepared corpus is written to)")
   try:
     result = corpus_lib.build_corpus(
         _CORPUS.value, _OUT.value, vocab_size=_VOCAB_SIZE.value, tokenizer=_TOKENIZER.value,
@@ -82,5 +105,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["corpus", "out"])
+  flags.mark_flags_as_required(["corpus"])
   app.run(main)

@@ -40,10 +40,12 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from emo_jax.data import corpus as corpus_lib
+from emo_jax.data import corpus as corpus_lib, heldout_corpus
 from emo_jax.study import analysis, plots, selective
 from emo_jax.study import reproduction as study
 from emo_jax.study import reproduction_report as report
+from emo_jax.tasks import bpb
+from emo_jax.tasks.data import DataError
 from emo_jax.train.experiment import Experiment
 from experiments import cli
 
@@ -61,6 +63,16 @@ _HOLDOUT = flags.DEFINE_string("holdout", "math", "Domain left out of training a
                                "separately; '' trains on every domain.")
 _EVAL_CORPUS = flags.DEFINE_string("eval_corpus", None, "JSONL of {text, domain} documents from "
                                    "domains outside the training corpus, also measured.")
+_EVAL_CORPUS_DEFAULT = flags.DEFINE_bool(
+    "eval_corpus_default", False, "Also measure the built-in held-out domains (legal, "
+    "dictionary, German, Spanish, Italian; built from Debian packages into "
+    "<cache>/corpora/heldout when missing, as `experiments.prepare_data --corpus heldout`).")
+_BPB_TASKS = flags.DEFINE_list(
+    "bpb_tasks", None, "Benchmarks scored in bits per byte of the gold continuation, experts "
+    f"selected from each task's own held-out examples (default {','.join(study.BPB_TASKS)} "
+    "when the eval extra is installed; '' for none). Names: emo_jax.tasks.bpb.bpb_task_names().")
+_BPB_LIMIT = flags.DEFINE_integer("bpb_limit", None, "Scored instances per bits-per-byte task "
+                                  "(default 100; quick 16).")
 _STEPS = flags.DEFINE_integer("steps", None, "Training steps per model (default: the config's; "
                               "quick 20).")
 _BATCH = flags.DEFINE_integer("batch_size", None, "Rows per step (default: the config's; "
@@ -100,7 +112,10 @@ def settings() -> dict:
           "anneal_fraction": _ANNEAL.value, "random_floor": _RANDOM.value,
           "cluster_documents": pick(_CLUSTER_DOCS, 600, 60), "clusters": pick(_CLUSTERS, 32, 8),
           "greedy": not _ONE_PASS.value, "holdout": _HOLDOUT.value or None,
-          "eval_corpus": _EVAL_CORPUS.value, "quick": quick}
+          "eval_corpus": _EVAL_CORPUS.value, "eval_corpus_default": _EVAL_CORPUS_DEFAULT.value,
+          "bpb_tasks": (list(study.BPB_TASKS) if bpb.bpb_task_names() else [])
+          if _BPB_TASKS.value is None else [t for t in _BPB_TASKS.value if t],
+          "bpb_limit": pick(_BPB_LIMIT, 100, 16), "quick": quick}
 
 
 def prepared_config(s: dict) -> Experiment:
@@ -163,31 +178,43 @@ def run_models(config, s: dict, models_dir: pathlib.Path):
   return trained, matched
 
 
-def measure_all(trained, matched, eval_sets, tokenizer, config, s: dict):
-  """{label: {seed: measurement}}, each cached beside its model by the measurement settings."""
+def _cached(path: pathlib.Path, spec: dict, measure):
+  """measure() cached in path/measure-<hash of spec>.json."""
+  key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+  cache = pathlib.Path(path) / f"measure-{key}.json"
+  if cache.is_file():
+    return json.loads(cache.read_text())
+  measured = measure()
+  cache.write_text(json.dumps(measured, indent=1))
+  return measured
+
+
+def measure_all(trained, matched, eval_sets, bpb_tasks, tokenizer, config, s: dict):
+  """({label: {seed: domain measurement}}, {label: {seed: bits-per-byte measurement}}), each
+  cached beside its model by the measurement settings."""
   sets_id = [(e.domain, e.group, len(e.calibration), [d.get("id") for d in e.documents][:50],
               len(e.documents)) for e in eval_sets]
-  results = {}
+  tasks_id = [(t.name, t.variant, len(t.items), len(t.calibration)) for t in bpb_tasks]
+  results, bpb_results = {}, {}
   for label, runs in trained.items():
     fractions = [1.0] if label in matched else s["fractions"]
     for t in runs:
-      spec = {"sets": sets_id, "fractions": fractions, "calibrations": s["calibrations"],
-              "eval_batches": s["eval_batches"], "seq_len": config.data.seq_len,
-              "batch_size": config.data.batch_size, "random_floor": s["random_floor"],
-              "greedy": s["greedy"], "seed": t.seed}
-      key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
-      cache = pathlib.Path(t.path) / f"measure-{key}.json"
-      if cache.is_file():
-        measured = json.loads(cache.read_text())
-      else:
-        measured = study.measure_model(
-            t.path, eval_sets, tokenizer, fractions=fractions, calibrations=s["calibrations"],
-            seq_len=config.data.seq_len, batch_size=config.data.batch_size,
-            num_batches=s["eval_batches"], random_floor=s["random_floor"] and label not in matched,
-            seed=t.seed, greedy=s["greedy"], label=f"{label} seed {t.seed}")
-        cache.write_text(json.dumps(measured, indent=1))
-      results.setdefault(label, {})[t.seed] = measured
-  return results
+      common = {"fractions": fractions, "calibrations": s["calibrations"],
+                "seq_len": config.data.seq_len, "batch_size": config.data.batch_size,
+                "random_floor": s["random_floor"], "greedy": s["greedy"], "seed": t.seed}
+      args = dict(fractions=fractions, calibrations=s["calibrations"],
+                  seq_len=config.data.seq_len, batch_size=config.data.batch_size,
+                  random_floor=s["random_floor"] and label not in matched, seed=t.seed,
+                  greedy=s["greedy"], label=f"{label} seed {t.seed}")
+      results.setdefault(label, {})[t.seed] = _cached(
+          t.path, {"sets": sets_id, "eval_batches": s["eval_batches"], **common},
+          lambda: study.measure_model(t.path, eval_sets, tokenizer,
+                                      num_batches=s["eval_batches"], **args))
+      if bpb_tasks:
+        bpb_results.setdefault(label, {})[t.seed] = _cached(
+            t.path, {"bpb_tasks": tasks_id, **common},
+            lambda: study.measure_bpb(t.path, bpb_tasks, tokenizer, **args))
+  return results, bpb_results
 
 
 def cluster(trained, corpus, s: dict, out: pathlib.Path):
@@ -207,10 +234,12 @@ def cluster(trained, corpus, s: dict, out: pathlib.Path):
           for n in names}
 
 
-def write_outputs(workdir, command, s, trained, results, rows, clusters, timings):
+def write_outputs(workdir, command, s, trained, results, rows, clusters, timings,
+                  bpb_results=None, bpb_rows=()):
   out = {"command": command, "settings": s, "timings": timings,
          "models": {k: [t.to_json() for t in v] for k, v in trained.items()},
-         "rows": rows, "clusters": clusters, "measurements": results}
+         "rows": rows, "bpb_rows": list(bpb_rows), "clusters": clusters,
+         "measurements": results, "bpb_measurements": bpb_results or {}}
   (workdir / "reproduce.json").write_text(json.dumps(out, indent=1, default=str))
   plots.plot_reproduction(rows, workdir / "reproduce.png")
   seeds = ",".join(str(x) for x in s["seeds"])
@@ -221,7 +250,12 @@ def write_outputs(workdir, command, s, trained, results, rows, clusters, timings
            f"## Loss increase over all experts (experts selected from "
            f"{report.MAIN_CALIBRATION} calibration documents of the domain)", "",
            report.results_table(rows, random_floor=s["random_floor"])]
-  for title, table in (("Memory-matched models trained from scratch", report.matched_table(rows)),
+  bpb_table = report.results_table(bpb_rows, random_floor=s["random_floor"],
+                                   metric="bits per byte", item="task")
+  for title, table in ((f"Benchmarks: bits per byte of the gold answer, increase over all "
+                        f"experts (experts selected from {report.MAIN_CALIBRATION} examples of "
+                        f"the task; {s['bpb_limit']} instances each)", bpb_table),
+                       ("Memory-matched models trained from scratch", report.matched_table(rows)),
                        ("Calibration: 1, 5 or all documents", report.calibration_table(rows)),
                        ("Routing clustering (first seed)", report.clustering_table(clusters))):
     if table:
@@ -264,16 +298,32 @@ def run(argv):
   eval_sets = study.corpus_eval_sets(corpus, s["holdout"], s["calibration_pool"])
   if s["eval_corpus"]:
     eval_sets += study.file_eval_sets(s["eval_corpus"], s["calibration_pool"])
+  if s["eval_corpus_default"]:
+    logging.info("held-out domains: the built-in corpus (built once, then reused)")
+    try:
+      built = heldout_corpus.build_heldout_corpus()
+    except heldout_corpus.demo_corpus.SourceUnavailable as e:
+      raise study.StudyError(f"--eval_corpus_default: {e}; or pass --eval_corpus with a JSONL "
+                             "of your own") from None
+    eval_sets += study.file_eval_sets(built["path"], s["calibration_pool"])
+  try:
+    bpb_tasks = [bpb.load_bpb_task(name, limit=s["bpb_limit"]) for name in s["bpb_tasks"]]
+  except (DataError, ValueError) as e:
+    raise study.StudyError(f"--bpb_tasks: {e}") from None
   timings = {}
   trained, matched = run_models(train_config, s, workdir / "models")
   timings["train_s"] = round(time.time() - start, 1)
-  results = measure_all(trained, matched, eval_sets, corpus.tokenizer, config, s)
+  results, bpb_results = measure_all(trained, matched, eval_sets, bpb_tasks, corpus.tokenizer,
+                                     config, s)
   timings["measure_s"] = round(time.time() - start - timings["train_s"], 1)
   clusters = cluster(trained, corpus, s, workdir / "clusters")
   timings["total_s"] = round(time.time() - start, 1)
   rows = report.build_rows(results, trained, {e.domain: e.group for e in eval_sets}, matched)
+  bpb_rows = report.build_rows(bpb_results, trained, {t.name: report.BPB_GROUP
+                                                      for t in bpb_tasks}, {})
   command = "python -m experiments.reproduce " + " ".join(sys.argv[1:])
-  print(write_outputs(workdir, command, s, trained, results, rows, clusters, timings))
+  print(write_outputs(workdir, command, s, trained, results, rows, clusters, timings,
+                      bpb_results, bpb_rows))
   print(json.dumps({"out": str(workdir.absolute()), **timings}))
 
 

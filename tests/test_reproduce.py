@@ -23,6 +23,7 @@ from emo_jax.study.selective import pruned_param_count
 from emo_jax.train import TrainConfig, evaluate
 from emo_jax.train.trainer import init_state
 from emo_jax.convert import loading
+from emo_jax.tasks import bpb
 from random_model import random_params
 
 
@@ -294,3 +295,31 @@ def test_measure_model_scores_the_selected_and_random_subsets(tmp_path):
   with pytest.raises(ValueError, match="fewer than the 2"):
     study.measure_model(str(tmp_path / "m"), sets, tok, fractions=[0.125], calibrations=["1"],
                         seq_len=32, batch_size=2, num_batches=1, random_floor=False, seed=0)
+  # Bits per byte of a task's gold answers: all experts, and experts its own examples select.
+  item = lambda i, d: bpb.BpbItem(i, d["text"][:20], d["text"][20:40])
+  task = bpb.BpbTask("toy", "gold_bpb_0shot", [item(i, d) for i, d in enumerate(docs[:3])],
+                     calibration=[item(9, docs[5])])
+  r = study.measure_bpb(str(tmp_path / "m"), [task], tok, fractions=[1, 0.25],
+                        calibrations=["1"], seq_len=32, batch_size=2, random_floor=True,
+                        seed=0)["domains"]["toy"]
+  score = lambda mask: bpb.evaluate_bpb(graphdef, p, tok, task, max_len=32, batch_size=2,
+                                        keep_experts=mask)["bpb"]
+  np.testing.assert_allclose(r["full"], score(None), rtol=1e-6)
+  calib = calibration.calibration_batches([task.calibration[0].text], tok, seq_len=32, rows=2,
+                                          full_width=True)
+  mask = selective.select_experts(graphdef, p, cfg, calib, 2).mask
+  np.testing.assert_allclose(r["select"]["1"]["2"], score(mask), rtol=1e-6)
+  assert r["instances"] == 3 and set(r["random"]) == {"2"}
+
+
+def test_bpb_tasks_get_rows_of_their_own_after_the_domains():
+  groups = {"a": "trained", "law": "eval-corpus", "mbpp": report.BPB_GROUP}
+  assert [g for _, g, _ in report.domain_groups(groups)] == ["trained-mean", "eval-corpus",
+                                                            "trained", report.BPB_GROUP]
+  results = {"EMO": {0: {"num_experts": 4, "domains": {
+      "mbpp": _measure(3.0, {"2": 0.25}, {"2": 0.5})}}}}
+  rows = report.build_rows(results, {"EMO": _trained("EMO", [0])}, {"mbpp": report.BPB_GROUP},
+                           {})
+  table = report.results_table(rows, metric="bits per byte", item="task")
+  assert "| model | task | all experts: bits per byte | 2/4 (50 %) |" in table
+  assert "| EMO | mbpp | 3.000 | +0.250 |" in table and "| EMO, random experts | mbpp |" in table

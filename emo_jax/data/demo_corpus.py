@@ -429,13 +429,13 @@ DEMO_SOURCES = (
 # Build
 
 
-def _order_key(doc: Doc) -> bytes:
+def order_key(doc: Doc) -> bytes:
   # Salted: unsalted, this order would be split_of's, and capping a domain would keep the
   # ids with the smallest hashes, which are exactly its test and validation documents.
   return hashlib.sha256(b"emo_jax demo order\0" + doc["id"].encode("utf-8")).digest()
 
 
-def _load_source(source: Source, cache_dir: Path, label: str = "") -> list[Doc]:
+def load_source(source: Source, cache_dir: Path, label: str = "") -> list[Doc]:
   progress = progress_lib.ProgressLog(log, f"{label}source {source.name} ({source.domain})",
                                       total_bytes=source.approx_bytes)
   docs = []
@@ -451,10 +451,10 @@ def _load_source(source: Source, cache_dir: Path, label: str = "") -> list[Doc]:
   return docs
 
 
-def _cap(docs: list[Doc], max_bytes: int) -> list[Doc]:
+def cap(docs: list[Doc], max_bytes: int) -> list[Doc]:
   """Documents in a fixed pseudo-random order until the next one would pass `max_bytes`."""
   kept, total = [], 0
-  for doc in sorted(docs, key=_order_key):
+  for doc in sorted(docs, key=order_key):
     n = _utf8_len(doc["text"])
     if total + n > max_bytes:
       break
@@ -463,7 +463,7 @@ def _cap(docs: list[Doc], max_bytes: int) -> list[Doc]:
   return kept
 
 
-def _dedupe(docs: Iterable[Doc]) -> list[Doc]:
+def dedupe(docs: Iterable[Doc]) -> list[Doc]:
   seen, out = set(), []
   for doc in docs:
     h = hashlib.sha256(doc["text"].encode("utf-8")).digest()
@@ -523,7 +523,7 @@ def build_demo_corpus(out_dir: PathLike, *, cache_dir: PathLike | None = None,
            len(sources), out_dir)
   for k, source in enumerate(sources, 1):
     try:
-      docs = _load_source(source, cache, label=f"[{k}/{len(sources)}] ")
+      docs = load_source(source, cache, label=f"[{k}/{len(sources)}] ")
     except Exception as e:  # pylint: disable=broad-except
       reason = f"{type(e).__name__}: {e}" if not isinstance(e, SourceUnavailable) else str(e)
       logging.warning("skipping demo source %s (%s): %s", source.name, source.origin, reason)
@@ -535,9 +535,9 @@ def build_demo_corpus(out_dir: PathLike, *, cache_dir: PathLike | None = None,
 
   corpus: list[Doc] = []
   for domain in sorted(by_domain):
-    kept = _cap(_dedupe(sorted(by_domain[domain], key=lambda d: d["id"])), max_bytes_per_domain)
+    kept = cap(dedupe(sorted(by_domain[domain], key=lambda d: d["id"])), max_bytes_per_domain)
     corpus.extend(kept)
-  corpus.sort(key=_order_key)  # Mixes domains in a fixed order.
+  corpus.sort(key=order_key)  # Mixes domains in a fixed order.
 
   out_dir.mkdir(parents=True, exist_ok=True)
   (out_dir / SUMMARY_FILE).unlink(missing_ok=True)  # Incomplete until rewritten below.

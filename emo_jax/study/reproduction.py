@@ -11,7 +11,9 @@ experiments/reproduce.py runs it; this module holds its pieces so each can be te
 * held-out domains: a data folder that is the training corpus minus one domain, so the study
   can select experts for, and evaluate on, text the model never trained on;
 * the measurement: per domain, experts selected from 1, 5 or all calibration documents (or at
-  random, the floor) at each subset size, and the held-out loss with that routing mask.
+  random, the floor) at each subset size, and the held-out loss with that routing mask; per
+  benchmark, the same with bits per byte of the gold answers (tasks/bpb.py), experts selected
+  from the task's own held-out examples.
 
 The README's "The paper's claim at small scale" section shows the command and its table.
 """
@@ -34,6 +36,7 @@ from emo_jax.data import corpus as corpus_lib, pipeline, sources
 from emo_jax.convert import loading
 from emo_jax.model.transformer import count_params
 from emo_jax.study import calibration, selective
+from emo_jax.tasks import bpb
 from emo_jax.train import evaluate
 from emo_jax.train.experiment import Experiment
 from emo_jax.train.trainer import train_and_evaluate
@@ -46,6 +49,8 @@ DEFAULT_FRACTIONS = selective.PAPER_FRACTIONS
 MATCHED_FRACTIONS = (0.25, 0.125)
 # Calibration sets: the first 1 and 5 documents of a domain, and all of its calibration pool.
 CALIBRATIONS = ("1", "5", "all")
+# Benchmarks scored in bits per byte (tasks/bpb.py): code and math, the paper's task domains.
+BPB_TASKS = ("mt_mbpp_python", "codex_humaneval", "minerva_math_algebra", "gsm8k")
 # Fields that change how a run logs, evaluates or checkpoints but not the parameters it trains.
 UNKEYED_FIELDS = {
     "train": ("log_every", "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints",
@@ -331,6 +336,39 @@ def random_mask(cfg: ModelConfig, keep: int, rng: np.random.Generator) -> np.nda
   return mask
 
 
+def _subset_scores(graphdef, params, cfg: ModelConfig, sizes: Sequence[int], score,
+                   calibration_texts: Sequence[str], tokenizer, *, calibrations: Sequence[str],
+                   seq_len: int, batch_size: int, greedy: bool, random_floor: bool,
+                   random_key: tuple[int, int]) -> dict[str, Any]:
+  """score(mask) with all experts, with experts selected from the first 1, 5, ... calibration
+  texts at each subset size, and (random_floor) with random experts drawn from random_key =
+  (seed, eval set index): the cell layout that measure_model and measure_bpb share."""
+  r = {"full": score(None), "select": {}, "random": {}, "calibration_documents": {}}
+  counts = calibration_counts(len(calibration_texts), calibrations)
+  for name, n in counts.items() if sizes else ():
+    calib = calibration.calibration_batches(list(calibration_texts[:n]), tokenizer,
+                                            seq_len=seq_len, rows=batch_size, full_width=True)
+    r["calibration_documents"][name] = n
+    r["select"][name] = {}
+    for keep in sizes:
+      mask = selective.select_experts(graphdef, params, cfg, calib, keep, greedy=greedy).mask
+      r["select"][name][str(keep)] = score(mask)
+  if random_floor:
+    for keep in sizes:
+      seed, index = random_key
+      r["random"][str(keep)] = score(random_mask(cfg, keep, np.random.default_rng(
+          [seed, keep, index])))
+  return r
+
+
+def _progress(label: str, name: str, i: int, total: int, kind: str, r: Mapping, start: float):
+  elapsed = time.time() - start
+  log.info("measured %s on %s (%d/%d, %s): full %.3f, %s; %.0f s, ETA %.0f s", label, name,
+           i + 1, total, kind, r["full"],
+           {c: {k: round(v - r["full"], 3) for k, v in s.items()}
+            for c, s in r["select"].items()}, elapsed, elapsed / (i + 1) * (total - i - 1))
+
+
 def measure_model(path: str, eval_sets: Sequence[EvalSet], tokenizer, *, fractions,
                   calibrations: Sequence[str], seq_len: int, batch_size: int,
                   num_batches: int, random_floor: bool, seed: int, greedy: bool = True,
@@ -348,30 +386,37 @@ def measure_model(path: str, eval_sets: Sequence[EvalSet], tokenizer, *, fractio
   for i, es in enumerate(eval_sets):
     batches = scoring_batches(es.documents, tokenizer, seq_len=seq_len, batch_size=batch_size,
                               max_segments=cfg.max_segments, num_batches=num_batches)
-    tokens = int(sum(np.sum(b["loss_mask"]) for b in batches))
-    r = {"full": evaluate.perplexity(graphdef, params, batches, [])["loss"], "tokens": tokens,
-         "select": {}, "random": {}, "calibration_documents": {}}
-    counts = calibration_counts(len(es.calibration), calibrations)
-    for name, n in counts.items() if sizes else ():
-      calib = calibration.calibration_batches(es.calibration[:n], tokenizer, seq_len=seq_len,
-                                              rows=batch_size, full_width=True)
-      r["calibration_documents"][name] = n
-      r["select"][name] = {}
-      for keep in sizes:
-        mask = selective.select_experts(graphdef, params, cfg, calib, keep, greedy=greedy).mask
-        r["select"][name][str(keep)] = evaluate.perplexity(graphdef, params, batches, [],
-                                                      keep_experts=mask)["loss"]
-    if random_floor:
-      for keep in sizes:
-        mask = random_mask(cfg, keep, np.random.default_rng([seed, keep, i]))
-        r["random"][str(keep)] = evaluate.perplexity(graphdef, params, batches, [],
-                                                keep_experts=mask)["loss"]
+    score = lambda mask, b=batches: evaluate.perplexity(graphdef, params, b, [],
+                                                        keep_experts=mask)["loss"]
+    r = _subset_scores(graphdef, params, cfg, sizes, score, es.calibration, tokenizer,
+                       calibrations=calibrations, seq_len=seq_len, batch_size=batch_size,
+                       greedy=greedy, random_floor=random_floor, random_key=(seed, i))
+    r["tokens"] = int(sum(np.sum(b["loss_mask"]) for b in batches))
     out[es.domain] = r
-    elapsed = time.time() - start
-    log.info("measured %s on %s (%d/%d, %s): full %.3f, %s; %.0f s, ETA %.0f s", label,
-             es.domain, i + 1, len(eval_sets), es.group, r["full"],
-             {c: {k: round(v - r["full"], 3) for k, v in s.items()}
-              for c, s in r["select"].items()}, elapsed,
-             elapsed / (i + 1) * (len(eval_sets) - i - 1))
+    _progress(label, es.domain, i, len(eval_sets), es.group, r, start)
+  return {"num_experts": cfg.num_experts, "active_experts": selective.active_experts(cfg)
+          if cfg.is_moe else 0, "domains": out}
+
+
+def measure_bpb(path: str, tasks: Sequence[bpb.BpbTask], tokenizer, *, fractions,
+                calibrations: Sequence[str], seq_len: int, batch_size: int, random_floor: bool,
+                seed: int, greedy: bool = True, label: str = "") -> dict[str, Any]:
+  """Bits per byte of each task's gold continuations, with all experts and with experts
+  selected from the task's own calibration examples (the paper's task-level protocol), in
+  measure_model's layout: {"domains": {task: {"full": bpb, "select": ..., "random": ...}}}."""
+  cfg, graphdef, params = loading.load_model(path)
+  sizes = selective.subset_sizes(cfg, fractions)[1:] if cfg.is_moe else []
+  out = {}
+  start = time.time()
+  for i, task in enumerate(tasks):
+    score = lambda mask, t=task: bpb.evaluate_bpb(graphdef, params, tokenizer, t,
+                                                  max_len=seq_len, keep_experts=mask,
+                                                  batch_size=batch_size)["bpb"]
+    r = _subset_scores(graphdef, params, cfg, sizes, score, task.calibration_texts(), tokenizer,
+                       calibrations=calibrations, seq_len=seq_len, batch_size=batch_size,
+                       greedy=greedy, random_floor=random_floor, random_key=(seed, 1000 + i))
+    r["instances"] = len(task.items)
+    out[task.name] = r
+    _progress(label, task.name, i, len(tasks), "bits per byte", r, start)
   return {"num_experts": cfg.num_experts, "active_experts": selective.active_experts(cfg)
           if cfg.is_moe else 0, "domains": out}

@@ -16,6 +16,8 @@ import numpy as np
 
 REFERENCE = "EMO"
 MAIN_CALIBRATION = "5"
+# The group of a benchmark scored in bits per byte (reproduction.measure_bpb): one row each.
+BPB_GROUP = "bpb-task"
 
 
 def stats(values: Sequence[float]) -> dict[str, Any]:
@@ -48,7 +50,8 @@ def _per_seed(measures: Mapping[int, Mapping], domains: Sequence[str], fn):
 
 def domain_groups(eval_groups: Mapping[str, str]) -> list[tuple[str, str, list[str]]]:
   """(row name, group, domains averaged) in table order: the trained domains' mean, each
-  held-out domain, the eval-corpus mean, then each trained and eval-corpus domain."""
+  held-out domain, the eval-corpus mean, each eval-corpus domain, each trained domain, then
+  each bits-per-byte task."""
   trained = [d for d, g in eval_groups.items() if g == "trained"]
   held = [d for d, g in eval_groups.items() if g == "held-out"]
   extra = [d for d, g in eval_groups.items() if g == "eval-corpus"]
@@ -60,6 +63,7 @@ def domain_groups(eval_groups: Mapping[str, str]) -> list[tuple[str, str, list[s
     out.append((f"eval corpus (mean of {len(extra)})", "eval-corpus-mean", extra))
   out += [(d, "eval-corpus", [d]) for d in extra]
   out += [(d, "trained", [d]) for d in trained]
+  out += [(d, BPB_GROUP, [d]) for d, g in eval_groups.items() if g == BPB_GROUP]
   return out
 
 
@@ -130,16 +134,17 @@ def _percent(fraction: float) -> str:
 
 
 def results_table(rows: Sequence[Mapping], *, random_floor: bool = True,
-                  groups: Sequence[str] | None = None) -> str:
-  """Loss with all experts and its increase at each subset (experts selected from the main
-  calibration set), per model and domain group (all, or those in `groups`); "≈" marks a cell
-  within noise of EMO's."""
+                  groups: Sequence[str] | None = None, metric: str = "loss",
+                  item: str = "domain") -> str:
+  """`metric` (loss, or bits per byte) with all experts and its increase at each subset
+  (experts selected from the main calibration set), per model and domain group (all, or those
+  in `groups`; `item` names the column); "≈" marks a cell within noise of EMO's."""
   moe = [r for r in rows if r["subsets"] and (groups is None or r["group"] in groups)]
   if not moe:
     return ""
   keeps = list(moe[0]["subsets"])
   num = round(int(keeps[0]) / moe[0]["subsets"][keeps[0]]["fraction"])
-  head = ("| model | domain | all experts: loss | " + " | ".join(
+  head = (f"| model | {item} | all experts: {metric} | " + " | ".join(
       f"{k}/{num} ({_percent(int(k) / num)})" for k in keeps) + " |")
   lines = [head, "|" + "---|" * (len(keeps) + 3)]
   order = list(dict.fromkeys(r["domain"] for r in moe))
