@@ -64,9 +64,10 @@ _HOLDOUT = flags.DEFINE_string("holdout", "math", "Domain left out of training a
 _EVAL_CORPUS = flags.DEFINE_string("eval_corpus", None, "JSONL of {text, domain} documents from "
                                    "domains outside the training corpus, also measured.")
 _EVAL_CORPUS_DEFAULT = flags.DEFINE_bool(
-    "eval_corpus_default", False, "Also measure the built-in held-out domains (legal, "
+    "eval_corpus_default", True, "Also measure the built-in held-out domains (legal, "
     "dictionary, German, Spanish, Italian; built from Debian packages into "
-    "<cache>/corpora/heldout when missing, as `experiments.prepare_data --corpus heldout`).")
+    "<cache>/corpora/heldout when missing, as `experiments.prepare_data --corpus heldout`); "
+    "--noeval_corpus_default leaves them out.")
 _BPB_TASKS = flags.DEFINE_list(
     "bpb_tasks", None, "Benchmarks scored in bits per byte of the gold continuation, experts "
     f"selected from each task's own held-out examples (default {','.join(study.BPB_TASKS)} "
@@ -303,8 +304,9 @@ def run(argv):
     try:
       built = heldout_corpus.build_heldout_corpus()
     except heldout_corpus.demo_corpus.SourceUnavailable as e:
-      raise study.StudyError(f"--eval_corpus_default: {e}; or pass --eval_corpus with a JSONL "
-                             "of your own") from None
+      raise study.StudyError(f"--eval_corpus_default: the held-out corpus: {e}; pass "
+                             "--noeval_corpus_default (and --eval_corpus with a JSONL of your "
+                             "own)") from None
     eval_sets += study.file_eval_sets(built["path"], s["calibration_pool"])
   try:
     bpb_tasks = [bpb.load_bpb_task(name, limit=s["bpb_limit"]) for name in s["bpb_tasks"]]

@@ -105,6 +105,7 @@ def random_rows(rng, B, L, loss_mask=None):
           "loss_mask": np.ones((B, L), np.float32) if loss_mask is None else loss_mask}
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_equals_one_big_batch():
   cfg = ModelConfig.from_dict(tiny.get_config().model.to_dict()).replace(
       pool=False, lb_loss_weight=0.0, router_z_loss_weight=0.0)
@@ -127,6 +128,7 @@ def test_gradient_accumulation_equals_one_big_batch():
 
 
 @pytest.mark.parametrize("tie", [False, True])
+@pytest.mark.slow
 def test_fused_head_loss_equals_full_logits_in_the_training_loss(tie):
   """train.loss_fn with the LM head fused over chunks (execution.head_chunk_tokens) gives the
   full-logits path's loss, logged terms and gradients, with a partly masked batch, the output
@@ -151,6 +153,7 @@ def test_fused_head_loss_equals_full_logits_in_the_training_loss(tie):
 
 
 # ---- whole runs -------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_tiny_run_learns_and_logs(tmp_path):
   config = tiny_config(steps=120, eval_every=120, eval_batches=4, log_every=20)
   last = train_lib.train_and_evaluate(config, tmp_path)
@@ -164,6 +167,7 @@ def test_tiny_run_learns_and_logs(tmp_path):
   assert 120 in ckpt_lib.Checkpointer(tmp_path / "checkpoints", save_every=1).all_steps()
 
 
+@pytest.mark.slow
 def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, caplog):
   train_lib.train_and_evaluate(tiny_config(steps=20, checkpoint_every=10), tmp_path)
   first = {r["step"]: r["loss"] for r in read_metrics(tmp_path)}
@@ -185,6 +189,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, caplog):
     assert again[s] == first[s]
 
 
+@pytest.mark.slow
 def test_incompatible_restart_names_fields_and_compatible_one_continues(tmp_path):
   train_lib.train_and_evaluate(tiny_config(steps=10, checkpoint_every=10), tmp_path)
   changed = tiny_config(steps=20, checkpoint_every=10)
@@ -197,6 +202,7 @@ def test_incompatible_restart_names_fields_and_compatible_one_continues(tmp_path
   assert [r["step"] for r in read_metrics(tmp_path)][-1] == 20
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_the_step_and_keeps_last_good_checkpoint(tmp_path):
   train_lib.train_and_evaluate(tiny_config(steps=10, checkpoint_every=10), tmp_path)
   exploding = tiny_config(steps=60, checkpoint_every=10, learning_rate=1e30, warmup_steps=0,
@@ -216,8 +222,9 @@ def _train_command(workdir, steps):
           "--config.train.eval_every=100000", "--config.data.synthetic_documents=400"]
 
 
+@pytest.mark.slow
 def test_sigkill_then_restart_reproduces_the_uninterrupted_losses(tmp_path, reap):
-  steps = 300
+  steps = 60
   env = dict(os.environ, PYTHONUNBUFFERED="1")
   reference = tmp_path / "reference"
   subprocess.run(_train_command(reference, steps), cwd=ROOT, env=env, check=True,
@@ -245,6 +252,7 @@ def test_sigkill_then_restart_reproduces_the_uninterrupted_losses(tmp_path, reap
   assert got == want
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_at_the_current_step_and_exits_cleanly(tmp_path, reap):
   """Also: a second trainer on the busy workdir is refused in one line naming the holder, and
   the first one's checkpoints and metrics go on undisturbed."""
@@ -305,6 +313,7 @@ def test_training_settings_that_make_no_sense_are_refused(changes, message):
 LEGACY = ROOT / "tests" / "data" / "legacy_checkpoint"
 
 
+@pytest.mark.slow
 def test_checkpoints_written_before_the_execution_split_still_restore(tmp_path):
   """tests/data/legacy_checkpoint was written while the model config still held the execution
   fields (expert backend 'ragged', transport 'all_to_all', remat policy 'dots', ...): a two-step
