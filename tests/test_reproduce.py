@@ -3,6 +3,7 @@ configs/repro.py, held-out splits, the model cache key, EMO-anneal's start, and 
 
 import dataclasses
 import json
+import pathlib
 
 import jax
 import numpy as np
@@ -323,3 +324,39 @@ def test_bpb_tasks_get_rows_of_their_own_after_the_domains():
   table = report.results_table(rows, metric="bits per byte", item="task")
   assert "| model | task | all experts: bits per byte | 2/4 (50 %) |" in table
   assert "| EMO | mbpp | 3.000 | +0.250 |" in table and "| EMO, random experts | mbpp |" in table
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_the_command_reports_seeds_held_out_domains_and_bpb_tasks(tmp_path):
+  """experiments.reproduce as a user runs it, two seeds: per-seed values and mean ± std for an
+  eval-corpus domain and a bits-per-byte task at every subset size, in the JSON and the table."""
+  import subprocess
+  import sys
+  from emo_jax.tasks import data as task_data
+  if task_data.package_root(required=False) is None:
+    pytest.skip("needs the eval extra's benchmark data")
+  extra = tmp_path / "extra.jsonl"
+  extra.write_text("\n".join(json.dumps(d) for d in _docs(6, ("law", "poems"))) + "\n")
+  out = tmp_path / "w"
+  proc = subprocess.run(
+      [sys.executable, "-m", "experiments.reproduce", "--config", "configs/tiny.py",
+       "--workdir", str(out), "--quick", "--steps", "2", "--seeds", "0,1", "--holdout", "",
+       "--baselines=false", "--cluster_documents", "0", "--fractions", "1,0.5",
+       "--eval_corpus", str(extra), "--noeval_corpus_default", "--bpb_tasks", "mt_mbpp_python",
+       "--bpb_limit", "2"], cwd=pathlib.Path(__file__).resolve().parents[1],
+      capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads((out / "reproduce.json").read_text())
+  rows = {(r["model"], r["domain"]): r for r in result["rows"]}
+  bpb_rows = {(r["model"], r["domain"]): r for r in result["bpb_rows"]}
+  for model in ("EMO", "StdMoE"):
+    for row in (rows[model, "law"], bpb_rows[model, "mt_mbpp_python"]):
+      cell = row["subsets"]["4"]
+      assert len(cell["delta"]["values"]) == 2 and cell["delta"]["std"] is not None
+      assert len(cell["random_delta"]["values"]) == 2
+  assert rows["EMO", "law"]["group"] == "eval-corpus"
+  assert bpb_rows["EMO", "mt_mbpp_python"]["group"] == report.BPB_GROUP
+  assert 0 < bpb_rows["EMO", "mt_mbpp_python"]["full"]["mean"] < 20
+  table = (out / "reproduce.md").read_text()
+  assert "| EMO | mt_mbpp_python |" in table and "all experts: bits per byte" in table
