@@ -2,7 +2,8 @@
 
 `load_task(name)` gives a `Task` (scored instances + calibration pool) from the data the `eval`
 extra installs or from a JSONL file; `evaluate_task` scores it by log-likelihood. See
-docs/selective_eval.md.
+docs/selective_eval.md. `bpb` scores gold answers in bits per byte (`load_bpb_task`,
+`evaluate_bpb`), the benchmark metric of the reproduction study (docs/reproduction.md).
 """
 
 from emo_jax.tasks.data import EXTRA_HINT, Instance, TaskNotInstalled
