@@ -2,6 +2,9 @@
 
   python -m experiments.selective_eval --checkpoint W --tasks arc_easy,mmlu \
       --keep 8,16,32,64,all --num_calibration 5 [--finetune_steps N] [--baseline W2] --out DIR
+  # the release's MMLU protocol: one subset per category (17 tasks mmlu_merged_<category>)
+  python -m experiments.selective_eval --checkpoint W --tasks mmlu_categories --keep 32,all \
+      --out DIR
 
 For every task (installed by the eval extra, `pip install -e ".[eval]"`, or a .jsonl file), every
 subset size in --keep (experts per layer, shared included; `paper` = the paper's 8/16/32/64/all
@@ -41,7 +44,7 @@ from absl import app, flags, logging
 from emo_jax.config import ModelConfig
 from emo_jax.convert import loading
 from emo_jax.study import calibration, plots, selective, subset_finetune, subset_methods
-from emo_jax.tasks import evaluate_task, load_task, report
+from emo_jax.tasks import evaluate_task, expand_task_names, load_task, report
 from emo_jax.train import checkpoint as ckpt_lib
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training workdir or parameter checkpoint.")
@@ -51,7 +54,9 @@ _LABEL = flags.DEFINE_string("label", "EMO", "Name of --checkpoint in the table 
 _BASELINE_LABEL = flags.DEFINE_string("baseline_label", "baseline", "Name of --baseline.")
 _TASKS = flags.DEFINE_list("tasks", None, "Tasks: arc_easy, arc_challenge, boolq, csqa, "
                            "hellaswag, openbookqa, piqa, socialiqa, winogrande, mmlu (+ _mc "
-                           "for letters; mmlu:<subject>) or .jsonl files.")
+                           "for letters; mmlu:<subject>; mmlu_merged_<category>, or "
+                           "mmlu_categories for all 17: the release's protocol, one subset "
+                           "per MMLU category) or .jsonl files.")
 _KEEP = flags.DEFINE_list("keep", ["paper"], "Experts kept per layer (shared included), 'all', "
                           "or 'paper' (8, 16, 32, 64, all of 128, scaled to the model).")
 _METHODS = flags.DEFINE_list("methods", ["greedy", "global", "random", "easy_ep"],
@@ -310,7 +315,7 @@ def main(argv):
     raise app.UsageError(f"{_MERGE_OUT.value}/params already exists; choose another --merge_out")
   start = time.time()
   tasks = {}
-  for name in _TASKS.value:
+  for name in expand_task_names(_TASKS.value):
     try:
       tasks[name] = load_task(name, limit=_LIMIT.value, num_shots=_NUM_SHOTS.value)
     except ValueError as e:  # DataError and TaskNotInstalled are ValueErrors

