@@ -262,3 +262,58 @@ def test_command_selects_per_mmlu_category(tmp_path, model):
   assert len(rows) == 34
   engineering = [r for r in rows if r["task"] == "mmlu_merged_engineering"]
   assert all(r["instances"] == 1 for r in engineering)  # one subject, --limit 1
+
+
+# ---- a different K per layer (greedy_variable) ---------------------------------------------------
+def test_greedy_variable_follows_the_schedule_layer_by_layer(model):
+  graphdef, params, _, batches = model
+  same = subset_methods.select("greedy_variable", graphdef, params, CFG, batches, "4,4")
+  greedy = selective.select_experts(graphdef, params, CFG, batches, 4, greedy=True)
+  np.testing.assert_array_equal(np.stack(same.kept_routed), greedy.kept_routed)
+  # Layer 0 left whole: layer 1 is ranked on the full model, as the one-pass ranking does.
+  untouched = subset_methods.select("greedy_variable", graphdef, params, CFG, batches, "all,4")
+  one_pass = selective.select_experts(graphdef, params, CFG, batches, 4, greedy=False)
+  assert len(untouched.kept_routed[0]) == CFG.num_routed_experts
+  np.testing.assert_array_equal(untouched.kept_routed[1], one_pass.kept_routed[1])
+  # 3 then 6: layer 1's five are the best under layer 0 restricted to its two.
+  mixed = subset_methods.select("greedy_variable", graphdef, params, CFG, batches, [3, 6])
+  np.testing.assert_array_equal(mixed.kept_routed[0], selective.select_experts(
+      graphdef, params, CFG, batches, 3).kept_routed[0])
+  restricted = np.ones((2, CFG.num_routed_experts), bool)
+  restricted[0] = False
+  restricted[0, mixed.kept_routed[0]] = True
+  scores = selective.routing_scores(graphdef, params, batches, restricted)[1]
+  np.testing.assert_array_equal(mixed.kept_routed[1], selective.top_experts(scores, 5))
+  assert mixed.keep_per_layer == (3, 6) and mixed.total_experts == 9 and mixed.keep == 3
+  assert mixed.mask.sum(1).tolist() == [2, 5]
+  for bad, message in (("4", "one K per layer"), ("1,4", "keep=1"), ("x,4", "'x'")):
+    with pytest.raises(ValueError, match=message):
+      subset_methods.select("greedy_variable", graphdef, params, CFG, batches, bad)
+  with pytest.raises(ValueError, match="greedy_variable"):
+    subset_methods.select("greedy", graphdef, params, CFG, batches, [3, 6])
+
+
+def test_variable_pruned_export_loads_in_transformers_and_matches_the_mask(model, tmp_path):
+  """A bank of 3 experts in layer 0 and 6 in layer 1 (emo layout, num_experts_per_layer):
+  transformers' logits equal the full model's with the selection as a routing mask."""
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  graphdef, params, raw, batches = model
+  selection = subset_methods.greedy_variable_selection(graphdef, params, CFG, batches, "3,6")
+  info = subset_methods.write_variable_hf(raw, CFG, selection, tmp_path / "hf")
+  assert info["num_experts_per_layer"] == [3, 6]
+  config = json.loads((tmp_path / "hf" / "config.json").read_text())
+  assert config["num_experts_per_layer"] == [3, 6] and config["num_experts_per_tok"] == 3
+  hf_model, loading_info = transformers.AutoModelForCausalLM.from_pretrained(
+      tmp_path / "hf", trust_remote_code=True, dtype=torch.float32, output_loading_info=True)
+  assert not any(loading_info.values()), loading_info
+  tokens = np.random.RandomState(3).randint(2, 258, size=(2, 12))
+  with torch.no_grad():
+    got = hf_model.eval()(torch.tensor(tokens)).logits.numpy()
+  want = np.asarray(nnx.merge(graphdef, params)(jax.numpy.asarray(tokens),
+                                                keep_experts=selection.mask)[0])
+  np.testing.assert_allclose(got, want, atol=2e-4, rtol=1e-4)
+  # Without the mask the full model differs: the export really pruned.
+  full = np.asarray(nnx.merge(graphdef, params)(jax.numpy.asarray(tokens))[0])
+  assert np.abs(full - want).max() > 1e-3
