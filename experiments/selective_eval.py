@@ -60,7 +60,12 @@ _TASKS = flags.DEFINE_list("tasks", None, "Tasks: arc_easy, arc_challenge, boolq
 _KEEP = flags.DEFINE_list("keep", ["paper"], "Experts kept per layer (shared included), 'all', "
                           "or 'paper' (8, 16, 32, 64, all of 128, scaled to the model).")
 _METHODS = flags.DEFINE_list("methods", ["greedy", "global", "random", "easy_ep"],
-                             "Selection methods: greedy, global, random, easy_ep.")
+                             "Selection methods: greedy, global, random, easy_ep, and "
+                             "greedy_variable (a K per layer, from --keep_per_layer).")
+_KEEP_PER_LAYER = flags.DEFINE_multi_string(
+    "keep_per_layer", [], "For --methods greedy_variable (the release's "
+    "greedy_prune_layerwise_variable): experts kept in each layer, shared included, e.g. "
+    "'128,128,32,32,...' (one per layer; 'all' = the whole bank). Repeat for several.")
 _NUM_CAL = flags.DEFINE_list("num_calibration", ["5"], "Calibration examples (a list sweeps; "
                              "'all' = the whole pool). The release sweeps 1,5,10,100,all.")
 _RANDOM_SEEDS = flags.DEFINE_integer("random_seeds", 3, "Seeds the random baseline averages.")
@@ -183,14 +188,36 @@ def sweep_model(label: str, checkpoint: str, tasks: dict, results: Results, args
   def base_row(task, keep, method, n_cal):
     return {"model": label, "task": task.name, "keep": keep, "method": method,
             "num_calibration": n_cal,
-            "fraction": 1.0 if keep == "all" else keep / cfg.num_experts}
+            "fraction": 1.0 if keep == "all" else (
+                keep / cfg.num_experts if isinstance(keep, int) else None)}
 
   def finish(row, result):
     row.update({k: result[k] for k in ("acc", "acc_per_char", "primary", "instances",
                                       "seconds")})
     return row
 
+  try:
+    schedules = [subset_methods.parse_keep_per_layer(s, cfg) for s in args["keep_per_layer"]]
+  except ValueError as e:
+    raise app.UsageError(f"--keep_per_layer: {e}") from None
   for name, task in tasks.items():
+    for schedule in schedules:  # greedy_variable: a K per layer
+      for n_cal in args["num_calibration"]:
+        row = base_row(task, ",".join(map(str, schedule)), "greedy_variable", n_cal)
+        row["fraction"] = sum(schedule) / (cfg.num_experts * cfg.num_layers)
+        if results.has(**row):
+          continue
+        start = time.perf_counter()
+        texts = task.calibration_texts(None if n_cal == "all" else n_cal, _SEED.value)
+        batches = calibration.calibration_batches(texts, tok, seq_len=seq_len, rows=16,
+                                                  prompts=True)
+        selection = subset_methods.greedy_variable_selection(graphdef, params, cfg, batches,
+                                                             schedule)
+        result = score(task, graphdef, params, selection.mask)
+        result["seconds"] = round(time.perf_counter() - start, 2)
+        row = finish(row, result)
+        row["kept_routed"] = [k.tolist() for k in selection.kept_routed]
+        results.add(row)
     for keep in keeps:
       if keep == "all":
         if not results.has(**base_row(task, keep, "full", None)):
@@ -200,7 +227,7 @@ def sweep_model(label: str, checkpoint: str, tasks: dict, results: Results, args
         texts = task.calibration_texts(None if n_cal == "all" else n_cal, _SEED.value)
         batches = calibration.calibration_batches(texts, tok, seq_len=seq_len, rows=16,
                                                   prompts=True)
-        for method in args["methods"]:
+        for method in [m for m in args["methods"] if m != "greedy_variable"]:
           n_key = None if method == "random" else n_cal
           row = base_row(task, keep, method, n_key)
           if results.has(**row):
@@ -307,7 +334,11 @@ def main(argv):
   if _RANDOM_SEEDS.value < 1:
     raise app.UsageError(f"--random_seeds={_RANDOM_SEEDS.value} must be >= 1")
   args = {"methods": methods, "num_calibration": parse_num_calibration(_NUM_CAL.value),
-          "finetune_steps": parse_finetune_steps(_FT_STEPS.value)}
+          "finetune_steps": parse_finetune_steps(_FT_STEPS.value),
+          "keep_per_layer": _KEEP_PER_LAYER.value if "greedy_variable" in methods else []}
+  if ("greedy_variable" in methods) != bool(_KEEP_PER_LAYER.value):
+    raise app.UsageError("--methods greedy_variable and --keep_per_layer go together: the "
+                         "method needs a schedule (e.g. --keep_per_layer=128,128,32,...,32)")
   if _MERGE_OUT.value and (args["finetune_steps"] is None or "greedy" not in methods):
     raise app.UsageError("--merge_out merges fine-tuned greedy subsets: pass --finetune_steps "
                          "and keep greedy in --methods")

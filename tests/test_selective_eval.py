@@ -252,14 +252,20 @@ def test_command_selects_per_mmlu_category(tmp_path, model):
   _, _, raw, _ = model
   ckpt_lib.save_params(tmp_path / "ckpt", raw, CFG.to_dict())
   proc = run_cli("--checkpoint", str(tmp_path / "ckpt"), "--tokenizer", "bytes", "--tasks",
-                 "mmlu_categories", "--keep", "4,all", "--methods", "greedy", "--limit", "1",
+                 "mmlu_categories", "--keep", "4,all", "--methods", "greedy,greedy_variable",
+                 "--keep_per_layer", "3,6", "--limit", "1",
                  "--num_shots", "1", "--num_calibration", "1", "--out", str(tmp_path / "out"))
   assert proc.returncode == 0, proc.stderr[-3000:]
   rows = json.loads((tmp_path / "out" / "results.json").read_text())["rows"]
   tasks = {r["task"] for r in rows}
   assert len(tasks) == 17 and "mmlu_merged_philosophy_cat" in tasks
-  assert {(r["keep"], r["method"]) for r in rows} == {(4, "greedy"), ("all", "full")}
-  assert len(rows) == 34
+  assert {(r["keep"], r["method"]) for r in rows} == {(4, "greedy"), ("all", "full"),
+                                                      ("3,6", "greedy_variable")}
+  assert len(rows) == 51
+  variable = next(r for r in rows if r["method"] == "greedy_variable")
+  assert [len(k) for k in variable["kept_routed"]] == [2, 5]
+  assert variable["fraction"] == pytest.approx(9 / 16)
+  assert "| EMO | 3,6 | greedy_variable | 1 |" in proc.stdout
   engineering = [r for r in rows if r["task"] == "mmlu_merged_engineering"]
   assert all(r["instances"] == 1 for r in engineering)  # one subject, --limit 1
 
