@@ -78,6 +78,13 @@ _FT_LR = flags.DEFINE_float("finetune_lr", 5e-5, "Fine-tuning peak learning rate
 _FT_BATCH = flags.DEFINE_integer("finetune_batch", 16, "Fine-tuning batch size.")
 _FT_TRAINABLE = flags.DEFINE_enum("finetune_trainable", "all", ["all", "experts"],
                                   "Train every parameter, or only the expert bank.")
+_FT_PROTOCOL = flags.DEFINE_enum(
+    "finetune_protocol", "emo_jax", ["emo_jax", "release"],
+    "emo_jax: the router losses at the model's weights, the document pool kept, "
+    "--finetune_batch / --finetune_lr / --finetune_trainable. release: the release's "
+    "protocol (batch 32, lr 5e-5, 10 % warm-up + linear decay, weight decay 0, one epoch unless "
+    "--finetune_steps is a count, no document pool, balancing loss at 0.01, no z-loss; "
+    "--finetune_* flags given explicitly still apply). Each row's finetune record names it.")
 _MERGE_OUT = flags.DEFINE_string("merge_out", None, "With --finetune_steps: write the full "
                                  "--checkpoint with every task's tuned experts of the smallest "
                                  "subset merged back into its bank (a parameter checkpoint).")
@@ -257,9 +264,7 @@ def sweep_model(label: str, checkpoint: str, tasks: dict, results: Results, args
         selection = subset_methods.select("greedy", graphdef, params, cfg, batches, keep)
         pruned, pruned_cfg = selective.prune(jax_to_numpy(params), cfg, selection)
         small_graphdef, small_params = loading.build_model(pruned_cfg, pruned)
-        fc = subset_finetune.FinetuneConfig(
-            steps=None if ft_steps == "epoch" else ft_steps, learning_rate=_FT_LR.value,
-            batch_size=_FT_BATCH.value, trainable=_FT_TRAINABLE.value, seed=_SEED.value)
+        fc = finetune_config(ft_steps)
         tuned, info = subset_finetune.finetune(small_graphdef, small_params, tok,
                                                task.calibration, max_len=seq_len, config=fc)
         save_tuned(tuned_dir(results.path.parent, label, task.name, keep, n_cal), tuned,
@@ -267,8 +272,19 @@ def sweep_model(label: str, checkpoint: str, tasks: dict, results: Results, args
         result = score(task, small_graphdef, tuned)
         result["seconds"] = round(time.perf_counter() - start, 2)
         ft_row = finish(ft_row, result)
+        info["split"] = task.calibration_split or "calibration pool"
         ft_row.update(kept_routed=selection.kept_routed.tolist(), finetune=info)
         results.add(ft_row)
+
+
+def finetune_config(ft_steps) -> subset_finetune.FinetuneConfig:
+  """The FinetuneConfig of --finetune_protocol and the --finetune_* flags."""
+  changes = {"steps": None if ft_steps == "epoch" else ft_steps, "seed": _SEED.value}
+  for flag, field in ((_FT_LR, "learning_rate"), (_FT_BATCH, "batch_size"),
+                      (_FT_TRAINABLE, "trainable")):
+    if _FT_PROTOCOL.value == "emo_jax" or flags.FLAGS[flag.name].present:
+      changes[field] = flag.value
+  return subset_finetune.protocol_config(_FT_PROTOCOL.value, **changes)
 
 
 def tuned_dir(out: pathlib.Path, label: str, task: str, keep, n_cal) -> pathlib.Path:
@@ -363,6 +379,8 @@ def main(argv):
               "tokenizer": _TOKENIZER.value, "finetune_steps": _FT_STEPS.value,
               "finetune_lr": _FT_LR.value, "finetune_batch": _FT_BATCH.value,
               "finetune_trainable": _FT_TRAINABLE.value}
+  if _FT_PROTOCOL.value != "emo_jax":  # absent by default, so older results.json still resume
+    settings["finetune_protocol"] = _FT_PROTOCOL.value
   results = Results(out, settings)
   models = [(_LABEL.value, _CHECKPOINT.value)]
   if _BASELINE.value:

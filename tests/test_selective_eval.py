@@ -323,3 +323,43 @@ def test_variable_pruned_export_loads_in_transformers_and_matches_the_mask(model
   # Without the mask the full model differs: the export really pruned.
   full = np.asarray(nnx.merge(graphdef, params)(jax.numpy.asarray(tokens))[0])
   assert np.abs(full - want).max() > 1e-3
+
+
+# ---- the release's fine-tuning protocol ------------------------------------------------------------
+def test_release_finetune_protocol_has_no_pool_and_balancing_at_one_hundredth(model):
+  graphdef, params, _, _ = model
+  fc = subset_finetune.release_config()
+  assert (fc.batch_size, fc.learning_rate, fc.warmup_ratio, fc.weight_decay, fc.steps,
+          fc.trainable, fc.document_pool, fc.router_losses, fc.protocol) == (
+              32, 5e-5, 0.1, 0.0, None, "all", False, "release", "release")
+  assert subset_finetune.protocol_config("emo_jax") == subset_finetune.FinetuneConfig()
+  with pytest.raises(ValueError, match="protocol 'paper'"):
+    subset_finetune.protocol_config("paper")
+  inputs, targets, mask = (jax.numpy.asarray(a) for a in subset_finetune.training_rows(
+      INSTANCES, TOK, CFG.max_seq_len))
+  plain = subset_finetune.without_pool(graphdef, params)
+  # Without a pool, training needs no pool key and computes the inference forward.
+  ce_none, ce = subset_finetune._loss(plain, params, inputs, targets, mask, None, "none")
+  valid = inputs >= 0
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  logits, aux = nnx.merge(graphdef, params)(jax.numpy.where(valid, inputs, 0),
+                                            valid.astype(np.int32), train=False)
+  logp = jax.nn.log_softmax(logits.astype(np.float32), -1)
+  want = -np.sum(np.where(mask, np.take_along_axis(np.asarray(logp), np.maximum(
+      np.asarray(targets), 0)[..., None], -1)[..., 0], 0)) / np.sum(np.asarray(mask))
+  np.testing.assert_allclose(float(ce_none), want, rtol=1e-5)
+  assert float(ce_none) == float(ce)
+  release, _ = subset_finetune._loss(plain, params, inputs, targets, mask, None, "release")
+  np.testing.assert_allclose(float(release), want + 0.01 * float(np.mean(aux["lb_loss"])),
+                             rtol=1e-5)
+  own, _ = subset_finetune._loss(plain, params, inputs, targets, mask, None, "model")
+  np.testing.assert_allclose(float(own), want + float(aux["aux_loss"]), rtol=1e-5)
+  with pytest.raises(ValueError, match="pool_rng"):  # the EMO model itself draws pools
+    subset_finetune._loss(graphdef, params, inputs, targets, mask, None, "none")
+  tuned, info = subset_finetune.finetune(graphdef, params, TOK, INSTANCES,
+                                         max_len=CFG.max_seq_len,
+                                         config=subset_finetune.release_config(
+                                             steps=2, learning_rate=1e-2))
+  assert info["protocol"] == "release" and info["batch_size"] == len(INSTANCES)
+  assert not info["document_pool"] and info["router_losses"] == "release"
+  assert not np.array_equal(np.asarray(tuned["embed"]), np.asarray(params["embed"]))

@@ -60,6 +60,8 @@ class Task:
   formulation: str
   macro: bool = False
   source: str = ""
+  # Where the calibration pool (and the fine-tuning data) comes from, e.g. "validation".
+  calibration_split: str = ""
 
   def calibration_texts(self, n: int | None, seed: int = 0) -> list[str]:
     """The calibration text of the first n pool examples after a seeded permutation (all when
@@ -170,8 +172,11 @@ def _request_task(name: str, base: str, formulation: str) -> Task:
   else:
     scored, pool = _holdout(instances, seed)
   primary = "acc_per_char" if config.get("primary_metric") == "acc_per_char" else "acc"
+  split = ("validation" if calib_split is not None else
+           ("validation" if scored_split == "val" else scored_split)
+           + " documents outside the scored sample (no train split installed)")
   return Task(name=name, instances=scored, calibration=pool, primary_metric=primary,
-              formulation=formulation, source=str(folder))
+              formulation=formulation, source=str(folder), calibration_split=split)
 
 
 def _mmlu_task(name: str, base: str, formulation: str, *, num_shots: int, seed: int) -> Task:
@@ -221,7 +226,8 @@ def _mmlu_task(name: str, base: str, formulation: str, *, num_shots: int, seed: 
         instances = [i for i in instances if i.doc_id in keep]
       out.extend(instances)
   return Task(name=name, instances=scored, calibration=pool, primary_metric="acc",
-              formulation=formulation, macro=macro and len(subjects) > 1, source=str(root))
+              formulation=formulation, macro=macro and len(subjects) > 1, source=str(root),
+              calibration_split="validation (MMLU has no train split installed)")
 
 
 def _jsonl_task(path: pathlib.Path, *, num_shots: int, seed: int) -> Task:
@@ -248,4 +254,5 @@ def _jsonl_task(path: pathlib.Path, *, num_shots: int, seed: int) -> Task:
   else:
     scored, pool = _holdout(instances, seed)
   return Task(name=str(path), instances=scored, calibration=pool, primary_metric="acc_per_char",
-              formulation="rc", source=str(path))
+              formulation="rc", source=str(path),
+              calibration_split="train" if any(is_pool) else "held-out lines")
