@@ -11,6 +11,8 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["emo_jax", "emo_jax.*"]),
+    # Data read at run time: the MMLU subject -> category map (emo_jax/tasks/registry.py).
+    package_data={"emo_jax.tasks": ["*.json"]},
     install_requires=[
         # jax 0.10.2 is the newest on PyPI for CPU here; the GPU images carry 0.11.x.
         "jax>=0.10.2,<0.13",

@@ -23,7 +23,11 @@ def release_config(name: str, model: ModelConfig, steps: int) -> ml_collections.
   config.model = model.to_dict()
   # How it runs (kernels, transport, remat, capacity), e.g. --config.execution.expert_backend=ragged
   config.execution = ExecutionConfig().to_dict()
-  config.data = DataConfig(corpus="demo", seq_len=4096, batch_size=1024).to_dict()
+  # The release's instance filter: a row with a period-1..13 n-gram repeated 32 times or more
+  # is masked out of the loss.
+  config.data = DataConfig(corpus="demo", seq_len=4096, batch_size=1024, repetition_filter=True,
+                           repetition_min_period=1, repetition_max_period=13,
+                           repetition_max_count=32).to_dict()
   # The release exempts only the embedding from weight decay (its norms are decayed).
   config.train = TrainConfig(steps=steps, learning_rate=4e-3, warmup_steps=2000,
                              weight_decay_exempt="embedding", log_every=10, eval_every=1000,

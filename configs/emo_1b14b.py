@@ -16,5 +16,6 @@ from emo_jax.config import ModelConfig
 
 def get_config() -> ml_collections.ConfigDict:
   # Intra-document attention and a 32-expert pool for in-loop evaluation, as the launch script.
-  model = ModelConfig(document_attention=True, eval_pool_size=32)
+  # Load balancing per 512 sequences: 4 per GPU x 128 GPUs (16 nodes), the release's scope.
+  model = ModelConfig(document_attention=True, eval_pool_size=32, lb_scope_sequences=512)
   return release_config("emo_1b14b", model, steps=238_419)

@@ -15,5 +15,6 @@ from emo_jax.config import ModelConfig
 
 def get_config() -> ml_collections.ConfigDict:
   # Intra-document attention and a 32-expert pool for in-loop evaluation, as the launch script.
-  model = ModelConfig(document_attention=True, eval_pool_size=32)
+  # Load balancing per 256 sequences: 4 per GPU x 64 GPUs (8 nodes), the release's scope.
+  model = ModelConfig(document_attention=True, eval_pool_size=32, lb_scope_sequences=256)
   return release_config("emo_1b14b_130b", model, steps=30_995)

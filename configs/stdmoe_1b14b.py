@@ -15,5 +15,6 @@ from emo_jax.config import ModelConfig
 
 def get_config() -> ml_collections.ConfigDict:
   # The release's baselines attend causally across the documents of a packed row.
-  model = ModelConfig(pool=False, document_attention=False)
+  # Load balancing per 512 sequences: 4 per GPU x 128 GPUs (16 nodes), the release's scope.
+  model = ModelConfig(pool=False, document_attention=False, lb_scope_sequences=512)
   return release_config("stdmoe_1b14b", model, steps=238_419)

@@ -120,6 +120,12 @@ class ModelConfig(ConfigMixin):
 
   # Auxiliary losses (each per-layer loss is averaged over layers before weighting).
   lb_loss_weight: float = 0.1
+  # Load-balancing scope in training: 0 balances over the whole batch (the micro-batch under
+  # gradient accumulation); S > 0 balances each group of S consecutive sequences on its own
+  # (expert counts summed over the group) and averages the loss over groups, as the release,
+  # whose counts are summed over one micro-batch of every data-parallel rank (4 sequences x
+  # 128 GPUs = 512 in the 1T runs, 256 for the 130B EMO run).
+  lb_scope_sequences: int = 0
   router_z_loss_weight: float = 0.001
   output_z_loss_weight: float = 1e-5
 
@@ -179,6 +185,10 @@ def _validate(c: ModelConfig) -> None:
     _fail("head_dim", c.head_dim, "must be even (RoPE rotates pairs of dimensions)")
   if not c.init_std > 0:
     _fail("init_std", c.init_std, "must be > 0")
+  if (not isinstance(c.lb_scope_sequences, int) or isinstance(c.lb_scope_sequences, bool)
+      or c.lb_scope_sequences < 0):
+    _fail("lb_scope_sequences", c.lb_scope_sequences,
+          "must be an integer >= 0 (0 balances over the whole batch)")
   for name in ("lb_loss_weight", "router_z_loss_weight", "output_z_loss_weight"):
     if getattr(c, name) < 0:
       _fail(name, getattr(c, name), "must be >= 0")

@@ -2,6 +2,9 @@
 
   python -m experiments.selective_eval --checkpoint W --tasks arc_easy,mmlu \
       --keep 8,16,32,64,all --num_calibration 5 [--finetune_steps N] [--baseline W2] --out DIR
+  # the release's MMLU protocol: one subset per category (17 tasks mmlu_merged_<category>)
+  python -m experiments.selective_eval --checkpoint W --tasks mmlu_categories --keep 32,all \
+      --out DIR
 
 For every task (installed by the eval extra, `pip install -e ".[eval]"`, or a .jsonl file), every
 subset size in --keep (experts per layer, shared included; `paper` = the paper's 8/16/32/64/all
@@ -41,7 +44,7 @@ from absl import app, flags, logging
 from emo_jax.config import ModelConfig
 from emo_jax.convert import loading
 from emo_jax.study import calibration, plots, selective, subset_finetune, subset_methods
-from emo_jax.tasks import evaluate_task, load_task, report
+from emo_jax.tasks import evaluate_task, expand_task_names, load_task, report
 from emo_jax.train import checkpoint as ckpt_lib
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training workdir or parameter checkpoint.")
@@ -51,11 +54,18 @@ _LABEL = flags.DEFINE_string("label", "EMO", "Name of --checkpoint in the table 
 _BASELINE_LABEL = flags.DEFINE_string("baseline_label", "baseline", "Name of --baseline.")
 _TASKS = flags.DEFINE_list("tasks", None, "Tasks: arc_easy, arc_challenge, boolq, csqa, "
                            "hellaswag, openbookqa, piqa, socialiqa, winogrande, mmlu (+ _mc "
-                           "for letters; mmlu:<subject>) or .jsonl files.")
+                           "for letters; mmlu:<subject>; mmlu_merged_<category>, or "
+                           "mmlu_categories for all 17: the release's protocol, one subset "
+                           "per MMLU category) or .jsonl files.")
 _KEEP = flags.DEFINE_list("keep", ["paper"], "Experts kept per layer (shared included), 'all', "
                           "or 'paper' (8, 16, 32, 64, all of 128, scaled to the model).")
 _METHODS = flags.DEFINE_list("methods", ["greedy", "global", "random", "easy_ep"],
-                             "Selection methods: greedy, global, random, easy_ep.")
+                             "Selection methods: greedy, global, random, easy_ep, and "
+                             "greedy_variable (a K per layer, from --keep_per_layer).")
+_KEEP_PER_LAYER = flags.DEFINE_multi_string(
+    "keep_per_layer", [], "For --methods greedy_variable (the release's "
+    "greedy_prune_layerwise_variable): experts kept in each layer, shared included, e.g. "
+    "'128,128,32,32,...' (one per layer; 'all' = the whole bank). Repeat for several.")
 _NUM_CAL = flags.DEFINE_list("num_calibration", ["5"], "Calibration examples (a list sweeps; "
                              "'all' = the whole pool). The release sweeps 1,5,10,100,all.")
 _RANDOM_SEEDS = flags.DEFINE_integer("random_seeds", 3, "Seeds the random baseline averages.")
@@ -68,6 +78,13 @@ _FT_LR = flags.DEFINE_float("finetune_lr", 5e-5, "Fine-tuning peak learning rate
 _FT_BATCH = flags.DEFINE_integer("finetune_batch", 16, "Fine-tuning batch size.")
 _FT_TRAINABLE = flags.DEFINE_enum("finetune_trainable", "all", ["all", "experts"],
                                   "Train every parameter, or only the expert bank.")
+_FT_PROTOCOL = flags.DEFINE_enum(
+    "finetune_protocol", "emo_jax", ["emo_jax", "release"],
+    "emo_jax: the router losses at the model's weights, the document pool kept, "
+    "--finetune_batch / --finetune_lr / --finetune_trainable. release: the release's "
+    "protocol (batch 32, lr 5e-5, 10 % warm-up + linear decay, weight decay 0, one epoch unless "
+    "--finetune_steps is a count, no document pool, balancing loss at 0.01, no z-loss; "
+    "--finetune_* flags given explicitly still apply). Each row's finetune record names it.")
 _MERGE_OUT = flags.DEFINE_string("merge_out", None, "With --finetune_steps: write the full "
                                  "--checkpoint with every task's tuned experts of the smallest "
                                  "subset merged back into its bank (a parameter checkpoint).")
@@ -178,14 +195,36 @@ def sweep_model(label: str, checkpoint: str, tasks: dict, results: Results, args
   def base_row(task, keep, method, n_cal):
     return {"model": label, "task": task.name, "keep": keep, "method": method,
             "num_calibration": n_cal,
-            "fraction": 1.0 if keep == "all" else keep / cfg.num_experts}
+            "fraction": 1.0 if keep == "all" else (
+                keep / cfg.num_experts if isinstance(keep, int) else None)}
 
   def finish(row, result):
     row.update({k: result[k] for k in ("acc", "acc_per_char", "primary", "instances",
                                       "seconds")})
     return row
 
+  try:
+    schedules = [subset_methods.parse_keep_per_layer(s, cfg) for s in args["keep_per_layer"]]
+  except ValueError as e:
+    raise app.UsageError(f"--keep_per_layer: {e}") from None
   for name, task in tasks.items():
+    for schedule in schedules:  # greedy_variable: a K per layer
+      for n_cal in args["num_calibration"]:
+        row = base_row(task, ",".join(map(str, schedule)), "greedy_variable", n_cal)
+        row["fraction"] = sum(schedule) / (cfg.num_experts * cfg.num_layers)
+        if results.has(**row):
+          continue
+        start = time.perf_counter()
+        texts = task.calibration_texts(None if n_cal == "all" else n_cal, _SEED.value)
+        batches = calibration.calibration_batches(texts, tok, seq_len=seq_len, rows=16,
+                                                  prompts=True)
+        selection = subset_methods.greedy_variable_selection(graphdef, params, cfg, batches,
+                                                             schedule)
+        result = score(task, graphdef, params, selection.mask)
+        result["seconds"] = round(time.perf_counter() - start, 2)
+        row = finish(row, result)
+        row["kept_routed"] = [k.tolist() for k in selection.kept_routed]
+        results.add(row)
     for keep in keeps:
       if keep == "all":
         if not results.has(**base_row(task, keep, "full", None)):
@@ -195,7 +234,7 @@ def sweep_model(label: str, checkpoint: str, tasks: dict, results: Results, args
         texts = task.calibration_texts(None if n_cal == "all" else n_cal, _SEED.value)
         batches = calibration.calibration_batches(texts, tok, seq_len=seq_len, rows=16,
                                                   prompts=True)
-        for method in args["methods"]:
+        for method in [m for m in args["methods"] if m != "greedy_variable"]:
           n_key = None if method == "random" else n_cal
           row = base_row(task, keep, method, n_key)
           if results.has(**row):
@@ -225,9 +264,7 @@ def sweep_model(label: str, checkpoint: str, tasks: dict, results: Results, args
         selection = subset_methods.select("greedy", graphdef, params, cfg, batches, keep)
         pruned, pruned_cfg = selective.prune(jax_to_numpy(params), cfg, selection)
         small_graphdef, small_params = loading.build_model(pruned_cfg, pruned)
-        fc = subset_finetune.FinetuneConfig(
-            steps=None if ft_steps == "epoch" else ft_steps, learning_rate=_FT_LR.value,
-            batch_size=_FT_BATCH.value, trainable=_FT_TRAINABLE.value, seed=_SEED.value)
+        fc = finetune_config(ft_steps)
         tuned, info = subset_finetune.finetune(small_graphdef, small_params, tok,
                                                task.calibration, max_len=seq_len, config=fc)
         save_tuned(tuned_dir(results.path.parent, label, task.name, keep, n_cal), tuned,
@@ -235,8 +272,19 @@ def sweep_model(label: str, checkpoint: str, tasks: dict, results: Results, args
         result = score(task, small_graphdef, tuned)
         result["seconds"] = round(time.perf_counter() - start, 2)
         ft_row = finish(ft_row, result)
+        info["split"] = task.calibration_split or "calibration pool"
         ft_row.update(kept_routed=selection.kept_routed.tolist(), finetune=info)
         results.add(ft_row)
+
+
+def finetune_config(ft_steps) -> subset_finetune.FinetuneConfig:
+  """The FinetuneConfig of --finetune_protocol and the --finetune_* flags."""
+  changes = {"steps": None if ft_steps == "epoch" else ft_steps, "seed": _SEED.value}
+  for flag, field in ((_FT_LR, "learning_rate"), (_FT_BATCH, "batch_size"),
+                      (_FT_TRAINABLE, "trainable")):
+    if _FT_PROTOCOL.value == "emo_jax" or flags.FLAGS[flag.name].present:
+      changes[field] = flag.value
+  return subset_finetune.protocol_config(_FT_PROTOCOL.value, **changes)
 
 
 def tuned_dir(out: pathlib.Path, label: str, task: str, keep, n_cal) -> pathlib.Path:
@@ -302,7 +350,11 @@ def main(argv):
   if _RANDOM_SEEDS.value < 1:
     raise app.UsageError(f"--random_seeds={_RANDOM_SEEDS.value} must be >= 1")
   args = {"methods": methods, "num_calibration": parse_num_calibration(_NUM_CAL.value),
-          "finetune_steps": parse_finetune_steps(_FT_STEPS.value)}
+          "finetune_steps": parse_finetune_steps(_FT_STEPS.value),
+          "keep_per_layer": _KEEP_PER_LAYER.value if "greedy_variable" in methods else []}
+  if ("greedy_variable" in methods) != bool(_KEEP_PER_LAYER.value):
+    raise app.UsageError("--methods greedy_variable and --keep_per_layer go together: the "
+                         "method needs a schedule (e.g. --keep_per_layer=128,128,32,...,32)")
   if _MERGE_OUT.value and (args["finetune_steps"] is None or "greedy" not in methods):
     raise app.UsageError("--merge_out merges fine-tuned greedy subsets: pass --finetune_steps "
                          "and keep greedy in --methods")
@@ -310,7 +362,7 @@ def main(argv):
     raise app.UsageError(f"{_MERGE_OUT.value}/params already exists; choose another --merge_out")
   start = time.time()
   tasks = {}
-  for name in _TASKS.value:
+  for name in expand_task_names(_TASKS.value):
     try:
       tasks[name] = load_task(name, limit=_LIMIT.value, num_shots=_NUM_SHOTS.value)
     except ValueError as e:  # DataError and TaskNotInstalled are ValueErrors
@@ -327,6 +379,8 @@ def main(argv):
               "tokenizer": _TOKENIZER.value, "finetune_steps": _FT_STEPS.value,
               "finetune_lr": _FT_LR.value, "finetune_batch": _FT_BATCH.value,
               "finetune_trainable": _FT_TRAINABLE.value}
+  if _FT_PROTOCOL.value != "emo_jax":  # absent by default, so older results.json still resume
+    settings["finetune_protocol"] = _FT_PROTOCOL.value
   results = Results(out, settings)
   models = [(_LABEL.value, _CHECKPOINT.value)]
   if _BASELINE.value:

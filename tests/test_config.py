@@ -51,6 +51,8 @@ def load_config(path):
         (dict(document_attention="no"), "document_attention"),
         (dict(num_experts=-1), "num_experts"),
         (dict(lb_loss_weight=-0.1), "lb_loss_weight"),
+        (dict(lb_scope_sequences=-4), "lb_scope_sequences"),
+        (dict(lb_scope_sequences=2.5), "lb_scope_sequences"),
     ],
 )
 def test_invalid_config_names_the_field(changes, field):
@@ -200,6 +202,17 @@ def test_configs_take_the_release_attention_and_eval_pool(name, document_attenti
   cfg = model_config_from(load_config(ROOT / f"configs/{name}.py"))
   assert cfg.document_attention is document_attention
   assert cfg.eval_pool_size == eval_pool_size
+
+
+@pytest.mark.parametrize("name, scope", [
+    ("emo_1b14b", 512), ("emo_1b14b_130b", 256), ("stdmoe_1b14b", 512),
+    ("stdmoe_1b14b_130b", 512), ("stdmoe_1b4b", 512), ("tiny", 0)])
+def test_configs_take_the_release_load_balancing_scope(name, scope):
+  """4 sequences per GPU x (16 nodes x 8 GPUs), or 8 nodes for the 130B EMO run; the release's
+  1,024-row batch splits into whole groups."""
+  config = load_config(ROOT / f"configs/{name}.py")
+  assert model_config_from(config).lb_scope_sequences == scope
+  assert not scope or config.data.batch_size % scope == 0
 
 
 def test_release_parameter_counts():

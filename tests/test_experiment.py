@@ -60,6 +60,12 @@ def test_execution_and_mesh_default_when_a_config_leaves_them_out():
     (lambda c: c.data.update({"seq_len": 1000}), r"data\.seq_len=1000 exceeds model\.max_seq_len=128"),
     (lambda c: c.train.update({"grad_accum_steps": 3}),
      r"data\.batch_size=8 must be a multiple of train\.grad_accum_steps=3"),
+    (lambda c: c.model.update({"lb_scope_sequences": 3}),
+     r"data\.batch_size=8 is not a multiple of model\.lb_scope_sequences=3.*make "
+     r"data\.batch_size a multiple of 3"),
+    (lambda c: (c.model.update({"lb_scope_sequences": 8}), c.train.update({"grad_accum_steps": 2})),
+     r"data\.batch_size=8 / train\.grad_accum_steps=2 = 4 sequences per micro-batch is not a "
+     r"multiple of model\.lb_scope_sequences=8"),
 ])
 def test_every_problem_is_one_config_error_naming_the_field(change, message):
   config = tiny.get_config()

@@ -254,6 +254,102 @@ def test_global_load_balancing_under_shard_map():
   assert abs(float(local_only) - float(whole_loss)) > 1e-4
 
 
+def numpy_lb_per_group(probs_TxE, ids_TxK, mask_T, group_of_T):
+  """The release's loss balanced within each group of tokens, averaged over the groups."""
+  probs, ids, mask = (np.asarray(probs_TxE, np.float64), np.asarray(ids_TxK),
+                      np.asarray(mask_T, bool))
+  E, K = probs.shape[1], ids.shape[1]
+  losses = []
+  for g in np.unique(group_of_T):
+    sel = (group_of_T == g) & mask
+    counts = np.bincount(ids[sel].ravel(), minlength=E)
+    mean_score = probs[sel].mean(0)
+    losses.append(E / K * np.sum(counts * mean_score) / sel.sum())
+  return float(np.mean(losses))
+
+
+def test_load_balancing_per_group_of_sequences_matches_numpy():
+  rng = np.random.default_rng(3)
+  B, L, E, K = 6, 5, 7, 2
+  probs = jax.nn.softmax(jnp.asarray(rng.normal(size=(B * L, E)) * 3, jnp.float32), -1)
+  _, ids = jax.lax.top_k(probs, K)
+  mask = jnp.asarray(rng.random(B * L) > 0.2)
+  rows = np.repeat(np.arange(B), L)
+  for groups in (1, 2, 3, 6):
+    loss, load = routing.load_balancing_loss(probs, ids, mask, num_groups=groups)
+    want = numpy_lb_per_group(probs, ids, mask, rows // (B // groups))
+    np.testing.assert_allclose(float(loss), want, rtol=1e-5, err_msg=f"{groups} groups")
+    np.testing.assert_allclose(np.asarray(load).sum(), 1.0, rtol=1e-6)
+  # Groups of sequences are a different quantity from the whole batch: the test can fail.
+  whole, _ = routing.load_balancing_loss(probs, ids, mask)
+  assert abs(float(routing.load_balancing_loss(probs, ids, mask, num_groups=3)[0])
+             - float(whole)) > 1e-3
+  with pytest.raises(ValueError, match="num_groups=4"):
+    routing.load_balancing_loss(probs, ids, mask, num_groups=4)
+
+
+def test_load_balancing_groups_under_shard_map_are_micro_batches_of_every_replica():
+  """The release's scope: group g = the g-th micro-batch of every data-parallel rank."""
+  if len(jax.devices()) < 8:
+    pytest.skip("needs XLA_FLAGS=--xla_force_host_platform_device_count=8 (tests/conftest.py)")
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
+  rng = np.random.default_rng(8)
+  T, E, K, G = 8 * 12, 10, 3, 2
+  probs = jax.nn.softmax(jnp.asarray(rng.normal(size=(T, E)) * 3, jnp.float32), -1)
+  _, ids = jax.lax.top_k(probs, K)
+  mask = jnp.ones((T,), bool)
+  fn = jax.jit(jax.shard_map(
+      lambda p, i, m: jax.lax.pmean(routing.load_balancing_loss(
+          p, i, m, data_axes=("data",), num_groups=G)[0], "data"),
+      mesh=mesh, in_specs=(P("data"),) * 3, out_specs=P()))
+  shard = lambda a: jax.device_put(a, NamedSharding(mesh, P("data")))
+  # Each replica holds 12 tokens; its first 6 are group 0, its last 6 group 1.
+  group = (np.arange(T) % 12) // 6
+  np.testing.assert_allclose(float(fn(shard(probs), shard(ids), shard(mask))),
+                             numpy_lb_per_group(probs, ids, mask, group), rtol=1e-5)
+
+
+def _scoped_model(scope):
+  cfg = ModelConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=2, num_kv_heads=2,
+                    head_dim=16, num_experts=8, top_k=2, expert_hidden=16, pool=False,
+                    max_segments=4, max_seq_len=16, compute_dtype="float32",
+                    lb_scope_sequences=scope)
+  from emo_jax.model.transformer import Transformer
+  return cfg, Transformer(cfg, rngs=nnx.Rngs(0))
+
+
+def test_model_balances_per_scope_of_sequences_and_a_mesh_agrees():
+  """lb_scope_sequences=2 on 8 rows: per layer, the NumPy loss of four 2-row groups, from the
+  model's own routing probabilities; the same on an 8-device mesh as on one device."""
+  cfg, model = _scoped_model(2)
+  B, L = 8, 8
+  rng = np.random.default_rng(1)
+  tokens = jnp.asarray(rng.integers(0, 64, (B, L)), jnp.int32)
+  segments = jnp.asarray(np.where(rng.random((B, L)) < 0.1, 0, 1), jnp.int32)
+  _, aux = model(tokens, segments, train=True, collect_routing=True)
+  rows = np.repeat(np.arange(B), L)
+  mask = np.asarray(segments).reshape(-1) > 0
+  for layer in range(cfg.num_layers):
+    probs = np.asarray(aux["routing_probs"][layer]).reshape(B * L, -1)
+    ids = np.argsort(-probs, axis=-1, kind="stable")[:, :cfg.top_k]
+    want = numpy_lb_per_group(probs, ids, mask, rows // 2)
+    np.testing.assert_allclose(float(aux["lb_loss"][layer]), want, rtol=1e-5)
+    assert abs(want - numpy_lb_per_group(probs, ids, mask, rows * 0)) > 1e-4
+  with pytest.raises(ValueError, match="lb_scope_sequences=2"):
+    model(tokens[:3], segments[:3], train=True)
+  if len(jax.devices()) < 8:
+    pytest.skip("the mesh half needs 8 (fake) devices")
+  from emo_jax.model import sharding
+  mesh = sharding.make_mesh(sharding.MeshConfig(data=4, expert=2))
+  graphdef, state = nnx.split(model)
+  state = jax.device_put(state, NamedSharding(mesh, P()))
+  forward = jax.jit(lambda st, t, s: nnx.merge(graphdef, st)(t, s, train=True, mesh=mesh)[1][
+      "lb_loss"])
+  batch = sharding.batch_sharding(mesh)
+  on_mesh = forward(state, jax.device_put(tokens, batch), jax.device_put(segments, batch))
+  np.testing.assert_allclose(np.asarray(on_mesh), np.asarray(aux["lb_loss"]), rtol=1e-5)
+
+
 def test_segment_id_check():
   routing.check_segment_ids(np.array([[0, 1, 2, 4]]), 4)
   with pytest.raises(ValueError, match="max_segments=3"):

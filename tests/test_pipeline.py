@@ -146,3 +146,70 @@ def test_bad_arguments_are_explained():
     pipeline.document_dataset(make_docs(3), shard_index=3, shard_count=3)
   with pytest.raises(ValueError, match="seq_len"):
     pipeline.PackingSpec(seq_len=1, max_segments=2)
+
+
+# ---- the release's repetition filter -------------------------------------------------------------
+def test_repetition_count_on_hand_made_sequences():
+  from emo_jax.data.repetition import RepetitionFilter, repetition_count
+  gram = list(range(10, 23))  # a 13-gram, the longest period the release checks
+  prefix, suffix = [7, 8, 9], [99, 98]
+  assert repetition_count(prefix + gram * 32 + suffix) == (32, 13)
+  assert repetition_count(prefix + gram * 31 + suffix) == (31, 13)
+  assert repetition_count([5] * 40) == (40, 1)
+  assert repetition_count([1, 2] * 20 + [1]) == (20, 2)  # a trailing partial n-gram is no repeat
+  assert repetition_count(list(range(50))) == (0, 0)
+  # A 14-gram is outside periods 1..13, however often it repeats.
+  assert repetition_count(list(range(30, 44)) * 40)[0] < 32
+  rf = RepetitionFilter(1, 13, 32)
+  seg = lambda n: np.ones(n, np.int32)
+  assert rf.masks(np.array(prefix + gram * 32), seg(3 + 13 * 32))
+  assert not rf.masks(np.array(prefix + gram * 31), seg(3 + 13 * 31))
+  # Padding (the pad id repeated) is not read; a run across two documents of one row counts.
+  padded = np.array(prefix + [0] * 60)
+  assert not rf.masks(padded, np.array([1] * 3 + [0] * 60))
+  two_docs = np.array([4] * 20 + [4] * 12)
+  assert rf.masks(two_docs, np.array([1] * 20 + [2] * 12))
+
+
+def test_repetition_filter_masks_only_the_rows_holding_the_repeat():
+  from emo_jax.data.corpus import DataConfig
+  docs = make_docs(12, seed=4, max_len=30)
+  docs[5] = {"id": "rep", "domain": "code", "text": "ab" * 40}  # period 2, 40 times
+  make = lambda dc: rows_of(pipeline.make_dataset(
+      docs, CharTokenizer(), seq_len=32, batch_size=2, max_segments=4, domains=DOMAINS,
+      seed=0, num_epochs=1, drop_remainder=False, shard_index=0, shard_count=1,
+      row_filter=dc.row_filter()))
+  assert DataConfig().row_filter() is None  # off by default
+  plain = make(DataConfig())
+  filtered = make(DataConfig(repetition_filter=True, repetition_max_period=13,
+                             repetition_max_count=8))
+  assert len(plain) == len(filtered)
+  masked = 0
+  for a, b in zip(plain, filtered):
+    np.testing.assert_array_equal(a["tokens"], b["tokens"])
+    real = a["tokens"][a["segment_ids"] > 0]
+    if any(len(real) >= 16 and np.all(real[i:i + 16:2] == real[i]) and
+           np.all(real[i + 1:i + 16:2] == real[i + 1]) for i in range(len(real) - 15)):
+      masked += 1
+      assert b["loss_mask"].sum() == 0 and a["loss_mask"].sum() > 0
+    else:
+      np.testing.assert_array_equal(a["loss_mask"], b["loss_mask"])
+  assert masked >= 2  # the 81-token document spans at least 3 rows of 32
+
+
+def test_repetition_filter_settings_are_validated_and_on_in_the_release_configs():
+  import pathlib
+  import sys
+  from emo_jax.config import ConfigError
+  from emo_jax.data.corpus import DataConfig
+  with pytest.raises(ConfigError, match="repetition_min_period=3 and repetition_max_period=2"):
+    DataConfig(repetition_min_period=3, repetition_max_period=2)
+  with pytest.raises(ConfigError, match="repetition_max_count=1"):
+    DataConfig(repetition_max_count=1)
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+  from configs import emo_1b14b, stdmoe_1b14b_130b, tiny  # pylint: disable=import-outside-toplevel
+  for module in (emo_1b14b, stdmoe_1b14b_130b):
+    data = module.get_config().data
+    assert (data.repetition_filter, data.repetition_min_period, data.repetition_max_period,
+            data.repetition_max_count) == (True, 1, 13, 32)
+  assert tiny.get_config().data.get("repetition_filter", False) is False

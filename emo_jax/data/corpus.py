@@ -37,7 +37,7 @@ import jax
 import numpy as np
 
 from emo_jax.config import ConfigError, ConfigMixin
-from emo_jax.data import demo_corpus, pipeline, sources, synthetic
+from emo_jax.data import demo_corpus, pipeline, repetition, sources, synthetic
 from emo_jax.data import tokenizer as tokenizer_lib
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,14 @@ class DataConfig(ConfigMixin):
   num_workers: int = 0
   # Documents generated for corpus="synthetic".
   synthetic_documents: int = 4000
+  # The release's repetition filter (emo_jax/data/repetition.py): a training row in which an
+  # n-gram of repetition_min_period..repetition_max_period tokens repeats back to back
+  # repetition_max_count times or more stays in the batch with no loss. Off by default; the
+  # release configs turn it on (1..13, 32). Validation batches are never filtered.
+  repetition_filter: bool = False
+  repetition_min_period: int = 1
+  repetition_max_period: int = 13
+  repetition_max_count: int = 32
 
   def __post_init__(self):
     for name in ("seq_len", "batch_size", "vocab_size", "synthetic_documents"):
@@ -70,6 +78,23 @@ class DataConfig(ConfigMixin):
         raise ConfigError(f"DataConfig.{name}={getattr(self, name)!r} is invalid: must be >= 1")
     if self.num_workers < 0:
       raise ConfigError(f"DataConfig.num_workers={self.num_workers} is invalid: must be >= 0")
+    if not isinstance(self.repetition_filter, bool):
+      raise ConfigError(f"DataConfig.repetition_filter={self.repetition_filter!r} is invalid: "
+                        "must be True or False")
+    if not 1 <= self.repetition_min_period <= self.repetition_max_period:
+      raise ConfigError(f"DataConfig.repetition_min_period={self.repetition_min_period} and "
+                        f"repetition_max_period={self.repetition_max_period} are invalid: need "
+                        "1 <= repetition_min_period <= repetition_max_period (the release: 1, 13)")
+    if self.repetition_max_count < 2:
+      raise ConfigError(f"DataConfig.repetition_max_count={self.repetition_max_count} is "
+                        "invalid: must be >= 2 (the release: 32)")
+
+  def row_filter(self):
+    """The repetition filter this config asks for, or None."""
+    if not self.repetition_filter:
+      return None
+    return repetition.RepetitionFilter(self.repetition_min_period, self.repetition_max_period,
+                                       self.repetition_max_count)
 
 
 @dataclasses.dataclass
@@ -82,11 +107,13 @@ class Corpus:
   def dataset(self, split: str, *, seq_len: int, batch_size: int, max_segments: int,
               seed: int = 0, num_epochs: int | None = None, shuffle: bool = True,
               drop_remainder: bool = True, num_workers: int = 0,
-              process_index: int | None = None, process_count: int | None = None):
+              process_index: int | None = None, process_count: int | None = None,
+              row_filter=None):
     """The packed, batched Grain dataset of a split for one host (batch_size is global).
 
     The host is `process_index` of `process_count` (default: this JAX process); each reads its
     own strided share of the documents and `batch_size / process_count` rows a batch.
+    `row_filter` maps each packed row (DataConfig.row_filter(): the repetition filter).
     """
     process_index, process_count = host(process_index, process_count)
     return pipeline.make_dataset(
@@ -94,7 +121,7 @@ class Corpus:
         batch_size=rows_per_host(batch_size, process_count), max_segments=max_segments,
         domains=self.domains, seed=seed, shuffle=shuffle, num_epochs=num_epochs,
         drop_remainder=drop_remainder, num_workers=num_workers, shard_index=process_index,
-        shard_count=process_count)
+        shard_count=process_count, row_filter=row_filter)
 
   def eval_batches(self, dc: DataConfig, max_segments: int, num_batches: int,
                    split: str = "validation", *, process_index: int | None = None,

@@ -23,7 +23,7 @@ exactly the rows that would have come.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import grain
 import jax
@@ -224,12 +224,15 @@ def make_dataset(documents: Sequence[Mapping[str, Any]], tokenizer, *, seq_len: 
                  seed: int = 0, shuffle: bool = True, num_epochs: int | None = None,
                  drop_remainder: bool = True, shard_index: int | None = None,
                  shard_count: int | None = None, append_eos: bool = True,
-                 num_workers: int = 0) -> grain.IterDataset:
+                 num_workers: int = 0,
+                 row_filter: Callable[[dict], dict] | None = None) -> grain.IterDataset:
   """The whole pipeline as a Grain IterDataset of batches (dicts of [B, L] NumPy arrays).
 
   `shard_index` / `shard_count` default to `jax.process_index()` / `jax.process_count()`, so
   every host reads only its part. `num_workers > 0` tokenizes and packs in that many
   processes (Grain multiprocess prefetch); the iterator state stays checkpointable.
+  `row_filter` maps every packed row before batching (repetition.RepetitionFilter: the
+  release's repetition filter, which zeroes a row's loss_mask).
   """
   if shard_index is None or shard_count is None:
     shard_index, shard_count = jax.process_index(), jax.process_count()
@@ -238,6 +241,8 @@ def make_dataset(documents: Sequence[Mapping[str, Any]], tokenizer, *, seq_len: 
                           shard_index=shard_index, shard_count=shard_count)
   tokenized = docs.map(_Tokenize(tokenizer, {d: i for i, d in enumerate(domains)}, append_eos))
   packed = PackIterDataset(tokenized.to_iter_dataset(), spec, pad_id=tokenizer.pad_id)
+  if row_filter is not None:
+    packed = packed.map(row_filter)
   batched = packed.batch(batch_size, drop_remainder=drop_remainder)
   if num_workers > 0:
     # Grain's worker processes read absl flags; outside an absl app (tests, notebooks) they

@@ -48,7 +48,8 @@ class TrainingData:
     dc = self.config
     settings = dict(seq_len=dc.seq_len, batch_size=dc.batch_size,
                     max_segments=self.max_segments, seed=dc.seed,
-                    process_index=self.process_index, process_count=self.process_count)
+                    process_index=self.process_index, process_count=self.process_count,
+                    row_filter=dc.row_filter())
     return self.corpus.dataset("train", **{**settings, **changes})
 
   @functools.cached_property

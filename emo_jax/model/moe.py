@@ -65,6 +65,27 @@ class MoE(nnx.Module):
       return jnp.full(shape, cfg.eval_pool_size, jnp.int32)
     return None
 
+  def lb_groups(self, batch: int, train: bool, data_axes=()) -> int:
+    """How many load-balancing groups this call's `batch` rows form (ModelConfig.
+    lb_scope_sequences). Inside shard_map (data_axes) `batch` is a replica's rows, and group g
+    of every replica is one group of the global batch. Outside training a batch that does not
+    split into whole groups balances as one (the loss there only reports)."""
+    scope = self.cfg.lb_scope_sequences
+    if not scope:
+      return 1
+    replicas = 1
+    for axis in data_axes:
+      replicas *= jax.lax.axis_size(axis)
+    total = batch * replicas
+    if total % scope or batch % (total // scope):
+      if train:
+        raise ValueError(
+            f"a training batch of {total} sequences does not split into load-balancing groups "
+            f"of ModelConfig.lb_scope_sequences={scope}: make the batch (per micro-batch) a "
+            f"multiple of it, or set lb_scope_sequences=0 to balance over the whole batch")
+      return 1
+    return total // scope
+
   def __call__(self, x_BxLxD, segment_ids_BxL, *, pool_rng=None, train=False, data_axes=(),
                keep_experts_E=None, collect_routing=False, mesh=None):
     """MoE forward.
@@ -125,7 +146,8 @@ class MoE(nnx.Module):
       y_TxD = y_TxD + experts.swiglu(x_TxD, self.w_gate[...][e], self.w_up[...][e],
                                      self.w_down[...][e], compute_dtype=cfg.compute_jnp_dtype)
 
-    lb_loss, load_E = load_balancing_loss(probs_TxE, ids_TxK, token_mask_T, data_axes=data_axes)
+    lb_loss, load_E = load_balancing_loss(probs_TxE, ids_TxK, token_mask_T, data_axes=data_axes,
+                                          num_groups=self.lb_groups(B, train, data_axes))
     aux = {
         "lb_loss": lb_loss,
         "router_z_loss": router_z_loss(logits_TxE, token_mask_T, pool_keep_TxE),

@@ -92,7 +92,8 @@ def route(routed_logits_TxE: jax.Array, keep_TxE: jax.Array | None, top_k: int):
 
 def load_balancing_loss(probs_TxE: jax.Array, expert_ids_TxK: jax.Array,
                         token_mask_T: jax.Array, *,
-                        data_axes: Sequence[str] = ()) -> tuple[jax.Array, jax.Array]:
+                        data_axes: Sequence[str] = (),
+                        num_groups: int = 1) -> tuple[jax.Array, jax.Array]:
   """The release's load-balancing loss over routed experts, and the global expert load.
 
   loss = (N / K) * sum_e count_e * mean_score_e / n_tokens, where count_e (top-k assignments to
@@ -100,24 +101,36 @@ def load_balancing_loss(probs_TxE: jax.Array, expert_ids_TxK: jax.Array,
   each), while mean_score_e (mean post-mask softmax) stays local. Averaging this loss over
   replicas equals the single-device loss on the whole batch when replicas hold equal tokens.
 
-  Returns (loss, load_E) with load_E = count_e / (n_tokens * K), the fraction of assignments.
+  num_groups > 1 splits the T tokens into that many equal contiguous groups (groups of whole
+  sequences when T is rows x length) and balances each group on its own, the loss averaged over
+  groups: the release's scope, where counts are summed over one micro-batch of every
+  data-parallel rank and the per-micro-batch losses are averaged (ModelConfig.
+  lb_scope_sequences). With data_axes, group g of every replica forms one balancing group.
+
+  Returns (loss, load_E) with load_E = count_e / (n_tokens * K), the fraction of assignments
+  over all groups.
   """
   num_experts = probs_TxE.shape[-1]
-  top_k = expert_ids_TxK.shape[-1]
-  mask_T = token_mask_T.astype(jnp.float32)
-  counts_E = jnp.einsum("t,tke->e", mask_T,
-                        jax.nn.one_hot(expert_ids_TxK, num_experts, dtype=jnp.float32))
-  local_tokens = jnp.sum(mask_T)
-  mean_score_E = jnp.einsum("t,te->e", mask_T, probs_TxE) / jnp.maximum(local_tokens, 1.0)
-  global_tokens = local_tokens
+  T, top_k = expert_ids_TxK.shape
+  G = int(num_groups)
+  if G < 1 or T % G:
+    raise ValueError(f"num_groups={num_groups} must be >= 1 and divide the {T} tokens")
+  mask_GxT = token_mask_T.astype(jnp.float32).reshape(G, T // G)
+  counts_GxE = jnp.einsum("gt,gtke->ge", mask_GxT,
+                          jax.nn.one_hot(expert_ids_TxK.reshape(G, T // G, top_k), num_experts,
+                                         dtype=jnp.float32))
+  local_tokens_G = jnp.sum(mask_GxT, axis=1)
+  mean_score_GxE = (jnp.einsum("gt,gte->ge", mask_GxT, probs_TxE.reshape(G, T // G, num_experts))
+                    / jnp.maximum(local_tokens_G, 1.0)[:, None])
+  global_tokens_G = local_tokens_G
   if data_axes:
-    counts_E = jax.lax.psum(counts_E, tuple(data_axes))
-    global_tokens = jax.lax.psum(local_tokens, tuple(data_axes))
-  global_tokens = jnp.maximum(global_tokens, 1.0)
-  counts_E = jax.lax.stop_gradient(counts_E)
-  loss = (num_experts / top_k) * jnp.sum(counts_E * mean_score_E) / global_tokens
-  load_E = counts_E / (global_tokens * top_k)
-  return loss, load_E
+    counts_GxE = jax.lax.psum(counts_GxE, tuple(data_axes))
+    global_tokens_G = jax.lax.psum(local_tokens_G, tuple(data_axes))
+  counts_GxE = jax.lax.stop_gradient(counts_GxE)
+  loss_G = ((num_experts / top_k) * jnp.sum(counts_GxE * mean_score_GxE, axis=1)
+            / jnp.maximum(global_tokens_G, 1.0))
+  load_E = jnp.sum(counts_GxE, axis=0) / (jnp.maximum(jnp.sum(global_tokens_G), 1.0) * top_k)
+  return jnp.mean(loss_G), load_E
 
 
 def router_z_loss(routed_logits_TxE: jax.Array, token_mask_T: jax.Array,

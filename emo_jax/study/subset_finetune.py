@@ -8,6 +8,18 @@ decay, gradient clipping at 1.0, batch 16). Loss is the next-token cross-entropy
 such as HellaSwag), plus the router losses. Training runs with `train=True`, so an EMO model
 keeps drawing its document pools (clamped to the subset, see selective.pruned_config).
 
+Two protocols (`FinetuneConfig.protocol` names which one ran):
+* "emo_jax" (the defaults above): the router losses at the model's pretraining weights and the
+  document pool kept;
+* "release" (`release_config()`), as the release's scripts/selective_hf + hf_training/
+  finetune.py: batch 32, 5e-5 with 10 % warm-up and linear decay, weight decay 0, one epoch, every
+  parameter trained, no document pool (its Hugging Face model has none), no router z-loss, and
+  the load-balancing loss at 0.01 (the pruned model's config.json sets output_router_logits,
+  so transformers adds router_aux_loss_coef=0.01 x the balancing loss, averaged over layers).
+  The release balances over the answer tokens only; here over every token of the rows. Its
+  launcher saves one checkpoint at the end besides checkpoint-0, so "several checkpoints each
+  scored" is the subset before (the selection's own row) and after fine-tuning.
+
 `merge_back` writes the tuned experts into their original rows of the full bank, so one
 checkpoint can carry several tasks' tuned experts; pruning the merged model with the same
 selection gives back the tuned subset.
@@ -27,6 +39,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from emo_jax.model.transformer import Transformer
 from emo_jax.study import selective
 from emo_jax.tasks.data import Instance
 from emo_jax.tasks.scoring import bucket, encode_pair
@@ -47,14 +60,47 @@ class FinetuneConfig:
   weight_decay: float = 0.0
   trainable: str = "all"
   seed: int = 0
+  # Train with the model's document pool (EMO; "emo_jax") or with none ("release").
+  document_pool: bool = True
+  # Router losses added to the answer loss: "model" (load balancing and router z-loss at the
+  # model's pretraining weights), "release" (load balancing only, at RELEASE_LB_WEIGHT) or "none".
+  router_losses: str = "model"
+  protocol: str = "emo_jax"
 
   def __post_init__(self):
     if self.steps is not None and self.steps < 1:
       raise ValueError(f"steps={self.steps} must be >= 1 (or None for one epoch)")
+    if self.router_losses not in ("model", "release", "none"):
+      raise ValueError(f"router_losses={self.router_losses!r} must be 'model', 'release' or "
+                       "'none'")
     if self.trainable not in ("all", "experts"):
       raise ValueError(f"trainable={self.trainable!r} must be 'all' or 'experts'")
     if self.batch_size < 1 or self.learning_rate <= 0:
       raise ValueError("batch_size must be >= 1 and learning_rate > 0")
+
+
+# transformers' router_aux_loss_coef in the release's config.json: the weight of the balancing
+# loss while fine-tuning a pruned model (its pruning scripts set output_router_logits=True).
+RELEASE_LB_WEIGHT = 0.01
+PROTOCOLS = ("emo_jax", "release")
+
+
+def release_config(**changes) -> FinetuneConfig:
+  """The release's fine-tuning (module docstring): batch 32, lr 5e-5, 10 % warm-up then linear
+  decay, weight decay 0, one epoch, all parameters, no pool, balancing at 0.01, no z-loss."""
+  values = dict(steps=None, learning_rate=5e-5, warmup_ratio=0.1, batch_size=32,
+                max_grad_norm=1.0, weight_decay=0.0, trainable="all", document_pool=False,
+                router_losses="release", protocol="release")
+  return FinetuneConfig(**{**values, **changes})
+
+
+def protocol_config(protocol: str, **changes) -> FinetuneConfig:
+  """FinetuneConfig of a named protocol ("emo_jax": the dataclass defaults; "release")."""
+  if protocol == "release":
+    return release_config(**changes)
+  if protocol == "emo_jax":
+    return FinetuneConfig(**changes)
+  raise ValueError(f"fine-tuning protocol {protocol!r} must be one of {list(PROTOCOLS)}")
 
 
 def training_rows(instances: Sequence[Instance], tokenizer, max_len: int):
@@ -94,7 +140,7 @@ def make_optimizer(params, fc: FinetuneConfig, total_steps: int):
                                _labels(params, fc.trainable))
 
 
-def _loss(graphdef, params, inputs, targets, mask, rng):
+def _loss(graphdef, params, inputs, targets, mask, rng, router_losses: str = "model"):
   model = nnx.merge(graphdef, params)
   valid = inputs >= 0
   logits, aux = model(jnp.where(valid, inputs, 0), valid.astype(jnp.int32), None, train=True,
@@ -103,16 +149,32 @@ def _loss(graphdef, params, inputs, targets, mask, rng):
   nll = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(
       logits, jnp.maximum(targets, 0)[..., None], axis=-1)[..., 0]
   ce = jnp.sum(jnp.where(mask, nll, 0.0)) / jnp.maximum(jnp.sum(mask), 1)
+  if router_losses == "none" or "lb_loss" not in aux:
+    return ce, ce
+  if router_losses == "release":
+    return ce + RELEASE_LB_WEIGHT * jnp.mean(aux["lb_loss"]), ce
   return ce + aux["aux_loss"], ce
+
+
+def without_pool(graphdef, params):
+  """The graphdef of the same model with no document pool, in training or out (the release
+  fine-tunes its Hugging Face model, which has none); the parameters are unchanged."""
+  model = nnx.merge(graphdef, params)
+  cfg = model.cfg.replace(pool=False, eval_pool_size=None)
+  abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0),
+                                                execution=model.execution))
+  return nnx.split(abstract)[0]
 
 
 def finetune(graphdef, params, tokenizer, instances: Sequence[Instance], *, max_len: int,
              config: FinetuneConfig = FinetuneConfig(), log_every: float = 10.0):
   """Trains `params` (a pruned model's) on the instances' prompt + answer; returns
-  (tuned params, {"steps", "loss_first", "loss_last", "seconds"})."""
+  (tuned params, {"steps", "loss_first", "loss_last", "seconds", "protocol", ...})."""
   if not instances:
     raise ValueError("no fine-tuning examples given")
   inputs, targets, mask = training_rows(instances, tokenizer, max_len)
+  if not config.document_pool:
+    graphdef = without_pool(graphdef, params)
   N, B = len(inputs), min(config.batch_size, len(inputs))
   steps = config.steps or math.ceil(N / B)
   optimizer = make_optimizer(params, config, steps)
@@ -121,7 +183,7 @@ def finetune(graphdef, params, tokenizer, instances: Sequence[Instance], *, max_
   @jax.jit
   def step(params, opt_state, batch, rng):
     (_, ce), grads = jax.value_and_grad(
-        lambda p: _loss(graphdef, p, *batch, rng), has_aux=True)(params)
+        lambda p: _loss(graphdef, p, *batch, rng, config.router_losses), has_aux=True)(params)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, ce
 
@@ -146,7 +208,10 @@ def finetune(graphdef, params, tokenizer, instances: Sequence[Instance], *, max_
             f"{rate:.2f} steps/s, ETA {(steps - i - 1) / rate:.0f} s", file=sys.stderr,
             flush=True)
   return params, {"steps": steps, "examples": N, "loss_first": losses[0],
-                  "loss_last": losses[-1], "seconds": round(time.perf_counter() - start, 2)}
+                  "loss_last": losses[-1], "seconds": round(time.perf_counter() - start, 2),
+                  "protocol": config.protocol, "batch_size": B,
+                  "learning_rate": config.learning_rate, "document_pool": config.document_pool,
+                  "router_losses": config.router_losses}
 
 
 def merge_back(full_params: Mapping[str, Any], tuned_params: Mapping[str, Any],

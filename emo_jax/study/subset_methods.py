@@ -11,13 +11,23 @@ the calibration batches they read come from `calibration.calibration_batches`:
   scores sum_t g_{i,t} * ||E_i(h_t)|| * s_t over the calibration tokens routed to it, with
   g the routing weight, E_i(h_t) the expert's output on the layer's MoE input h_t and
   s_t = 1 - cos(h_t, h_t + y_t) how much the whole MoE output y_t turns the token.
+* `greedy_variable`: the release's greedy_prune_layerwise_variable, greedy's ranking with a
+  different K per layer (a schedule such as 128,128,32,...,32; a layer whose K is the whole bank
+  is left as it is). It returns a `VariableSelection`, applied as a routing mask like the
+  others, or written as a Hugging Face model with a bank of its own size in every layer
+  (`write_variable_hf`: the `emo` layout's num_experts_per_layer, loaded by transformers with
+  trust_remote_code; a ModelConfig holds one bank size, so it has no emo_jax checkpoint).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
-from typing import Mapping, Sequence
+import json
+import pathlib
+import shutil
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +37,7 @@ from flax import nnx
 from emo_jax.model import moe as moe_lib
 from emo_jax.study import selective
 
-METHODS = ("greedy", "global", "random", "easy_ep")
+METHODS = ("greedy", "global", "random", "easy_ep", "greedy_variable")
 _EASY_EP = "easy_ep_scores"
 
 
@@ -124,9 +134,155 @@ def easy_ep_selection(graphdef, params, cfg, batches, keep: int) -> selective.Se
                              num_shared=cfg.num_shared_experts, greedy=False)
 
 
-def select(method: str, graphdef, params, cfg, batches, keep: int, *,
-           seed: int = 0) -> selective.Selection:
-  """The subset of `keep` experts per layer (shared included) chosen by `method`."""
+# ---- a different K per layer (the release's greedy_prune_layerwise_variable) ---------------------
+@dataclasses.dataclass
+class VariableSelection:
+  """Experts kept with a K of its own per layer.
+
+  keep_per_layer: experts kept per layer (shared included); a layer with K >= num_experts keeps
+  all. kept_routed: per layer, int [K_l - S] original routed ids, increasing. scores: [layers,
+  routed] mean routed softmax each pruned layer was ranked by (zeros for untouched layers).
+  """
+  keep_per_layer: tuple[int, ...]
+  kept_routed: list[np.ndarray]
+  scores: np.ndarray
+  num_routed: int
+  num_shared: int
+  greedy: bool = True
+
+  @property
+  def keep(self) -> int:
+    """The smallest layer's K (what the release writes as config.num_experts)."""
+    return min(len(k) for k in self.kept_routed) + self.num_shared
+
+  @property
+  def total_experts(self) -> int:
+    """Experts in all layers together (shared included): the budget the schedule spends."""
+    return int(sum(len(k) + self.num_shared for k in self.kept_routed))
+
+  @property
+  def mask(self) -> np.ndarray:
+    """bool [layers, routed] for `model(..., keep_experts=...)`."""
+    return selective.keep_mask(self.kept_routed, self.num_routed)
+
+  def bank_indices(self) -> list[np.ndarray]:
+    """Per layer, the original bank rows of its pruned bank (kept routed, then shared)."""
+    shared = np.arange(self.num_routed, self.num_routed + self.num_shared)
+    return [np.concatenate([k, shared]).astype(np.int64) for k in self.kept_routed]
+
+  def to_json(self) -> dict[str, Any]:
+    return {"method": "greedy_variable", "keep_per_layer": list(self.keep_per_layer),
+            "num_routed": self.num_routed, "num_shared": self.num_shared,
+            "total_experts": self.total_experts,
+            "kept_routed": [[int(e) for e in k] for k in self.kept_routed],
+            "scores": np.round(self.scores, 6).tolist()}
+
+
+def parse_keep_per_layer(spec: str | Sequence[int], cfg) -> tuple[int, ...]:
+  """A schedule "128,128,32,..." (one K per layer, shared included; "all" = the whole bank)."""
+  values = spec.split(",") if isinstance(spec, str) else list(spec)
+  out = []
+  for v in values:
+    v = str(v).strip().lower()
+    if v == "all":
+      out.append(cfg.num_experts)
+    elif v.isdigit():
+      out.append(int(v))
+    else:
+      raise ValueError(f"keep-per-layer value {v!r} must be an integer or 'all'")
+  if len(out) != cfg.num_layers:
+    raise ValueError(f"the keep-per-layer schedule has {len(out)} entries, the model "
+                     f"{cfg.num_layers} layers: give one K per layer")
+  for k in out:
+    if k < cfg.num_experts:
+      selective.routed_to_keep(cfg, k)  # the range check
+  return tuple(min(k, cfg.num_experts) for k in out)
+
+
+def greedy_variable_selection(graphdef, params, cfg, batches,
+                              keep_per_layer: str | Sequence[int]) -> VariableSelection:
+  """Greedy layer by layer (layer l scored with layers 0..l-1 already restricted), layer l
+  keeping its own K_l - S best routed experts by mean routed softmax; a layer whose K is the
+  whole bank is neither scored nor restricted, as in the release."""
+  schedule = parse_keep_per_layer(keep_per_layer, cfg)
+  R, S = cfg.num_routed_experts, cfg.num_shared_experts
+  batches = list(batches)
+  mask = np.ones((cfg.num_layers, R), bool)
+  scores = np.zeros((cfg.num_layers, R))
+  kept = []
+  for layer, k in enumerate(schedule):
+    if k >= cfg.num_experts:
+      kept.append(np.arange(R, dtype=np.int64))
+      continue
+    scores[layer] = selective.routing_scores(graphdef, params, batches, mask)[layer]
+    kept.append(selective.top_experts(scores[layer], k - S).astype(np.int64))
+    mask[layer] = False
+    mask[layer, kept[-1]] = True
+  return VariableSelection(keep_per_layer=schedule, kept_routed=kept, scores=scores,
+                           num_routed=R, num_shared=S)
+
+
+def variable_hf_tensors(params: Mapping[str, Any], cfg, selection: VariableSelection,
+                        dtype: str = "float32") -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+  """(tensors, config.json) of the model pruned to `selection` in the release's `emo` layout:
+  layer l's router rows and experts are its kept bank rows, renumbered 0..K_l-1 (shared last),
+  and config.json lists num_experts_per_layer, as the release's pruning script writes it."""
+  from emo_jax.convert import hf, layouts  # pylint: disable=import-outside-toplevel
+  if len(selection.kept_routed) != cfg.num_layers or selection.num_routed != cfg.num_routed_experts:
+    raise ValueError("the selection does not match the model's layers and routed experts")
+  full = hf.to_hf_tensors(params, cfg, "emo", dtype)
+  out = {k: v for k, v in full.items() if ".mlp." not in k}
+  for layer, rows in enumerate(selection.bank_indices()):
+    prefix = f"model.layers.{layer}.mlp."
+    out[prefix + "gate.weight"] = full[prefix + "gate.weight"][rows]
+    for new, old in enumerate(rows):
+      for proj in ("gate_proj", "up_proj", "down_proj"):
+        out[f"{prefix}experts.{new}.{proj}.weight"] = full[f"{prefix}experts.{old}.{proj}.weight"]
+  config = layouts.hf_config(cfg, "emo", dtype=dtype)
+  sizes = [len(rows) for rows in selection.bank_indices()]
+  config.update(num_experts=min(sizes), num_experts_per_layer=sizes,
+                num_shared_experts_per_layer=[selection.num_shared] * cfg.num_layers,
+                # top-k cannot exceed the smallest layer's routed experts (the release: min K)
+                num_experts_per_tok=min(cfg.top_k, min(sizes) - selection.num_shared)
+                + selection.num_shared)
+  return out, config
+
+
+def write_variable_hf(params: Mapping[str, Any], cfg, selection: VariableSelection,
+                      out: str | pathlib.Path, *, dtype: str = "float32",
+                      tokenizer: str | None = None) -> dict[str, Any]:
+  """Writes the variable-size pruned model as a Hugging Face folder (`emo` layout, remote code
+  beside it, loaded with trust_remote_code=True) with the selection as kept_experts.json."""
+  from emo_jax.convert import hf, safetensors_io, tokenizer_hf  # pylint: disable=import-outside-toplevel
+  out = pathlib.Path(out)
+  if out.exists() and any(out.iterdir()):
+    raise FileExistsError(f"{out} exists and is not empty; choose another folder")
+  out.mkdir(parents=True, exist_ok=True)
+  tensors, config = variable_hf_tensors(params, cfg, selection, dtype)
+  if tokenizer:
+    info = tokenizer_hf.write_tokenizer(tokenizer, out, model_max_length=cfg.max_seq_len)
+    config.update({k: info[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")})
+  writer = safetensors_io.ShardedWriter(out, [(k, v.shape, v.dtype) for k, v in tensors.items()])
+  for k, v in tensors.items():
+    writer.write(k, v)
+  writer.close()
+  (out / "config.json").write_text(json.dumps(config, indent=1))
+  (out / "kept_experts.json").write_text(json.dumps(selection.to_json(), indent=1))
+  for name in ("configuration_emo.py", "modeling_emo.py"):
+    shutil.copyfile(hf.REMOTE_CODE_DIR / name, out / name)
+  return {"out": str(out), "num_experts_per_layer": config["num_experts_per_layer"],
+          "tensors": len(tensors), "total_experts": selection.total_experts}
+
+
+def select(method: str, graphdef, params, cfg, batches, keep, *,
+           seed: int = 0):
+  """The subset of `keep` experts per layer (shared included) chosen by `method`;
+  `greedy_variable` takes a schedule, one K per layer ("128,128,32,..." or a sequence)."""
+  if method == "greedy_variable":
+    return greedy_variable_selection(graphdef, params, cfg, batches, keep)
+  if isinstance(keep, str) or not np.isscalar(keep):
+    raise ValueError(f"method {method!r} keeps one K in every layer, got {keep!r}; a schedule "
+                     "per layer is method greedy_variable")
   if method in ("greedy", "global"):
     return selective.select_experts(graphdef, params, cfg, batches, keep,
                                     greedy=method == "greedy")

@@ -7,8 +7,9 @@ docs/selective_eval.md. `bpb` scores gold answers in bits per byte (`load_bpb_ta
 """
 
 from emo_jax.tasks.data import EXTRA_HINT, Instance, TaskNotInstalled
-from emo_jax.tasks.registry import Task, load_task, task_names
+from emo_jax.tasks.registry import Task, expand_task_names, load_task, task_names
 from emo_jax.tasks.scoring import accuracy, evaluate_task, score_pairs, task_pairs
 
 __all__ = ["EXTRA_HINT", "Instance", "Task", "TaskNotInstalled", "accuracy", "evaluate_task",
+           "expand_task_names",
            "load_task", "score_pairs", "task_names", "task_pairs"]

@@ -5,6 +5,9 @@ calibration pool: examples of the same task, formatted with the same few-shot pr
 never scored. Expert selection reads the first n of the pool after a seeded permutation, and
 fine-tuning trains on it. Where the data has a separate split the pool is that split
 (ARC and OpenBookQA: scored on test, calibrated on validation; MMLU: test and validation).
+MMLU also exists per category, the release's selection protocol: `mmlu_merged_<category>` is
+the union of the category's subjects (mmlu_categories.json: Hendrycks' 17 subcategories of the
+57 subjects), scored as one task, and `mmlu_categories` names all 17 (`expand_task_names`).
 Where it has one split only, the pool is the documents left out of the 1,000-of-more-than-1,500
 sample, or, when every document is scored, a fixed seeded hold-out of 10 % (at most 100), which
 is then not scored.
@@ -13,6 +16,8 @@ is then not scored.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import pathlib
 from typing import Sequence
 
@@ -34,6 +39,8 @@ _REQUEST_TASKS = {
 }
 MMLU = "mmlu"
 MMLU_FOLDER = ("hf_datasets", "hails", "mmlu_no_train")
+MMLU_CATEGORY_PREFIX = "mmlu_merged_"  # + category: the release's task names
+MMLU_CATEGORIES_GROUP = "mmlu_categories"  # all 17 (+ _mc: their letter formulation)
 HOLDOUT_FRACTION, HOLDOUT_MAX = 0.1, 100
 DEFAULT_SEED = 1234  # the OLMES request files' fewshot and subsample seed
 
@@ -53,6 +60,8 @@ class Task:
   formulation: str
   macro: bool = False
   source: str = ""
+  # Where the calibration pool (and the fine-tuning data) comes from, e.g. "validation".
+  calibration_split: str = ""
 
   def calibration_texts(self, n: int | None, seed: int = 0) -> list[str]:
     """The calibration text of the first n pool examples after a seeded permutation (all when
@@ -64,9 +73,31 @@ class Task:
     return [by_id[i].answer_text for i in ids]
 
 
+@functools.cache
+def mmlu_categories() -> dict[str, tuple[str, ...]]:
+  """MMLU category -> its subjects (17 categories, 57 subjects), from mmlu_categories.json."""
+  doc = json.loads(pathlib.Path(__file__).with_name("mmlu_categories.json").read_text())
+  return {cat: tuple(subjects) for cat, subjects in doc["categories"].items()}
+
+
 def task_names() -> list[str]:
   """Every named task (each also exists as `<name>_mc`, the letter formulation)."""
-  return sorted(list(_REQUEST_TASKS) + [MMLU])
+  return sorted(list(_REQUEST_TASKS) + [MMLU]
+                + [MMLU_CATEGORY_PREFIX + c for c in mmlu_categories()])
+
+
+def expand_task_names(names: Sequence[str]) -> list[str]:
+  """Task names with each group spelled out: `mmlu_categories` -> the 17
+  `mmlu_merged_<category>` tasks (`mmlu_categories_mc` -> their `_mc` forms)."""
+  out = []
+  for name in names:
+    base, formulation = split_name(name)
+    if base == MMLU_CATEGORIES_GROUP:
+      suffix = "_mc" if formulation == "mc" else ""
+      out.extend(MMLU_CATEGORY_PREFIX + c + suffix for c in mmlu_categories())
+    else:
+      out.append(name)
+  return out
 
 
 def split_name(name: str) -> tuple[str, str]:
@@ -90,13 +121,14 @@ def load_task(name: str, *, limit: int | None = None, num_shots: int = 5,
     task = _jsonl_task(pathlib.Path(name), num_shots=num_shots, seed=seed)
   else:
     base, formulation = split_name(name)
-    if base == MMLU or base.startswith(MMLU + ":"):
+    if base == MMLU or base.startswith(MMLU + ":") or base.startswith(MMLU_CATEGORY_PREFIX):
       task = _mmlu_task(name, base, formulation, num_shots=num_shots, seed=seed)
     elif base in _REQUEST_TASKS:
       task = _request_task(name, base, formulation)
     else:
       raise DataError(f"unknown task {name!r}; named tasks are {task_names()} (add _mc for the "
-                      "letter formulation, mmlu:<subject> for one MMLU subject) or a .jsonl file")
+                      "letter formulation, mmlu:<subject> for one MMLU subject, "
+                      f"{MMLU_CATEGORIES_GROUP} for the 17 MMLU categories) or a .jsonl file")
   if limit is not None:
     task.instances = _limit(task.instances, limit)
   if not task.instances:
@@ -140,20 +172,36 @@ def _request_task(name: str, base: str, formulation: str) -> Task:
   else:
     scored, pool = _holdout(instances, seed)
   primary = "acc_per_char" if config.get("primary_metric") == "acc_per_char" else "acc"
+  split = ("validation" if calib_split is not None else
+           ("validation" if scored_split == "val" else scored_split)
+           + " documents outside the scored sample (no train split installed)")
   return Task(name=name, instances=scored, calibration=pool, primary_metric=primary,
-              formulation=formulation, source=str(folder))
+              formulation=formulation, source=str(folder), calibration_split=split)
 
 
 def _mmlu_task(name: str, base: str, formulation: str, *, num_shots: int, seed: int) -> Task:
   """MMLU: per subject, the dev questions are the few-shot examples, test is scored and
-  validation calibrates; accuracy is macro-averaged over subjects."""
+  validation calibrates; accuracy is macro-averaged over subjects. `mmlu_merged_<category>`
+  pools its subjects' questions into one task, accuracy over all its questions (the release
+  concatenates the subjects of a category)."""
   root = data.installed_path(*MMLU_FOLDER, task=name)
   subjects = sorted(p.name for p in root.iterdir() if p.is_dir())
+  macro = True
   if ":" in base:
     wanted = base.split(":", 1)[1]
     if wanted not in subjects:
       raise DataError(f"MMLU has no subject {wanted!r}; subjects are {subjects}")
     subjects = [wanted]
+  elif base.startswith(MMLU_CATEGORY_PREFIX):
+    category = base[len(MMLU_CATEGORY_PREFIX):]
+    if category not in mmlu_categories():
+      raise DataError(f"MMLU has no category {category!r}; categories are "
+                      f"{list(mmlu_categories())} (mmlu_categories.json)")
+    missing = [s for s in mmlu_categories()[category] if s not in subjects]
+    if missing:
+      raise DataError(f"task {name!r}: the installed MMLU lacks the subjects {missing} of "
+                      f"category {category!r} ({root})")
+    subjects, macro = [s for s in subjects if s in mmlu_categories()[category]], False
   scored, pool = [], []
   for s_index, subject in enumerate(subjects):
     folder = root / subject
@@ -178,7 +226,8 @@ def _mmlu_task(name: str, base: str, formulation: str, *, num_shots: int, seed: 
         instances = [i for i in instances if i.doc_id in keep]
       out.extend(instances)
   return Task(name=name, instances=scored, calibration=pool, primary_metric="acc",
-              formulation=formulation, macro=len(subjects) > 1, source=str(root))
+              formulation=formulation, macro=macro and len(subjects) > 1, source=str(root),
+              calibration_split="validation (MMLU has no train split installed)")
 
 
 def _jsonl_task(path: pathlib.Path, *, num_shots: int, seed: int) -> Task:
@@ -205,4 +254,5 @@ def _jsonl_task(path: pathlib.Path, *, num_shots: int, seed: int) -> Task:
   else:
     scored, pool = _holdout(instances, seed)
   return Task(name=str(path), instances=scored, calibration=pool, primary_metric="acc_per_char",
-              formulation="rc", source=str(path))
+              formulation="rc", source=str(path),
+              calibration_split="train" if any(is_pool) else "held-out lines")

@@ -5,11 +5,16 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-METHOD_ORDER = ("full", "greedy", "greedy+ft", "global", "easy_ep", "random")
+METHOD_ORDER = ("full", "greedy", "greedy+ft", "global", "easy_ep", "random", "greedy_variable")
 
 
 def _order(row: dict[str, Any]) -> tuple:
-  keep = -1 if row["keep"] == "all" else row["keep"]
+  keep = row["keep"]
+  if keep == "all":
+    keep = -1
+  elif isinstance(keep, str):  # a schedule "K0,K1,...": ordered by its mean K
+    sizes = [int(k) for k in keep.split(",")]
+    keep = sum(sizes) / len(sizes)
   method = METHOD_ORDER.index(row["method"]) if row["method"] in METHOD_ORDER else 99
   n_cal = row.get("num_calibration")
   n_cal = -1 if n_cal is None else (10**9 if n_cal == "all" else n_cal)

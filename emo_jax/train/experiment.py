@@ -110,6 +110,16 @@ def _check_sections_agree(e: Experiment) -> None:
   if e.data.batch_size % e.train.grad_accum_steps:
     raise ConfigError(f"data.batch_size={e.data.batch_size} must be a multiple of "
                       f"train.grad_accum_steps={e.train.grad_accum_steps}")
+  scope = e.model.lb_scope_sequences
+  micro = e.data.batch_size // e.train.grad_accum_steps
+  if scope and micro % scope:
+    accum = (f" / train.grad_accum_steps={e.train.grad_accum_steps} = {micro} sequences per "
+             "micro-batch" if e.train.grad_accum_steps > 1 else "")
+    raise ConfigError(f"data.batch_size={e.data.batch_size}{accum} is not a multiple of "
+                      f"model.lb_scope_sequences={scope} (the load-balancing group): make "
+                      f"data.batch_size a multiple of {scope * e.train.grad_accum_steps}, or "
+                      f"set model.lb_scope_sequences to a divisor of {micro} (0 balances over "
+                      "the whole batch)")
   if e.data.seq_len > e.model.max_seq_len:
     raise ConfigError(f"data.seq_len={e.data.seq_len} exceeds model.max_seq_len="
                       f"{e.model.max_seq_len}; lower data.seq_len or raise model.max_seq_len "
