@@ -125,6 +125,16 @@ def test_cache_key_changes_with_every_training_field():
   assert study.training_key(spelled) == key
 
 
+def test_new_fields_at_their_neutral_values_keep_the_cached_models_keys():
+  # The keys configs/tiny.py and configs/repro.py had before lb_scope_sequences and the
+  # repetition filter existed: models cached then are found again.
+  assert study.training_key(tiny.get_config()) == "2116d89b4a97"
+  assert study.training_key(repro.get_config()) == "687d62d571a0"
+  scoped = tiny.get_config()
+  scoped.model.lb_scope_sequences = 4
+  assert study.training_key(scoped) != "2116d89b4a97"
+
+
 def test_memory_matched_models_have_the_subsets_parameter_count():
   config = repro.get_config()
   cfg = Experiment.from_config(config).model

@@ -57,6 +57,13 @@ UNKEYED_FIELDS = {
               "async_checkpoint", "peak_flops"),
     "data": ("num_workers",),
 }
+# Fields that came after models were first cached: left out of the key while at these values
+# (which train exactly as before they existed), so the models already cached keep their keys.
+LATER_FIELDS = {
+    "model": {"lb_scope_sequences": 0},
+    "data": {"repetition_filter": False, "repetition_min_period": 1,
+             "repetition_max_period": 13, "repetition_max_count": 32},
+}
 
 
 class StudyError(ValueError):
@@ -69,7 +76,8 @@ def training_key(config) -> str:
 
   Architecture, execution (the capacity backend's drops change results), data (minus worker
   count) and train settings (minus logging, evaluation and checkpoint cadence) are hashed after
-  filling in defaults, so spelling a default out does not change the key. The mesh is left out:
+  filling in defaults, so spelling a default out does not change the key; LATER_FIELDS at their
+  neutral values are left out, so a new field does not orphan the cache. The mesh is left out:
   results agree across meshes to rounding.
   """
   experiment = Experiment.from_config(config)
@@ -80,6 +88,10 @@ def training_key(config) -> str:
     train.pop(name)
   keyed = {"model": experiment.model.to_dict(), "execution": experiment.execution.to_dict(),
            "data": data, "train": train}
+  for section, defaults in LATER_FIELDS.items():
+    for name, value in defaults.items():
+      if keyed[section].get(name) == value:
+        keyed[section].pop(name)
   return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:12]
 
 
