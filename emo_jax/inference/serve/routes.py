@@ -269,11 +269,14 @@ async def list_subsets(request: Request):
 
 @router.post("/v1/subsets", response_model=schemas.RegisteredSubset, responses=ERRORS)
 async def register_subset(request: Request, body: schemas.SubsetRequest):
-  """Registers (or replaces) a subset; only its experts not yet resident are read."""
+  """Registers a subset, or replaces one no request uses (409 while one does); only its
+  experts not yet resident are read."""
   server = _server(request)
   subset = await run_in_threadpool(server.subset_from_request, body)
   try:
     memory = await run_in_threadpool(server.engine.register, subset)
+  except engine_lib.SubsetInUse as e:
+    raise protocol.ApiError(409, str(e), param="name") from e
   except bank_lib.SubsetError as e:
     raise protocol.ApiError(400, str(e), param="name") from e
   server.count(request.url.path, 200)
