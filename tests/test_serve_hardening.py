@@ -170,6 +170,9 @@ def test_bad_strings_and_numbers_are_400s_naming_the_field(url):
   error = error_of(post(url, {"messages": [{"role": "user", "content": "\ud800"}]},
                         "/v1/chat/completions"))
   assert error["param"] == "messages" and "surrogate" in error["message"]
+  error = error_of(post(url, {"messages": [{"role": "user", "content": "hi"}],
+                              "stream_options": "x"}, "/v1/chat/completions"))
+  assert error["param"] == "stream_options" and "include_usage" in error["message"]
   error = error_of(post(url, {"name": "s\ud800", "experts": [[0], [0]]}, "/v1/subsets"))
   assert error["param"] == "name"
   ok = post(url, {"prompt": "x", "max_tokens": 2, "stream_options": {"include_usage": True}})

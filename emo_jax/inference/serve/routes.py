@@ -82,7 +82,14 @@ class _Output:
     raise NotImplementedError
 
   def final_chunks(self, usage: schemas.Usage) -> list[BaseModel]:
-    return []
+    """The chunks after every choice finished: the usage, when include_usage asks for it."""
+    options = self.body.stream_options
+    if options is None or not options.include_usage:
+      return []
+    return [self.usage_chunk(usage)]
+
+  def usage_chunk(self, usage: schemas.Usage) -> BaseModel:
+    raise NotImplementedError
 
 
 class _CompletionOutput(_Output):
@@ -109,12 +116,9 @@ class _CompletionOutput(_Output):
             schemas.CompletionChoice(index=index, text=delta.text if delta else "",
                                      logprobs=logprobs, finish_reason=finish_reason)])
 
-  def final_chunks(self, usage):
-    options = self.body.stream_options
-    if options is None or not options.include_usage:
-      return []
-    return [schemas.Completion(id=self.id, created=self.created, model=self.model, choices=[],
-                               usage=usage)]
+  def usage_chunk(self, usage):
+    return schemas.Completion(id=self.id, created=self.created, model=self.model, choices=[],
+                              usage=usage)
 
 
 class _ChatOutput(_Output):
@@ -133,6 +137,10 @@ class _ChatOutput(_Output):
     return schemas.ChatCompletionChunk(
         id=self.id, created=self.created, model=self.model, choices=[
             schemas.ChatChunkChoice(index=index, delta=message, finish_reason=finish_reason)])
+
+  def usage_chunk(self, usage):
+    return schemas.ChatCompletionChunk(id=self.id, created=self.created, model=self.model,
+                                       choices=[], usage=usage)
 
 
 async def _generate(request: Request, body: schemas.GenerationRequest,

@@ -128,6 +128,16 @@ class RequestBody(BaseModel):
 
 
 # ---- generation requests ------------------------------------------------------------------------
+class StreamOptions(RequestBody):
+  include_usage: bool = False
+
+
+def _stream_options(value: Any) -> Any:
+  if not isinstance(value, (dict, StreamOptions)):
+    raise ValueError('must be an object such as {"include_usage": true}')
+  return value
+
+
 class GenerationRequest(RequestBody):
   """What /v1/completions and /v1/chat/completions share: which experts and how to sample.
 
@@ -144,6 +154,8 @@ class GenerationRequest(RequestBody):
   seed: Integer | None = Field(None, ge=0, le=2**31 - 1, description="Default: a random seed.")
   stop: Stop | None = None
   stream: bool = False
+  stream_options: Annotated[StreamOptions, BeforeValidator(_stream_options)] | None = Field(
+      None, description="With stream: include_usage sends a last chunk with the usage.")
   n: Integer = 1
   best_of: Integer = 1
   echo: bool = False
@@ -165,16 +177,11 @@ class GenerationRequest(RequestBody):
     raise NotImplementedError
 
 
-class StreamOptions(RequestBody):
-  include_usage: bool = False
-
-
 class CompletionRequest(GenerationRequest):
   """POST /v1/completions."""
   prompt: Prompt
   logprobs: Integer | None = Field(None, ge=0, le=TOP_LOGPROBS,
                                    description="Top alternatives to report per token.")
-  stream_options: StreamOptions | None = None
 
   def alternatives(self) -> int:
     return self.logprobs or 0
@@ -276,12 +283,14 @@ class ChatChunkChoice(BaseModel):
 
 
 class ChatCompletionChunk(BaseModel):
-  """One server-sent event of a /v1/chat/completions stream."""
+  """One server-sent event of a /v1/chat/completions stream; with include_usage, the last
+  one has no choices and the usage."""
   id: str
   object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
   created: int
   model: str
   choices: list[ChatChunkChoice]
+  usage: Usage | None = None
 
 
 # ---- the rest of the API ----------------------------------------------------------------------
