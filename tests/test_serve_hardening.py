@@ -150,6 +150,8 @@ def test_oversize_and_deeply_nested_bodies_are_4xx_and_the_connection_stays(url)
     brackets_in_a_string = json.dumps({"prompt": "x", "stop": ["[" * 1000], "max_tokens": 2})
     assert post(url, brackets_in_a_string, client=client).status_code == 200
     assert client.get(url + "/health").status_code == 200
+  metrics = httpx.get(url + "/metrics").text
+  assert 'emo_http_responses_total{path="/v1/completions",status="413"}' in metrics
 
 
 def test_bad_strings_and_numbers_are_400s_naming_the_field(url):

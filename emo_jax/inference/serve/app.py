@@ -167,7 +167,7 @@ class _Guard:
     depth = json_depth(body)
     if depth > MAX_JSON_DEPTH:
       return await refuse(400, f"the request body nests arrays and objects {depth} deep; at "
-                          f"most {MAX_JSON_DEPTH} levels are accepted")
+                          f"most {MAX_JSON_DEPTH} levels are accepted: flatten it")
     replayed = False
 
     async def replay():

@@ -29,9 +29,27 @@ MAX_CALIBRATION_BYTES = 64 << 20  # the largest calibration file POST /v1/subset
 
 def path_label(scope) -> str:
   """The /metrics label of a request's path: its route's template (/v1/subsets/{name}), so
-  that subset names and unknown paths add no series."""
+  that subset names and unknown paths add no series; "unmatched" for a path no route serves.
+  Before routing (a refusal of the app's middleware) the template is looked up."""
   route = scope.get("route")
+  if route is None and "app" in scope:
+    route = _matching_route(scope["app"].router.routes, scope)
   return getattr(route, "path", None) or "unmatched"
+
+
+def _matching_route(routes, scope):
+  from starlette.routing import Match  # pylint: disable=import-outside-toplevel
+  for route in routes:
+    included = getattr(route, "original_router", None)  # FastAPI's include_router
+    if included is not None:
+      found = _matching_route(included.routes, scope)
+    elif getattr(route, "path", None) and route.matches(scope)[0] == Match.FULL:
+      found = route
+    else:
+      found = None
+    if found is not None:
+      return found
+  return None
 
 
 class Server:
