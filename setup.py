@@ -53,6 +53,10 @@ setup(
             "nbclient>=0.10",
             "nbformat>=5.10",
             "ipykernel>=6.29",
+            # tests/test_serve_hardening.py fuzzes the server's OpenAPI schema; hypothesis
+            # (which schemathesis brings) drives the engine's property tests.
+            "schemathesis>=4.0",
+            "hypothesis>=6.100",
         ],
     },
 )

@@ -8,10 +8,16 @@
 --num_examples documents); requests pick it with "experts": "NAME" (the openai client:
 extra_body={"experts": "NAME"}) or model "BASE:NAME". "all" (every expert) is registered too
 unless --noserve_all, in which case only the subsets' experts are ever resident. Subsets can be
-added and removed while serving: POST /v1/subsets, DELETE /v1/subsets/NAME.
+added and removed while serving: POST /v1/subsets, DELETE /v1/subsets/NAME (not "all"); a
+subset that running requests use can be neither replaced nor deleted (409). POST /v1/subsets
+reads a calibration file ("calibration": "FILE.jsonl") only with --calibration_dir DIR, and
+only below DIR; without it, subsets are registered from "texts" or "experts".
+
+Bodies over --max_body_bytes get 413 before they are read whole.
 
 The server prints one JSON line when it listens (with the resident expert bytes), and stops on
-SIGTERM or Ctrl-C after letting running requests finish for --drain_seconds.
+SIGTERM or Ctrl-C after letting running requests finish for --drain_seconds; those still
+running then get an error (a JSON 503, or a stream's error event and [DONE]).
 """
 
 from emo_jax import host_memory
@@ -43,6 +49,11 @@ _MAX_QUEUE = flags.DEFINE_integer("max_queue", 64, "Requests waiting beyond the 
                                   "before new ones get 429.")
 _TIMEOUT = flags.DEFINE_float("request_timeout", 600.0, "Seconds a request may take.")
 _DRAIN = flags.DEFINE_float("drain_seconds", 5.0, "At shutdown, seconds running requests get.")
+_CALIBRATION_DIR = flags.DEFINE_string(
+    "calibration_dir", None, "Directory whose .jsonl files POST /v1/subsets may name as "
+    "\"calibration\" (default none: clients send texts or experts, and no file is read).")
+_MAX_BODY_BYTES = flags.DEFINE_integer("max_body_bytes", 4 << 20, "Largest request body (bytes); "
+                                       "larger ones get 413 before they are read whole.")
 _MODEL_NAME = flags.DEFINE_string("model_name", None, "Model id (default: the checkpoint "
                                   "folder's name).")
 _TOKENIZER = flags.DEFINE_string("tokenizer", None, "Override the checkpoint's tokenizer.")
@@ -66,11 +77,13 @@ def parse_subset(spec: str) -> tuple[str, str, int]:
 def main(argv):
   cli.start(argv)
   # The serve extra (fastapi, uvicorn): read here so that --help works without it.
-  import uvicorn  # pylint: disable=import-outside-toplevel
-
   from emo_jax.inference.serve import app as app_lib  # pylint: disable=import-outside-toplevel
 
   specs = [parse_subset(s) for s in _SUBSET.value]
+  if _CALIBRATION_DIR.value is not None and not pathlib.Path(_CALIBRATION_DIR.value).is_dir():
+    raise app.UsageError(f"--calibration_dir {_CALIBRATION_DIR.value} is not a directory")
+  if _MAX_BODY_BYTES.value < 1:
+    raise app.UsageError(f"--max_body_bytes={_MAX_BODY_BYTES.value} must be >= 1")
   if not specs and not _SERVE_ALL.value:
     raise app.UsageError("--noserve_all needs at least one --subset to serve")
   tok_spec = _TOKENIZER.value or loading.tokenizer_spec(_CHECKPOINT.value)
@@ -100,7 +113,8 @@ def main(argv):
   model_name = _MODEL_NAME.value or pathlib.Path(_CHECKPOINT.value).absolute().name
   api = app_lib.create_app(engine, model_name=model_name, request_timeout=_TIMEOUT.value,
                            chat_template=protocol.chat_template_of(tokenizer),
-                           drain_seconds=_DRAIN.value)
+                           drain_seconds=_DRAIN.value, max_body_bytes=_MAX_BODY_BYTES.value,
+                           calibration_dir=_CALIBRATION_DIR.value)
   print(json.dumps({"listening": f"http://{_HOST.value}:{_PORT.value}/v1", "model": model_name,
                     "subsets": sorted(bank.subsets), "slots": _SLOTS.value,
                     **bank.memory()}), flush=True)
@@ -109,8 +123,7 @@ def main(argv):
   received = []
   for sig in (signal.SIGTERM, signal.SIGINT):
     signal.signal(sig, lambda number, _: received.append(signal.Signals(number).name))
-  uvicorn.run(api, host=_HOST.value, port=_PORT.value, log_level="warning",
-              timeout_graceful_shutdown=max(1, int(_DRAIN.value)))
+  app_lib.serve(api, host=_HOST.value, port=_PORT.value)  # drains the engine first on SIGTERM
   print(json.dumps({"stopped": received[0] if received else "exit",
                     "requests": {k: v for k, v in sorted(engine.stats.items())}}), flush=True)
 

@@ -225,3 +225,145 @@ def test_chat_template_renders_and_bad_templates_are_400s():
   with pytest.raises(protocol.ApiError, match="cannot render"):
     protocol.render_chat("{{ messages[0].content | nosuchfilter }}", messages, TOK)
   assert protocol.chat_template_of(TOK) is None
+
+
+# ---- hardening (issue 27): subsets in use, clean slots, the queue bound, interleavings --------
+def each_slot_alone(engine, prompt, name, max_tokens=10):
+  """The greedy tokens of one request per slot, all admitted at one step boundary (so each
+  lands in its own row), and of the same request alone."""
+  alone = engine_lib.run_sync(engine, prompt, mask(name), max_tokens=max_tokens, timeout=60)
+  results: list = [None] * engine.slots
+  done = threading.Event()
+
+  def submit_all():
+    for i in range(engine.slots):
+      def on_event(event, i=i):
+        if isinstance(event, engine_lib.Done):
+          results[i] = list(reqs[i].generated)
+          if all(r is not None for r in results):
+            done.set()
+      reqs.append(engine_lib.Request(prompt_ids=prompt, mask_LxR=mask(name),
+                                     max_tokens=max_tokens, on_event=on_event))
+      engine.submit(reqs[-1])
+  reqs: list = []
+  engine.call(submit_all)
+  assert done.wait(60)
+  return alone.tokens, results
+
+
+def test_a_row_poisoned_with_nan_is_clean_for_the_next_request(engine):
+  prompt = TOK.encode("Hello")
+  alone, before = each_slot_alone(engine, prompt, "a")
+  assert before == [alone] * engine.slots
+
+  def poison():  # what an all-False routing row used to leave behind
+    engine._cache["k"] = engine._cache["k"].at[:, 1].set(jnp.nan)
+    engine._cache["v"] = engine._cache["v"].at[:, 1].set(jnp.nan)
+  engine.call(poison)
+  _, after = each_slot_alone(engine, prompt, "a")
+  assert after == [alone] * engine.slots
+
+
+def test_replacing_a_subset_in_use_is_refused_and_every_slot_stays_clean(engine):
+  version = engine.bank.version
+  events = []
+  done = threading.Event()
+
+  def on_event(event):
+    events.append(event)
+    if isinstance(event, engine_lib.Done):
+      done.set()
+  engine.submit(engine_lib.Request(prompt_ids=TOK.encode("ab"), mask_LxR=mask("b"),
+                                   max_tokens=50, on_event=on_event, subsets=("b",)))
+  deadline = time.monotonic() + 30
+  while not engine.active() and time.monotonic() < deadline:
+    time.sleep(0.001)
+  with pytest.raises(engine_lib.SubsetInUse, match="in use"):
+    engine.register(bank_lib.Subset("b", ((1,), (1,)), "explicit"))
+  assert done.wait(60) and events[-1].finish_reason == "length"
+  assert engine.bank.version == version and engine.bank.subsets["b"].kept_routed == SUBSETS["b"]
+  assert all(np.isfinite(e.logprobs).all() for e in events[:-1])
+  alone, each = each_slot_alone(engine, TOK.encode("xyz"), "b")
+  assert each == [alone] * engine.slots
+
+
+def test_a_subset_with_an_empty_layer_is_refused():
+  with pytest.raises(bank_lib.SubsetError, match="no routed expert in layer 1"):
+    bank_lib.Subset("e", ((1, 2), ()), "explicit")
+
+
+def test_the_queue_bound_counts_the_request_being_prefilled(checkpoint, monkeypatch):
+  bank = bank_lib.ExpertBank(checkpoint[0])
+  subsets = {n: bank_lib.Subset(n, k, "explicit") for n, k in SUBSETS.items()}
+  bank.commit(bank.prepare(subsets), subsets)
+  eng = engine_lib.Engine(bank, TOK, slots=1, max_queue=1, shift_every=16)
+  entered, release = threading.Event(), threading.Event()
+  real = eng._prefill_into
+
+  def slow_prefill(row, req):
+    entered.set()
+    assert release.wait(30)
+    real(row, req)
+  monkeypatch.setattr(eng, "_prefill_into", slow_prefill)
+
+  def request():
+    return engine_lib.Request(prompt_ids=[5], mask_LxR=mask("a"), max_tokens=2,
+                              on_event=lambda e: None)
+  eng.start()
+  try:
+    eng.submit(request())  # taken off the queue: being prefilled into the only slot
+    assert entered.wait(30)
+    eng.submit(request())  # waits: 1 = max_queue
+    with pytest.raises(engine_lib.QueueFull):
+      eng.submit(request())
+  finally:
+    release.set()
+    eng.stop(drain_seconds=30)
+  assert eng.stats["finished_length"] + eng.stats["finished_stop"] == 2, eng.stats
+
+
+def test_any_interleaving_of_submit_cancel_and_timeout_leaves_every_slot_free(engine):
+  hypothesis = pytest.importorskip("hypothesis")
+  st = hypothesis.strategies
+  bank = engine.bank
+  slots, version = [list(s) for s in bank.slots], bank.version
+  op = st.one_of(
+      st.tuples(st.just("submit"), st.sampled_from(sorted(SUBSETS)), st.integers(1, 12),
+                st.integers(1, 20)),
+      st.tuples(st.just("timeout"), st.floats(0.0, 0.05)),
+      st.tuples(st.just("cancel"), st.integers(0, 20)),
+      st.tuples(st.just("sleep"), st.floats(0.0, 0.02)))
+
+  @hypothesis.settings(max_examples=12, derandomize=True, deadline=None, database=None,
+                       suppress_health_check=list(hypothesis.HealthCheck))
+  @hypothesis.given(st.lists(op, min_size=1, max_size=12))
+  def run(ops):
+    requests, finishes = [], []
+
+    def on_event(event, i):
+      if isinstance(event, engine_lib.Done):
+        finishes.append(i)
+    for o in ops:
+      if o[0] in ("submit", "timeout"):
+        name, n, max_tokens = o[1:] if o[0] == "submit" else ("a", 3, 20)
+        deadline = time.monotonic() + o[1] if o[0] == "timeout" else None
+        req = engine_lib.Request(prompt_ids=[7] * n, mask_LxR=mask(name), max_tokens=max_tokens,
+                                 on_event=lambda e, i=len(requests): on_event(e, i),
+                                 deadline=deadline, subsets=(name,))
+        try:
+          engine.submit(req)
+        except engine_lib.QueueFull:
+          continue
+        requests.append(req)
+      elif o[0] == "cancel" and requests:
+        requests[o[1] % len(requests)].cancel()
+      elif o[0] == "sleep":
+        time.sleep(o[1])
+    end = time.monotonic() + 60
+    while len(finishes) < len(requests) and time.monotonic() < end:
+      time.sleep(0.005)
+    assert sorted(finishes) == list(range(len(requests)))  # one Done each
+    engine.call(lambda: None)  # a step boundary after the last release
+    assert engine.active() == 0 and engine.queue_depth() == 0
+    assert bank.slots == slots and bank.version == version
+  run()

@@ -57,6 +57,14 @@ class Subset:
   kept_routed: tuple[tuple[int, ...], ...]
   source: str
 
+  def __post_init__(self):
+    # A layer with no routed expert would be an all-False routing mask row: its softmax over
+    # no expert is NaN, which poisons the row's KV cache. Refused here, at registration.
+    empty = [layer for layer, kept in enumerate(self.kept_routed) if not kept]
+    if empty:
+      raise SubsetError(f"subset {self.name!r} keeps no routed expert in layer {empty[0]}; "
+                        "every layer needs at least one")
+
   def mask(self, num_routed: int) -> np.ndarray:
     """bool [layers, routed]: the subset as a routing mask over the original experts."""
     return selective.keep_mask([np.asarray(k, int) for k in self.kept_routed], num_routed)

@@ -61,6 +61,10 @@ class ShuttingDown(RuntimeError):
   """The engine is stopping and takes no new requests."""
 
 
+class SubsetInUse(bank_lib.SubsetError):
+  """A subset that running or queued requests route into cannot be replaced or deleted."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Delta:
   """Text of a request that can no longer change (no partial character, no partial stop
@@ -122,10 +126,15 @@ def _insert(cache, k_Lx1xTxGxK, v_Lx1xTxGxK, valid_1xT, row):
   T = k_Lx1xTxGxK.shape[2]
   M = cache["valid"].shape[1]
   start = cache["index"] - T
-  k = jax.lax.dynamic_update_slice(cache["k"], k_Lx1xTxGxK.astype(cache["k"].dtype),
-                                   (0, row, start, 0, 0))
-  v = jax.lax.dynamic_update_slice(cache["v"], v_Lx1xTxGxK.astype(cache["v"].dtype),
-                                   (0, row, start, 0, 0))
+
+  def clean_row(x, new):
+    """The row's every column zeroed (nothing of an earlier request, not even a masked NaN,
+    reaches this one: a masked column still multiplies its value by 0), then the prompt's."""
+    empty = jnp.zeros((x.shape[0], 1) + x.shape[2:], x.dtype)
+    x = jax.lax.dynamic_update_slice(x, empty, (0, row, 0, 0, 0))
+    return jax.lax.dynamic_update_slice(x, new.astype(x.dtype), (0, row, start, 0, 0))
+  k = clean_row(cache["k"], k_Lx1xTxGxK)
+  v = clean_row(cache["v"], v_Lx1xTxGxK)
   valid_row = jax.lax.dynamic_update_slice(jnp.zeros((1, M), bool), valid_1xT, (0, start))
   valid = jax.lax.dynamic_update_slice(cache["valid"], valid_row, (row, 0))
   return {"k": k, "v": v, "valid": valid, "index": cache["index"]}
@@ -176,7 +185,9 @@ class Engine:
     self._pending: collections.deque[Request] = collections.deque()
     self._controls: collections.deque = collections.deque()
     self._admin_lock = threading.Lock()
+    self._stop_lock = threading.Lock()
     self._rows: list[Request | None] = [None] * slots
+    self._admitting: Request | None = None  # taken off the queue, being prefilled into a row
     self._worker: threading.Thread | None = None
     self._stopping = False
     self._accepting = True
@@ -260,7 +271,12 @@ class Engine:
 
   def stop(self, *, drain_seconds: float = 0.0) -> None:
     """Stops taking requests, lets running ones finish for up to drain_seconds, cancels the
-    rest (they receive finish_reason "cancelled") and ends the engine thread."""
+    rest (they receive finish_reason "cancelled") and ends the engine thread. Calling it again
+    (the app's shutdown after a signal handler's stop) waits for the first call and returns."""
+    with self._stop_lock:
+      self._stop(drain_seconds)
+
+  def _stop(self, drain_seconds: float) -> None:
     with self._cv:
       self._accepting = False
       self._cv.notify_all()
@@ -275,6 +291,7 @@ class Engine:
     for req in list(self._pending) + [r for r in self._rows if r is not None]:
       self._finish(req, "cancelled")
     self._pending.clear()
+    self._rows = [None] * self.slots
 
   def submit(self, req: Request) -> None:
     """Queues a request (raises QueueFull at the bound, ShuttingDown when stopping)."""
@@ -286,8 +303,9 @@ class Engine:
     with self._cv:
       if not self._accepting:
         raise ShuttingDown("the server is shutting down")
-      free = sum(r is None for r in self._rows)
-      if len(self._pending) >= self.max_queue + free:  # beyond the free slots, max_queue wait
+      # Beyond the free slots at most max_queue wait; a request being prefilled holds a slot.
+      free = sum(r is None for r in self._rows) - (self._admitting is not None)
+      if len(self._pending) >= self.max_queue + free:
         raise QueueFull(f"{len(self._pending) - free} requests are waiting for a decode slot "
                         f"(the bound is {self.max_queue}); retry shortly")
       self._pending.append(req)
@@ -319,13 +337,34 @@ class Engine:
     return sum(n for _, n in recent) / span
 
   # ---- subsets ------------------------------------------------------------------------------
+  def _users(self, name: str) -> list[Request]:
+    """The running, queued and prefilling requests that route into subset `name`."""
+    with self._cv:
+      candidates = list(self._pending) + self._rows + [self._admitting]
+    return [r for r in candidates if r is not None and not r.done and name in r.subsets]
+
+  def _refuse_in_use(self, name: str, action: str) -> None:
+    users = self._users(name)
+    if users:
+      raise SubsetInUse(f"subset {name!r} is in use by {len(users)} running or queued "
+                        f"requests; {action} it when they are done")
+
   def register(self, subset: bank_lib.Subset) -> dict:
-    """Adds (or replaces) a subset: reads its missing experts, then re-lays the bank."""
+    """Adds a subset, or replaces one no request uses (SubsetInUse otherwise): reads its
+    missing experts, then re-lays the bank."""
     with self._admin_lock:
+      replacing = subset.name in self.bank.subsets
+      if replacing:
+        self._refuse_in_use(subset.name, "replace")
       subsets = dict(self.bank.subsets)
       subsets[subset.name] = subset
       layout = self.bank.prepare(subsets)
-      self.call(lambda: self._commit(layout, subsets))
+
+      def commit():
+        if replacing:  # checked again between two steps: nothing was admitted meanwhile
+          self._refuse_in_use(subset.name, "replace")
+        self._commit(layout, subsets)
+      self.call(commit)
       return self.bank.memory()
 
   def delete(self, name: str) -> dict:
@@ -338,17 +377,20 @@ class Engine:
       layout = self.bank.prepare(subsets)
 
       def commit():
-        users = [r for r in list(self._pending) + self._rows
-                 if r is not None and name in r.subsets]
-        if users:
-          raise bank_lib.SubsetError(f"subset {name!r} is in use by {len(users)} running or "
-                                     "queued requests; delete it when they are done")
+        self._refuse_in_use(name, "delete")
         self._commit(layout, subsets)
       self.call(commit)
       return self.bank.memory()
 
   def _commit(self, layout, subsets) -> None:
     self.bank.commit(layout, subsets)
+    # A running row whose experts left the bank would route into an all-False mask row (NaN):
+    # it ends with an error instead (the in-use checks of register and delete prevent this).
+    for row, req in enumerate(self._rows):
+      if req is not None and not self.bank.covers(req.mask_LxR):
+        self._rows[row] = None
+        self._finish(req, "error", error="the request's experts left the bank (its subset was "
+                     "replaced or deleted); send it again")
     self._refresh_model()
 
   # ---- the loop ------------------------------------------------------------------------------
@@ -394,23 +436,34 @@ class Engine:
       while True:
         with self._cv:
           req = self._pending.popleft() if self._pending else None
+          self._admitting = req
         if req is None:
           return
-        reason = self._expired(req)
-        if reason:
-          self._finish(req, reason)
-          continue
-        if not self.bank.covers(req.mask_LxR):  # its subset was deleted before it was queued
-          self._finish(req, "error", error="the request's experts are no longer resident (its "
-                       "subset was deleted); send it again")
-          continue
         try:
-          self._prefill_into(row, req)
-        except Exception as e:  # pylint: disable=broad-except
-          log.exception("prefill failed")
-          self._finish(req, "error", error=f"prefill failed: {type(e).__name__}: {e}")
-          continue
-        break
+          if self._admit_into(row, req):
+            break
+        finally:
+          with self._cv:
+            self._admitting = None
+
+  def _admit_into(self, row: int, req: Request) -> bool:
+    """Prefills `req` into `row`; False when it finished instead (expired, not resident,
+    failed)."""
+    reason = self._expired(req)
+    if reason:
+      self._finish(req, reason)
+      return False
+    if not self.bank.covers(req.mask_LxR):  # its subset was deleted before it was queued
+      self._finish(req, "error", error="the request's experts are no longer resident (its "
+                   "subset was deleted); send it again")
+      return False
+    try:
+      self._prefill_into(row, req)
+    except Exception as e:  # pylint: disable=broad-except
+      log.exception("prefill failed")
+      self._finish(req, "error", error=f"prefill failed: {type(e).__name__}: {e}")
+      return False
+    return True
 
   def _prefill_into(self, row: int, req: Request) -> None:
     n = len(req.prompt_ids)

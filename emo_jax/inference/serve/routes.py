@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import time
 import uuid
 from typing import Callable
@@ -24,10 +25,12 @@ from emo_jax.inference.serve import bank as bank_lib
 from emo_jax.inference.serve import engine as engine_lib
 from emo_jax.inference.serve import protocol
 from emo_jax.inference.serve import schemas
-from emo_jax.inference.serve.server import Server
+from emo_jax.inference.serve.server import Server, path_label
 
 router = APIRouter()
-ERRORS = {status: {"model": schemas.ErrorBody} for status in (400, 404, 409, 429, 500, 503, 504)}
+log = logging.getLogger(__name__)
+ERRORS = {status: {"model": schemas.ErrorBody}
+          for status in (400, 404, 409, 413, 429, 500, 503, 504)}
 STREAMED = {200: {"content": {"text/event-stream": {}},
                   "description": "The response; with stream: true, server-sent events "
                                  "`data: CHUNK` (schemas.CompletionChunk or "
@@ -79,7 +82,14 @@ class _Output:
     raise NotImplementedError
 
   def final_chunks(self, usage: schemas.Usage) -> list[BaseModel]:
-    return []
+    """The chunks after every choice finished: the usage, when include_usage asks for it."""
+    options = self.body.stream_options
+    if options is None or not options.include_usage:
+      return []
+    return [self.usage_chunk(usage)]
+
+  def usage_chunk(self, usage: schemas.Usage) -> BaseModel:
+    raise NotImplementedError
 
 
 class _CompletionOutput(_Output):
@@ -106,12 +116,9 @@ class _CompletionOutput(_Output):
             schemas.CompletionChoice(index=index, text=delta.text if delta else "",
                                      logprobs=logprobs, finish_reason=finish_reason)])
 
-  def final_chunks(self, usage):
-    options = self.body.stream_options
-    if options is None or not options.include_usage:
-      return []
-    return [schemas.Completion(id=self.id, created=self.created, model=self.model, choices=[],
-                               usage=usage)]
+  def usage_chunk(self, usage):
+    return schemas.Completion(id=self.id, created=self.created, model=self.model, choices=[],
+                              usage=usage)
 
 
 class _ChatOutput(_Output):
@@ -131,6 +138,10 @@ class _ChatOutput(_Output):
         id=self.id, created=self.created, model=self.model, choices=[
             schemas.ChatChunkChoice(index=index, delta=message, finish_reason=finish_reason)])
 
+  def usage_chunk(self, usage):
+    return schemas.ChatCompletionChunk(id=self.id, created=self.created, model=self.model,
+                                       choices=[], usage=usage)
+
 
 async def _generate(request: Request, body: schemas.GenerationRequest,
                     prompt_ids: Callable[[Server], list[list[int]]], output_type: type[_Output]):
@@ -138,33 +149,38 @@ async def _generate(request: Request, body: schemas.GenerationRequest,
   whole response or streams it."""
   server = _server(request)
   names, mask = server.resolve_experts(body.model, body.experts)
-  prompts = prompt_ids(server)
+  prompts = await run_in_threadpool(prompt_ids, server)  # tokenising is off the event loop
   settings = server.sampling(body, prompts)
   output = output_type(server, body)
   events: asyncio.Queue = asyncio.Queue()
   requests = server.submit(prompts, names, mask, settings, events)
   if body.stream:
-    server.count(request.url.path, 200)
+    server.count(path_label(request.scope), 200)
     return StreamingResponse(_stream(requests, events, output), media_type="text/event-stream")
   choices = await _collect(request, requests, events, server.request_timeout)
-  server.count(request.url.path, 200)
+  server.count(path_label(request.scope), 200)
   return output.response(choices, _usage(sum(c.done.prompt_tokens for c in choices),
                                          sum(c.done.completion_tokens for c in choices)))
 
 
+async def _cancel_on_disconnect(request: Request, requests) -> None:
+  """Waits for the client to go away, then cancels its requests: the engine frees their slots
+  at its next step (the body has been read, so the next ASGI message is the disconnect)."""
+  while (await request.receive())["type"] != "http.disconnect":
+    pass
+  for req in requests:
+    req.cancel()
+
+
 async def _collect(request: Request, requests, events: asyncio.Queue,
                    timeout: float) -> list[_Choice]:
-  """Every choice's text and tokens; cancels them all if the client goes away."""
+  """Every choice's text and tokens; cancels them all as soon as the client goes away."""
   choices = [_Choice() for _ in requests]
   remaining = len(requests)
+  watcher = asyncio.create_task(_cancel_on_disconnect(request, requests))
   try:
     while remaining:
-      try:
-        index, event = await asyncio.wait_for(events.get(), timeout=0.5)
-      except asyncio.TimeoutError:
-        if await request.is_disconnected():
-          raise asyncio.CancelledError() from None
-        continue
+      index, event = await events.get()
       if isinstance(event, engine_lib.Done):
         choices[index].done = event
         remaining -= 1
@@ -174,6 +190,8 @@ async def _collect(request: Request, requests, events: asyncio.Queue,
     for req in requests:
       req.cancel()
     raise
+  finally:
+    watcher.cancel()
   for choice in choices:
     reason = choice.done.finish_reason
     if reason == "timeout":
@@ -215,6 +233,13 @@ async def _stream(requests, events: asyncio.Queue, output: _Output):
     for chunk in output.final_chunks(_usage(prompt_tokens, completion_tokens)):
       yield _sse(chunk)
     yield "data: [DONE]\n\n"
+  except Exception as e:  # pylint: disable=broad-except
+    # The response is under way: the stream itself must say that it failed.
+    log.exception("a stream failed")
+    yield _sse(schemas.ErrorBody(error=schemas.ErrorDetail(
+        message=f"internal error: {type(e).__name__}", type="server_error", param=None,
+        code="error")))
+    yield "data: [DONE]\n\n"
   finally:
     for req in requests:
       req.cancel()  # no-op for finished ones; frees the slot when the client went away
@@ -239,8 +264,12 @@ async def chat_completions(request: Request, body: schemas.ChatCompletionRequest
 
 @router.get("/v1/models", response_model=schemas.ModelList)
 async def models(request: Request):
+  """The model ids a request may name: BASE:SUBSET for every subset, and BASE (which routes
+  into 'all') while 'all' is registered."""
   server = _server(request)
-  ids = [server.model_name] + [f"{server.model_name}:{n}" for n in sorted(server.bank.subsets)]
+  subsets = sorted(server.bank.subsets)
+  ids = ([server.model_name] if bank_lib.ALL in subsets else []) + [
+      f"{server.model_name}:{n}" for n in subsets]
   return schemas.ModelList(data=[schemas.ModelCard(id=i, created=int(server.started))
                                  for i in ids])
 
@@ -269,14 +298,17 @@ async def list_subsets(request: Request):
 
 @router.post("/v1/subsets", response_model=schemas.RegisteredSubset, responses=ERRORS)
 async def register_subset(request: Request, body: schemas.SubsetRequest):
-  """Registers (or replaces) a subset; only its experts not yet resident are read."""
+  """Registers a subset, or replaces one no request uses (409 while one does); only its
+  experts not yet resident are read."""
   server = _server(request)
   subset = await run_in_threadpool(server.subset_from_request, body)
   try:
     memory = await run_in_threadpool(server.engine.register, subset)
+  except engine_lib.SubsetInUse as e:
+    raise protocol.ApiError(409, str(e), param="name") from e
   except bank_lib.SubsetError as e:
     raise protocol.ApiError(400, str(e), param="name") from e
-  server.count(request.url.path, 200)
+  server.count(path_label(request.scope), 200)
   return schemas.RegisteredSubset(**server.subset_info(subset.name).model_dump(),
                                   memory=schemas.Memory(**memory))
 
@@ -285,6 +317,11 @@ async def register_subset(request: Request, body: schemas.SubsetRequest):
 async def delete_subset(request: Request, name: str):
   """Drops a subset and frees the experts no other subset uses (409 while it is in use)."""
   server = _server(request)
+  if name == bank_lib.ALL and name in server.bank.subsets:
+    raise protocol.ApiError(400, "subset 'all' cannot be deleted: requests without experts "
+                            "route into it, and it cannot be registered again; delete the "
+                            "other subsets, or start the server with --noserve_all",
+                            param="name")
   if name not in server.bank.subsets:
     raise protocol.ApiError(404, f"no subset named {name!r}; registered: "
                             f"{sorted(server.bank.subsets)}", param="name")
@@ -292,5 +329,5 @@ async def delete_subset(request: Request, name: str):
     memory = await run_in_threadpool(server.engine.delete, name)
   except bank_lib.SubsetError as e:
     raise protocol.ApiError(409, str(e), param="name") from e
-  server.count(request.url.path, 200)
+  server.count(path_label(request.scope), 200)
   return schemas.DeletedSubset(deleted=name, memory=schemas.Memory(**memory))

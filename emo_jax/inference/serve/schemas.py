@@ -6,12 +6,15 @@ names the field (`app.validation_error`). What depends on the model being served
 context, the vocabulary, the registered subsets) is checked after this, by `server.Server`.
 
 As in OpenAI's API a JSON null means "not given", and unknown fields are ignored. Numbers are
-not read from strings or booleans. Settings this server cannot honour (n > 1, best_of, echo,
+not read from strings or booleans, and must be finite (NaN and Infinity, which Python's JSON
+reader accepts, are refused). A string holding a lone surrogate ("\\ud800", which JSON can
+spell but which is no Unicode text) is refused naming its field. Settings this server cannot honour (n > 1, best_of, echo,
 suffix, penalties, logit_bias) are fields too, refused unless they have their default value.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, field_serializer,
@@ -26,7 +29,31 @@ MAX_STOP = 4  # stop strings a request may give (as OpenAI's API)
 def _number(value: Any) -> Any:
   if isinstance(value, (bool, str)):
     raise ValueError("must be a number")
+  if isinstance(value, float) and not math.isfinite(value):
+    raise ValueError("must be a finite number")
   return value
+
+
+def _lone_surrogate(value: Any, where: str = "") -> str | None:
+  """Where in `value` (a JSON value) a string holds a lone surrogate, or None."""
+  if isinstance(value, str):
+    try:
+      value.encode("utf-8")
+    except UnicodeEncodeError as e:
+      return f"{where or 'the string'} at character {e.start}"
+    return None
+  if isinstance(value, dict):
+    items = value.items()
+  elif isinstance(value, (list, tuple)):
+    items = enumerate(value)
+  else:
+    return None
+  for key, item in items:
+    found = (_lone_surrogate(key, f"{where} key") if isinstance(key, str) else None) or \
+        _lone_surrogate(item, f"{where}[{key!r}]" if isinstance(key, str) else f"{where}[{key}]")
+    if found:
+      return found
+  return None
 
 
 def _integer(value: Any) -> Any:
@@ -79,8 +106,9 @@ UNSUPPORTED = {"n": 1, "best_of": 1, "echo": False, "suffix": None, "presence_pe
 
 
 class RequestBody(BaseModel):
-  """A request body: unknown fields are ignored, and a null field counts as not given."""
-  model_config = ConfigDict(extra="ignore")
+  """A request body: unknown fields are ignored, a null field counts as not given, numbers
+  are finite and strings are Unicode text."""
+  model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
   @model_validator(mode="before")
   @classmethod
@@ -89,8 +117,27 @@ class RequestBody(BaseModel):
       return {k: v for k, v in data.items() if v is not None}
     return data
 
+  @field_validator("*", mode="before")
+  @classmethod
+  def _unicode_text(cls, value: Any) -> Any:
+    where = _lone_surrogate(value)
+    if where:
+      raise ValueError(f"holds a lone surrogate ({where.strip()}), which is no Unicode text; "
+                       "send UTF-8 text (a surrogate must be one of a pair)")
+    return value
+
 
 # ---- generation requests ------------------------------------------------------------------------
+class StreamOptions(RequestBody):
+  include_usage: bool = False
+
+
+def _stream_options(value: Any) -> Any:
+  if not isinstance(value, (dict, StreamOptions)):
+    raise ValueError('must be an object such as {"include_usage": true}')
+  return value
+
+
 class GenerationRequest(RequestBody):
   """What /v1/completions and /v1/chat/completions share: which experts and how to sample.
 
@@ -107,13 +154,15 @@ class GenerationRequest(RequestBody):
   seed: Integer | None = Field(None, ge=0, le=2**31 - 1, description="Default: a random seed.")
   stop: Stop | None = None
   stream: bool = False
+  stream_options: Annotated[StreamOptions, BeforeValidator(_stream_options)] | None = Field(
+      None, description="With stream: include_usage sends a last chunk with the usage.")
   n: Integer = 1
   best_of: Integer = 1
   echo: bool = False
   suffix: str | None = None
   presence_penalty: Number = 0.0
   frequency_penalty: Number = 0.0
-  logit_bias: dict[str, float] | None = None
+  logit_bias: dict[str, Number] | None = None
 
   @field_validator(*UNSUPPORTED, mode="before")
   @classmethod
@@ -128,16 +177,11 @@ class GenerationRequest(RequestBody):
     raise NotImplementedError
 
 
-class StreamOptions(RequestBody):
-  include_usage: bool = False
-
-
 class CompletionRequest(GenerationRequest):
   """POST /v1/completions."""
   prompt: Prompt
   logprobs: Integer | None = Field(None, ge=0, le=TOP_LOGPROBS,
                                    description="Top alternatives to report per token.")
-  stream_options: StreamOptions | None = None
 
   def alternatives(self) -> int:
     return self.logprobs or 0
@@ -239,12 +283,14 @@ class ChatChunkChoice(BaseModel):
 
 
 class ChatCompletionChunk(BaseModel):
-  """One server-sent event of a /v1/chat/completions stream."""
+  """One server-sent event of a /v1/chat/completions stream; with include_usage, the last
+  one has no choices and the usage."""
   id: str
   object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
   created: int
   model: str
   choices: list[ChatChunkChoice]
+  usage: Usage | None = None
 
 
 # ---- the rest of the API ----------------------------------------------------------------------

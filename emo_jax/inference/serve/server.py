@@ -10,6 +10,7 @@ refusal is a `protocol.ApiError` naming the field and the fix.
 from __future__ import annotations
 
 import asyncio
+import pathlib
 import time
 
 import numpy as np
@@ -20,17 +21,53 @@ from emo_jax.inference.serve import protocol
 from emo_jax.inference.serve import schemas
 
 
+# A prompt longer than context * MAX_CHARS_PER_TOKEN characters cannot fit in the context
+# (no token of a usual vocabulary spells more characters): it is refused before tokenising.
+MAX_CHARS_PER_TOKEN = 32
+MAX_CALIBRATION_BYTES = 64 << 20  # the largest calibration file POST /v1/subsets reads
+
+
+def path_label(scope) -> str:
+  """The /metrics label of a request's path: its route's template (/v1/subsets/{name}), so
+  that subset names and unknown paths add no series; "unmatched" for a path no route serves.
+  Before routing (a refusal of the app's middleware) the template is looked up."""
+  route = scope.get("route")
+  if route is None and "app" in scope:
+    route = _matching_route(scope["app"].router.routes, scope)
+  return getattr(route, "path", None) or "unmatched"
+
+
+def _matching_route(routes, scope):
+  from starlette.routing import Match  # pylint: disable=import-outside-toplevel
+  for route in routes:
+    included = getattr(route, "original_router", None)  # FastAPI's include_router
+    if included is not None:
+      found = _matching_route(included.routes, scope)
+    elif getattr(route, "path", None) and route.matches(scope)[0] == Match.FULL:
+      found = route
+    else:
+      found = None
+    if found is not None:
+      return found
+  return None
+
+
 class Server:
   """What the endpoints share: the engine, its bank and tokenizer, and the HTTP counts."""
 
   def __init__(self, engine: engine_lib.Engine, *, model_name: str,
-               request_timeout: float = 600.0, chat_template: str | None = None):
+               request_timeout: float = 600.0, chat_template: str | None = None,
+               calibration_dir: str | None = None):
     self.engine = engine
     self.bank = engine.bank
     self.tokenizer = engine.tokenizer
     self.model_name = model_name
     self.request_timeout = request_timeout
     self.chat_template = chat_template
+    self.calibration_dir = (None if calibration_dir is None
+                            else pathlib.Path(calibration_dir).resolve())
+    if self.calibration_dir is not None and not self.calibration_dir.is_dir():
+      raise ValueError(f"calibration_dir {calibration_dir} is not a directory")
     self.http_counts: dict[tuple[str, int], int] = {}
     self.started = time.time()
 
@@ -73,6 +110,11 @@ class Server:
     out = []
     for p in prompt:
       if isinstance(p, str):
+        longest = self.engine.context * MAX_CHARS_PER_TOKEN
+        if len(p) > longest:  # before tokenising it: that alone would take seconds
+          raise protocol.ApiError(400, f"{param} is {len(p)} characters, more than the context "
+                                  f"of {self.engine.context} tokens can hold; shorten it",
+                                  param=param)
         ids = list(self.tokenizer.encode(p))
       elif all(0 <= t < vocab for t in p):
         ids = list(p)
@@ -187,11 +229,7 @@ class Server:
       texts = body.texts
       source = f"calibration texts ({min(len(texts), num_examples)}), keep {keep}"
     elif body.calibration is not None:
-      try:
-        texts = protocol.calibration_texts(body.calibration)
-      except (OSError, ValueError) as e:
-        raise protocol.ApiError(400, f"calibration {body.calibration!r} cannot be read: {e}",
-                                param="calibration") from e
+      texts = self.calibration_texts(body.calibration)
       source = f"calibration {body.calibration}, keep {keep}"
     else:
       raise protocol.ApiError(400, "give calibration (a JSONL path) or texts",
@@ -201,6 +239,29 @@ class Server:
                                         name=name, source=source)
     except ValueError as e:
       raise protocol.ApiError(400, str(e), param="keep") from e
+
+  def calibration_texts(self, name: str) -> list[str]:
+    """The texts of calibration file `name`, a .jsonl path relative to calibration_dir that
+    resolves (symlinks and '..' followed) inside it. Errors never quote the file."""
+    def refuse(reason):
+      raise protocol.ApiError(400, f"calibration {name!r}: {reason}", param="calibration")
+    if self.calibration_dir is None:
+      refuse("this server reads no calibration files (the operator starts it with "
+             "--calibration_dir DIR to allow files under DIR); send texts or experts instead")
+    if "\x00" in name or not name.endswith(".jsonl"):
+      refuse("must name a .jsonl file under the server's --calibration_dir")
+    path = (self.calibration_dir / name).resolve()
+    if not path.is_relative_to(self.calibration_dir):
+      refuse("is outside the server's --calibration_dir; name a .jsonl file relative to it")
+    if not path.is_file():
+      refuse("no such file under the server's --calibration_dir")
+    if path.stat().st_size > MAX_CALIBRATION_BYTES:
+      refuse(f"the file is over {MAX_CALIBRATION_BYTES} bytes; use a shorter one")
+    try:
+      return protocol.calibration_texts(str(path))
+    except Exception as e:  # pylint: disable=broad-except
+      refuse(f"cannot be read as JSONL with a \"text\" field on every line "
+             f"({type(e).__name__}); fix the file")
 
   # ---- metrics ---------------------------------------------------------------------------------
   def count(self, path: str, status: int) -> None:
