@@ -7,9 +7,10 @@ step boundaries and leave when done:
 
 * prefill: the prompt runs alone (batch 1), left-padded to the next length bucket (powers of
   two up to the context), so prefills compile once per bucket;
-* insert: its keys and values are copied into a free row so that the prompt ends just before
-  the cache's write column `index`, the column every row writes next. The model's cache has
-  one write column for all rows (`Transformer.init_cache`); a row's tokens keep their own RoPE
+* insert (`cache_rows.insert_prompt`): its keys and values are copied into a free row so that
+  the prompt ends just before the cache's write column `index`, the column every row writes
+  next. The model's cache has one write column for all rows (`Transformer.init_cache`); a
+  row's tokens keep their own RoPE
   positions and its other columns are marked empty, which is exactly the left-padded layout of
   `decode.left_pad`, so a row decodes as it would alone;
 * generate: one step for every row; finished, cancelled and timed-out rows free their slot.
@@ -32,7 +33,6 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
-import functools
 import logging
 import queue
 import threading
@@ -48,6 +48,7 @@ from emo_jax.inference import decode
 from emo_jax.convert import loading
 from emo_jax.inference import sampling
 from emo_jax.inference.serve import bank as bank_lib
+from emo_jax.inference.serve.cache_rows import insert_prompt, length_buckets, shift_left
 
 log = logging.getLogger(__name__)
 TOP_LOGPROBS = 5  # the most alternatives a request may ask for (as OpenAI's completions API)
@@ -117,47 +118,6 @@ class Request:
 
   def cancel(self) -> None:
     self.cancelled = True
-
-
-# ---- the cache's rows -----------------------------------------------------------------------
-@functools.partial(jax.jit, donate_argnums=(0,))
-def _insert(cache, k_Lx1xTxGxK, v_Lx1xTxGxK, valid_1xT, row):
-  """A prefilled prompt's keys and values into `row`, ending just before the write column."""
-  T = k_Lx1xTxGxK.shape[2]
-  M = cache["valid"].shape[1]
-  start = cache["index"] - T
-
-  def clean_row(x, new):
-    """The row's every column zeroed (nothing of an earlier request, not even a masked NaN,
-    reaches this one: a masked column still multiplies its value by 0), then the prompt's."""
-    empty = jnp.zeros((x.shape[0], 1) + x.shape[2:], x.dtype)
-    x = jax.lax.dynamic_update_slice(x, empty, (0, row, 0, 0, 0))
-    return jax.lax.dynamic_update_slice(x, new.astype(x.dtype), (0, row, start, 0, 0))
-  k = clean_row(cache["k"], k_Lx1xTxGxK)
-  v = clean_row(cache["v"], v_Lx1xTxGxK)
-  valid_row = jax.lax.dynamic_update_slice(jnp.zeros((1, M), bool), valid_1xT, (0, start))
-  valid = jax.lax.dynamic_update_slice(cache["valid"], valid_row, (row, 0))
-  return {"k": k, "v": v, "valid": valid, "index": cache["index"]}
-
-
-@functools.partial(jax.jit, static_argnums=(1,), donate_argnums=(0,))
-def _shift(cache, amount: int):
-  """Every row's columns `amount` to the left (the oldest drop out), the write column too."""
-  def left(x, axis):
-    pad = [(0, 0)] * x.ndim
-    pad[axis] = (0, amount)
-    return jnp.pad(jax.lax.slice_in_dim(x, amount, x.shape[axis], axis=axis), pad)
-  return {"k": left(cache["k"], 2), "v": left(cache["v"], 2), "valid": left(cache["valid"], 1),
-          "index": cache["index"] - amount}
-
-
-def length_buckets(context: int, smallest: int = 16) -> list[int]:
-  """Prefill lengths: powers of two from `smallest` up to the context (which is always one)."""
-  out, n = [], smallest
-  while n < context:
-    out.append(n)
-    n *= 2
-  return out + [context]
 
 
 # ---- the engine ---------------------------------------------------------------------------------
@@ -236,9 +196,9 @@ class Engine:
       ones = jnp.ones((1, T), bool)
       _, cache = self._prefill(jnp.zeros((1, T), jnp.int32), jnp.zeros((1, T), jnp.int32), ones,
                                mask, self._sampling_rows(slice(0, 1)))
-      self._cache = _insert(self._cache, cache["k"], cache["v"], ones, jnp.int32(0))
+      self._cache = insert_prompt(self._cache, cache["k"], cache["v"], ones, jnp.int32(0))
     _, self._cache = self._step(jnp.asarray(self._masks), self._sampling_rows(slice(None)))
-    jax.block_until_ready(_shift(self._cache, self.shift_every))
+    jax.block_until_ready(shift_left(self._cache, self.shift_every))
     self._reset_cache()
     return time.perf_counter() - start
 
@@ -475,7 +435,7 @@ class Engine:
                          top_p=jnp.asarray([req.top_p], jnp.float32))
     sampled, cache = self._prefill(jnp.asarray(tokens), jnp.asarray(positions),
                                    jnp.asarray(valid), jnp.asarray(mask[None]), rows)
-    self._cache = _insert(self._cache, cache["k"], cache["v"], jnp.asarray(valid),
+    self._cache = insert_prompt(self._cache, cache["k"], cache["v"], jnp.asarray(valid),
                           jnp.int32(row))
     self._keys = self._keys.at[row].set(sampled.keys[0])
     self._temperature[row] = req.temperature
@@ -498,7 +458,7 @@ class Engine:
     if not self.active():
       return
     if self._index >= self.cache_len:
-      self._cache = _shift(self._cache, self.shift_every)
+      self._cache = shift_left(self._cache, self.shift_every)
       self._index -= self.shift_every
     if self._masks_device is None:
       self._masks_device = jnp.asarray(self._masks)
