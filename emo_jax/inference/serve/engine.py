@@ -10,9 +10,8 @@ step boundaries and leave when done:
 * insert (`cache_rows.insert_prompt`): its keys and values are copied into a free row so that
   the prompt ends just before the cache's write column `index`, the column every row writes
   next. The model's cache has one write column for all rows (`Transformer.init_cache`); a
-  row's tokens keep their own RoPE
-  positions and its other columns are marked empty, which is exactly the left-padded layout of
-  `decode.left_pad`, so a row decodes as it would alone;
+  row's tokens keep their own RoPE positions and its other columns are marked empty, which is
+  exactly the left-padded layout of `decode.left_pad`, so a row decodes as it would alone;
 * generate: one step for every row; finished, cancelled and timed-out rows free their slot.
 
 Prefill and step are `decode.prefill` and `decode.decode_step`, the functions the batch
