@@ -11,6 +11,8 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["emo_jax", "emo_jax.*"]),
+    # The routing explorer's page (GET /explore), served from the installed package.
+    package_data={"emo_jax.inference.serve": ["static/*.html"]},
     install_requires=[
         # jax 0.10.2 is the newest on PyPI for CPU here; the GPU images carry 0.11.x.
         "jax>=0.10.2,<0.13",
@@ -51,6 +53,9 @@ setup(
             "nbclient>=0.10",
             "nbformat>=5.10",
             "ipykernel>=6.29",
+            # tests/test_explore_browser.py drives the explorer page in chromium (skipped
+            # without a chromium binary; Playwright's own browser download is not used).
+            "playwright>=1.40",
         ],
     },
 )
