@@ -95,6 +95,7 @@ def test_route_equals_the_checkpoints_own_routing(setup):
   assert body["best_subset"] == body["coverage"][0]["name"]
 
 
+@pytest.mark.slow
 def test_route_on_a_subset_equals_the_pruned_checkpoint(setup):
   path, params, client = setup
   tokens = TOK.encode(TEXT)
@@ -140,4 +141,6 @@ def test_route_errors_clusters_and_the_page(setup, tmp_path):
   assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
   assert "/v1/route" in page.text and "<script" in page.text and "http" not in page.text.split(
       "<script", 1)[1].replace("http://127.0.0.1", "")
-  assert "/v1/route" in client.get("/openapi.json").json()["paths"]
+  spec = client.get("/openapi.json").json()
+  assert {"RouteRequest", "RouteResponse"} <= set(spec["components"]["schemas"])
+  assert "400" in spec["paths"]["/v1/route"]["post"]["responses"]

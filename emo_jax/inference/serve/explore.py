@@ -43,12 +43,12 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt
 from emo_jax.convert import loading
 from emo_jax.inference.serve import bank as bank_lib
 from emo_jax.inference.serve import protocol
+from emo_jax.inference.serve import schemas
 
 router = APIRouter()
 STATIC = pathlib.Path(__file__).resolve().parent / "static"
 _GRAPHDEFS: dict = {}  # (engine, bank width, execution) -> graphdef of the compact model
-ERRORS = {status: {"description": "An OpenAI-style error body {\"error\": {...}}."}
-          for status in (400, 404, 500)}
+ERRORS = {status: {"model": schemas.ErrorBody} for status in (400, 404, 500)}
 
 
 # ---- the contract -----------------------------------------------------------------------------
