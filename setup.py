@@ -11,8 +11,9 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["emo_jax", "emo_jax.*"]),
-    # Data read at run time: the MMLU subject -> category map (emo_jax/tasks/registry.py).
-    package_data={"emo_jax.tasks": ["*.json"]},
+    # Data read at run time: the MMLU subject -> category map (emo_jax/tasks/registry.py) and
+    # the routing explorer's page (GET /explore), served from the installed package.
+    package_data={"emo_jax.tasks": ["*.json"], "emo_jax.inference.serve": ["static/*.html"]},
     install_requires=[
         # jax 0.10.2 is the newest on PyPI for CPU here; the GPU images carry 0.11.x.
         "jax>=0.10.2,<0.13",
@@ -57,6 +58,9 @@ setup(
             # (which schemathesis brings) drives the engine's property tests.
             "schemathesis>=4.0",
             "hypothesis>=6.100",
+            # tests/test_explore_browser.py drives the explorer page in chromium (skipped
+            # without a chromium binary; Playwright's own browser download is not used).
+            "playwright>=1.40",
         ],
     },
 )

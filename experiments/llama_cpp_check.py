@@ -12,9 +12,9 @@ full model and, with --keep, a pruned one (`selective.prune` on a fixed expert s
 exported (`convert.hf.export_hf`, layout qwen2_moe), converted at float32, loaded with
 llama-cpp-python, run over the same token ids, and their next-token logits compared with this
 repository's forward pass. It prints one JSON line per model: max |difference|, the logits'
-scale, top-1 agreement, NaN count, and where llama.cpp fails, the step and its message. "full"
-is the export as written; "full_gate_eps" and the pruned model replace its zero shared-expert
-gate by 2^-24 (see GATE_EPSILON for why).
+scale, top-1 agreement, NaN count, and where llama.cpp fails, the step and its message. Both
+are the export as written, with no edit: its shared-expert gate is 2^-24, not 0 (see
+GATE_EPSILON for why).
 
 Two things of the conversion are set here because our byte-level tokenizer is not one that
 llama.cpp's converter knows: its pre-tokenizer name (given as "default") and its BPE merges (it
@@ -40,10 +40,11 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 from flax import nnx
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file
 
 from emo_jax.config import ModelConfig
 from emo_jax.convert import hf
+from emo_jax.convert import layouts
 from emo_jax.convert import loading
 from emo_jax.model.transformer import Transformer
 from emo_jax.study import selective
@@ -63,10 +64,12 @@ def define_flags() -> None:
   flags.DEFINE_integer("tokens", 24, "Token ids compared per model.")
 
 # llama.cpp's qwen2moe graph computes the shared expert's sigmoid gate as silu(x) / x, which is
-# 0 / 0 = NaN at x = 0, and our export's gate is exactly zero (sigmoid(0) = 0.5, with the down
-# projection doubled). A gate of 2^-24 (a float16 subnormal, so it survives every output type)
-# keeps |x| far below float32's resolution around 0.5: sigmoid(x) rounds to exactly 0.5.
-GATE_EPSILON = 2.0 ** -24
+# 0 / 0 = NaN at x = 0, so an export with an exactly-zero gate (sigmoid(0) = 0.5, the down
+# projection doubled) ran NaN. The exporter therefore writes every gate weight as 2^-24
+# (layouts.SHARED_GATE: a float16 subnormal, so it survives every output type), which keeps x
+# far below float32's resolution around 0.5: sigmoid(x) is 0.5 to a few ulp, and llama.cpp
+# runs the export as it is.
+GATE_EPSILON = layouts.SHARED_GATE
 
 CONVERT = """
 import runpy, sys
@@ -121,24 +124,22 @@ def our_logits(checkpoint: pathlib.Path, ids) -> np.ndarray:
   return np.asarray(logits[0])
 
 
-def set_shared_gate(hf_dir: pathlib.Path, value: float) -> None:
-  """Sets every shared_expert_gate weight of a safetensors export to `value` (in place)."""
+def shared_gates(hf_dir: pathlib.Path) -> list[float]:
+  """The distinct shared_expert_gate weights of a safetensors export (what llama.cpp reads)."""
+  values = set()
   for shard in hf_dir.glob("*.safetensors"):
-    tensors = load_file(shard)
-    for name in tensors:
+    for name, tensor in load_file(shard).items():
       if name.endswith("mlp.shared_expert_gate.weight"):
-        tensors[name] = np.full_like(tensors[name], value)
-    save_file(tensors, shard, metadata={"format": "pt"})
+        values.update(float(v) for v in np.unique(tensor))
+  return sorted(values)
 
 
 def check(name: str, checkpoint: pathlib.Path, converter: pathlib.Path, work: pathlib.Path,
-          ids, gate: float = 0.0) -> dict:
-  """One export through llama.cpp; gate != 0 replaces the export's zero shared-expert gate."""
-  result = {"model": name, "shared_expert_gate": gate}
+          ids) -> dict:
+  """One export through llama.cpp, as the exporter writes it (no tensor edited)."""
   hf_dir, gguf = work / f"{name}_hf", work / f"{name}.gguf"
   hf.export_hf(checkpoint, hf_dir, layout="qwen2_moe", tokenizer="bytes")
-  if gate:
-    set_shared_gate(hf_dir, gate)
+  result = {"model": name, "shared_expert_gate": shared_gates(hf_dir)}
   done = subprocess.run([sys.executable, "-c", CONVERT, str(converter), str(hf_dir), str(gguf)],
                         capture_output=True, text=True, check=False)
   if done.returncode:
@@ -172,8 +173,7 @@ def main(argv):
   checkpoint = (pathlib.Path(flags.FLAGS.checkpoint) if flags.FLAGS.checkpoint
                 else random_checkpoint(work / "random"))
   ids = list(np.random.default_rng(0).integers(2, 258, flags.FLAGS.tokens))
-  results = [check("full", checkpoint, converter, work, ids),
-             check("full_gate_eps", checkpoint, converter, work, ids, GATE_EPSILON)]
+  results = [check("full", checkpoint, converter, work, ids)]
   if flags.FLAGS.keep:
     cfg, _, params, _, _ = loading.load_checkpoint(checkpoint, tokenizer="none")
     n = selective.routed_to_keep(cfg, flags.FLAGS.keep)
@@ -185,8 +185,7 @@ def main(argv):
                                     num_shared=cfg.num_shared_experts, greedy=True)
     pruned, pruned_cfg = selective.prune(jax_to_numpy(params), cfg, selection)
     ckpt_lib.save_params(work / "pruned", pruned, pruned_cfg.to_dict())
-    results.append(check(f"pruned_keep{flags.FLAGS.keep}", work / "pruned", converter, work, ids,
-                         GATE_EPSILON))
+    results.append(check(f"pruned_keep{flags.FLAGS.keep}", work / "pruned", converter, work, ids))
   for r in results:
     print(json.dumps(r))
 

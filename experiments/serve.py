@@ -57,6 +57,8 @@ _MAX_BODY_BYTES = flags.DEFINE_integer("max_body_bytes", 4 << 20, "Largest reque
 _MODEL_NAME = flags.DEFINE_string("model_name", None, "Model id (default: the checkpoint "
                                   "folder's name).")
 _TOKENIZER = flags.DEFINE_string("tokenizer", None, "Override the checkpoint's tokenizer.")
+_CLUSTERS = flags.DEFINE_string("clusters", None, "clusters.json of experiments.cluster: the "
+                                "routing explorer (GET /explore) colours experts by domain.")
 _EXPERT_BACKEND = flags.DEFINE_enum("expert_backend", None, ["capacity", "ragged", "dense"],
                                     "Routed-expert kernel (default: the one experiments.generate "
                                     "runs, so outputs equal its outputs).")
@@ -115,6 +117,12 @@ def main(argv):
                            chat_template=protocol.chat_template_of(tokenizer),
                            drain_seconds=_DRAIN.value, max_body_bytes=_MAX_BODY_BYTES.value,
                            calibration_dir=_CALIBRATION_DIR.value)
+  if _CLUSTERS.value:
+    from emo_jax.inference.serve import explore  # pylint: disable=import-outside-toplevel
+    try:
+      explore.attach_clusters(api, _CLUSTERS.value)
+    except (OSError, ValueError) as e:
+      raise app.UsageError(f"--clusters={_CLUSTERS.value}: {e}") from e
   print(json.dumps({"listening": f"http://{_HOST.value}:{_PORT.value}/v1", "model": model_name,
                     "subsets": sorted(bank.subsets), "slots": _SLOTS.value,
                     **bank.memory()}), flush=True)

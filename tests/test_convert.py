@@ -563,3 +563,31 @@ def test_command_line(moe, tmp_path):
                         str(tmp_path / "missing"), "--out", str(tmp_path / "x")], cwd=ROOT,
                        env=env, capture_output=True, text=True, check=False)
   assert bad.returncode == 1 and "config.json" in bad.stderr
+
+
+def test_qwen2_moe_shared_gate_is_nonzero_for_llama_cpp(moe, tmp_path):
+  """The exported shared_expert_gate is 2^-24 everywhere (llama.cpp's silu(x)/x gate is NaN at
+  an exactly-zero gate); transformers' logits differ from the exactly-zero gate's by <= 1e-6,
+  a zero-gate folder (older exports) still imports to the same parameters, other gates are
+  refused."""
+  tensors = tensors_of(moe["root"] / "qwen2_moe")
+  gates = [n for n in tensors if n.endswith("mlp.shared_expert_gate.weight")]
+  assert len(gates) == moe["cfg"].num_layers
+  for name in gates:
+    assert np.all(tensors[name] == np.float32(2.0 ** -24)), name
+  config = json.loads((moe["root"] / "qwen2_moe" / "config.json").read_text())
+  zero = write_hf(tmp_path / "zero_gate", {**tensors, **{n: np.zeros_like(tensors[n])
+                                                          for n in gates}}, config)
+  for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+    if (moe["root"] / "qwen2_moe" / name).is_file():
+      shutil.copyfile(moe["root"] / "qwen2_moe" / name, zero / name)
+  exact = torch_logits(load_torch(zero), TOKENS)
+  assert np.abs(torch_logits(moe["models"]["qwen2_moe"], TOKENS) - exact).max() <= 1e-6
+  hf.import_hf(zero, tmp_path / "imported_zero")
+  hf.import_hf(moe["root"] / "qwen2_moe", tmp_path / "imported")
+  jax.tree.map(np.testing.assert_array_equal, ckpt_lib.load_params(tmp_path / "imported_zero")[0],
+               ckpt_lib.load_params(tmp_path / "imported")[0])
+  half = write_hf(tmp_path / "half_gate", {**tensors, gates[0]: np.full_like(
+      tensors[gates[0]], 0.5)}, config)
+  with pytest.raises(hf.ConversionError, match="shared_expert_gate.weight' is not a constant"):
+    hf.import_hf(half, tmp_path / "refused")

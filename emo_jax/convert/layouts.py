@@ -161,14 +161,25 @@ class EmoLayout(Layout):
     return {**fields, "qk_norm": bool(config.get("qk_norm", False))}
 
 
+# Every weight of the exported shared_expert_gate. llama.cpp's qwen2moe graph computes the gate
+# as silu(z) / z (0 / 0 = NaN at z = 0); 2^-24 (a float16 subnormal, so it survives every output
+# dtype) keeps z = 2^-24 * sum(x) far below float32's resolution around 1/2 for hidden states of
+# ordinary size: sigmoid(z) is 1/2 up to a few ulp, as with the gate of exactly 0 before.
+SHARED_GATE = 2.0 ** -24
+
+
 class Qwen2MoeLayout(Layout):
   """transformers' `Qwen2MoeForCausalLM` (native in vLLM and llama.cpp), no remote code.
 
   The router covers the routed experts only; the shared expert(s) become Qwen's single shared
   expert (several are concatenated along the hidden axis, since SwiGLU sums over hidden units)
-  whose sigmoid gate has zero weights, so it is scaled by sigmoid(0) = 1/2, undone by a
-  down_proj scaled by 2; q/k/v biases are zero. Both factors are powers of two, so the mapping
-  is exact and reverses bit for bit. No QK-norm, and a MoE needs a shared expert.
+  whose sigmoid gate has every weight SHARED_GATE (2^-24), so it is scaled by sigmoid(z) with
+  |z| = |2^-24 * sum(x)|, which is 1/2 to float32 rounding (off by a few ulp at most), undone
+  by a down_proj scaled by 2; q/k/v biases are zero. Both factors are powers of two, so the
+  weights reverse bit for bit. The gate is not exactly 0 because llama.cpp evaluates the
+  shared-expert gate as silu(z) / z, which is NaN at z = 0 (experiments/llama_cpp_check.py);
+  an export whose gate is all zeros (written before) still imports. No QK-norm, and a MoE
+  needs a shared expert.
   """
   name = "qwen2_moe"
   summary = "transformers' built-in Qwen2MoeForCausalLM (no remote code)"
@@ -252,7 +263,7 @@ class Qwen2MoeLayout(Layout):
     def down(p):
       names = [f"{p}.mlp.experts.{j}.down_proj.weight" for j in range(R)]
       names.append(f"{p}.mlp.shared_expert.down_proj.weight")
-      # x2 undoes the sigmoid(0) = 1/2 of the zero shared_expert_gate; exact in floating point.
+      # x2 undoes the sigmoid(z) = 1/2 of the near-zero shared_expert_gate (SHARED_GATE).
       to = lambda x: iter([*(x[j].T for j in range(R)),  # noqa: E731
                            2 * x[R:].reshape(S * X, D).T])
 
@@ -269,17 +280,18 @@ class Qwen2MoeLayout(Layout):
                    (("blocks", "mlp", "w_down"), down)]
 
   def constant_groups(self, cfg):
-    """Per layer: zero q/k/v biases and, in a MoE, the zero shared_expert_gate."""
+    """Per layer: zero q/k/v biases and, in a MoE, the constant shared_expert_gate."""
     H, G, K = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     groups = []
     for layer in range(cfg.num_layers):
       p = f"model.layers.{layer}"
       names = [f"{p}.self_attn.{n}_proj.bias" for n in "qkv"]
       shapes = [(H * K,), (G * K,), (G * K,)]
-      if cfg.is_moe:
-        names.append(f"{p}.mlp.shared_expert_gate.weight")
-        shapes.append((1, cfg.d_model))
       groups.append(tensors.zeros_group(names, shapes, self.constant_why))
+      if cfg.is_moe:  # exports before the gate was SHARED_GATE hold zeros: accepted too
+        groups.append(tensors.constant_group(
+            [f"{p}.mlp.shared_expert_gate.weight"], [(1, cfg.d_model)], SHARED_GATE,
+            (SHARED_GATE, 0.0), self.constant_why))
     return groups
 
 

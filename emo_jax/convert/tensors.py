@@ -82,6 +82,21 @@ def zeros_group(names: list[str], shapes: list[tuple[int, ...]], why: str) -> Gr
                lambda _: (np.zeros(s, np.float32) for s in shapes), check)
 
 
+def constant_group(names: list[str], shapes: list[tuple[int, ...]], value: float,
+                   accepted: tuple[float, ...], why: str) -> Group:
+  """Tensors constant in the layout: written filled with `value`; on import, each must be
+  filled with one of `accepted` (a tensor holding anything else is refused with `why`)."""
+  def check(get):
+    for i, name in enumerate(names):
+      h = np.asarray(get(i), np.float32)
+      if not any(np.all(h == np.float32(a)) for a in accepted):
+        raise ConversionError(f"tensor {name!r} is not a constant the layout writes (one of "
+                              f"{', '.join(f'{a:g}' for a in accepted)} everywhere; max |x| = "
+                              f"{float(np.max(np.abs(h))):.3g}); {why}")
+  return Group(None, None, names, shapes,
+               lambda _: (np.full(s, value, np.float32) for s in shapes), check)
+
+
 def attention_rows(cfg: ModelConfig, norm_names: tuple[str, str]) -> list[Row]:
   """Both norms (HF names `norm_names`), q/k/v/o and, with qk_norm, q_norm / k_norm."""
   D, H, G, K = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim

@@ -101,7 +101,10 @@ class MoE(nnx.Module):
       (a subset of the experts applied as a routing mask, as when deploying EMO selectively).
       [B, routed experts] gives each row its own subset.
     collect_routing: also return aux["routing_probs"] [B, L, routed experts], the unmasked
-      routed softmax (what expert selection and the clustering analysis read).
+      routed softmax (what expert selection and the clustering analysis read), and what this
+      call routed: aux["routing_ids"] / aux["routing_weights"] [B, L, top_k] (after the pool
+      and the subset mask) and aux["router_logits"] [B, L, routed experts] (the routing
+      explorer, inference/serve/explore.py, reads them).
     """
     cfg = self.cfg
     B, L, D = x_BxLxD.shape
@@ -163,4 +166,7 @@ class MoE(nnx.Module):
       aux["pool_size"] = jnp.asarray(R, jnp.float32)
     if collect_routing:
       aux["routing_probs"] = jax.nn.softmax(logits_BxLxE, axis=-1)
+      aux["routing_ids"] = ids_TxK.reshape(B, L, -1)
+      aux["routing_weights"] = weights_TxK.reshape(B, L, -1)
+      aux["router_logits"] = logits_BxLxE
     return y_TxD.reshape(B, L, D).astype(x_BxLxD.dtype), aux

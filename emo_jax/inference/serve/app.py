@@ -43,6 +43,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from emo_jax.inference.serve import engine as engine_lib
+from emo_jax.inference.serve import explore
 from emo_jax.inference.serve import protocol
 from emo_jax.inference.serve import routes
 from emo_jax.inference.serve.server import Server, path_label
@@ -207,6 +208,7 @@ def create_app(engine: engine_lib.Engine, *, model_name: str, request_timeout: f
   app.add_exception_handler(Exception, internal_error)
   app.add_middleware(_Guard, max_body_bytes=max_body_bytes)
   app.include_router(routes.router)
+  app.include_router(explore.router)  # POST /v1/route, GET /explore (the routing explorer)
   return app
 
 
