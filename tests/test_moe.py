@@ -318,6 +318,7 @@ def _scoped_model(scope):
   return cfg, Transformer(cfg, rngs=nnx.Rngs(0))
 
 
+@pytest.mark.slow
 def test_model_balances_per_scope_of_sequences_and_a_mesh_agrees():
   """lb_scope_sequences=2 on 8 rows: per layer, the NumPy loss of four 2-row groups, from the
   model's own routing probabilities; the same on an 8-device mesh as on one device."""

@@ -326,6 +326,7 @@ def test_variable_pruned_export_loads_in_transformers_and_matches_the_mask(model
 
 
 # ---- the release's fine-tuning protocol ------------------------------------------------------------
+@pytest.mark.slow
 def test_release_finetune_protocol_has_no_pool_and_balancing_at_one_hundredth(model):
   graphdef, params, _, _ = model
   fc = subset_finetune.release_config()
