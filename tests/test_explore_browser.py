@@ -11,12 +11,7 @@ $EXPLORE_SCREENSHOT set, the page's screenshot is written there (docs/explore.pn
 
 import json
 import os
-import pathlib
 import shutil
-import signal
-import subprocess
-import sys
-import time
 
 import httpx
 import numpy as np
@@ -26,9 +21,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 from emo_jax.train import checkpoint as ckpt_lib  # pylint: disable=wrong-import-position
 from tests.random_model import random_params  # pylint: disable=wrong-import-position
-from tests.test_serve import CFG, CODE_DOCS, free_port  # pylint: disable=wrong-import-position
+from tests.test_serve import CFG, CODE_DOCS, serve_process  # pylint: disable=wrong-import-position
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 PROSE_DOCS = ["Once upon a time there was a king.\n", "The weather was fine that day.\n",
               "She walked to the market and bought bread.\n"]
 TEXT = "def square(x):\n    return x * x\n"
@@ -56,33 +50,12 @@ def server(tmp_path_factory):
   (root / "clusters.json").write_text(json.dumps({
       "model": "explored", "domains": ["code", "news", "stories"],
       "models": {"explored": {"expert_usage": usage.tolist()}}}))
-  port = free_port()
-  log = open(root / "server.log", "w+b")
-  proc = subprocess.Popen(
-      [sys.executable, "-m", "experiments.serve", f"--checkpoint={root / 'explored'}",
-       "--tokenizer=bytes", f"--port={port}", f"--subset=code={root / 'code.jsonl'}:4",
-       f"--subset=prose={root / 'prose.jsonl'}:4", f"--clusters={root / 'clusters.json'}",
-       "--slots=2", "--request_timeout=60", "--drain_seconds=2"],
-      cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "JAX_PLATFORMS": "cpu"})
-  url = f"http://127.0.0.1:{port}"
-  try:
-    deadline = time.time() + 180
-    while True:
-      assert proc.poll() is None, log.seek(0) or log.read().decode(errors="replace")[-3000:]
-      try:
-        if httpx.get(url + "/health", timeout=2).status_code == 200:
-          break
-      except httpx.HTTPError:
-        pass
-      assert time.time() < deadline, "the server did not come up in 180 s"
-      time.sleep(0.5)
+  with serve_process([f"--checkpoint={root / 'explored'}", "--tokenizer=bytes",
+                      f"--subset=code={root / 'code.jsonl'}:4",
+                      f"--subset=prose={root / 'prose.jsonl'}:4",
+                      f"--clusters={root / 'clusters.json'}", "--slots=2",
+                      "--request_timeout=60", "--drain_seconds=2"], root / "server.log") as url:
     yield url
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=60) == 0, log.seek(0) or log.read().decode(errors="replace")[-3000:]
-  finally:
-    if proc.poll() is None:
-      os.kill(proc.pid, signal.SIGKILL)
-      proc.wait()
 
 
 def test_explore_page_shows_the_routing_and_two_continuations(server, tmp_path):

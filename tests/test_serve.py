@@ -4,6 +4,7 @@ One server per module (a random tiny MoE, 2 decode slots, a queue of 1), started
 127.0.0.1 port and stopped by pid with SIGTERM (graceful shutdown must exit 0).
 """
 
+import contextlib
 import json
 import os
 import pathlib
@@ -62,13 +63,22 @@ def files(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(files):
   checkpoint, calibration = files
+  with serve_process([f"--checkpoint={checkpoint}", "--tokenizer=bytes",
+                      f"--subset=code={calibration}:4", "--slots=2", "--max_queue=1",
+                      "--request_timeout=60", "--drain_seconds=2"],
+                     checkpoint.parent / "server.log") as url:
+    yield url
+
+
+@contextlib.contextmanager
+def serve_process(args, log_path):
+  """`experiments.serve ARGS` on a free 127.0.0.1 port: yields its URL once /health answers,
+  then stops it with SIGTERM (which must exit 0), and by its pid however the test went."""
   port = free_port()
-  log = open(checkpoint.parent / "server.log", "w+b")
-  proc = subprocess.Popen(
-      [sys.executable, "-m", "experiments.serve", f"--checkpoint={checkpoint}",
-       "--tokenizer=bytes", f"--port={port}", f"--subset=code={calibration}:4", "--slots=2",
-       "--max_queue=1", "--request_timeout=60", "--drain_seconds=2"],
-      cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  log = open(log_path, "w+b")
+  proc = subprocess.Popen([sys.executable, "-m", "experiments.serve", *args, f"--port={port}"],
+                          cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
   url = f"http://127.0.0.1:{port}"
   try:
     deadline = time.time() + 180

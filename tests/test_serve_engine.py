@@ -112,7 +112,8 @@ def test_subset_equals_generate_on_the_physically_pruned_model(engine, checkpoin
                                              seed=6).tokens
 
 
-def test_events_are_deltas_then_one_done(engine):
+def collector():
+  """(events, done, on_event): on_event appends each event and sets `done` at the Done."""
   events = []
   done = threading.Event()
 
@@ -120,6 +121,11 @@ def test_events_are_deltas_then_one_done(engine):
     events.append(event)
     if isinstance(event, engine_lib.Done):
       done.set()
+  return events, done, on_event
+
+
+def test_events_are_deltas_then_one_done(engine):
+  events, done, on_event = collector()
   engine.submit(engine_lib.Request(prompt_ids=TOK.encode("ab"), mask_LxR=mask("a"),
                                    max_tokens=5, on_event=on_event, logprobs=2))
   assert done.wait(60)
@@ -266,13 +272,7 @@ def test_a_row_poisoned_with_nan_is_clean_for_the_next_request(engine):
 
 def test_replacing_a_subset_in_use_is_refused_and_every_slot_stays_clean(engine):
   version = engine.bank.version
-  events = []
-  done = threading.Event()
-
-  def on_event(event):
-    events.append(event)
-    if isinstance(event, engine_lib.Done):
-      done.set()
+  events, done, on_event = collector()
   engine.submit(engine_lib.Request(prompt_ids=TOK.encode("ab"), mask_LxR=mask("b"),
                                    max_tokens=50, on_event=on_event, subsets=("b",)))
   deadline = time.monotonic() + 30
