@@ -6,6 +6,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from emo_jax.train import evaluate
@@ -40,6 +41,7 @@ def reference_losses(graphdef, params, batch):
   return -np.take_along_axis(logp, batch["targets"][..., None], -1)[..., 0]
 
 
+@pytest.mark.slow
 def test_perplexity_per_domain_and_with_a_subset():
   graphdef, params = model()
   batches = [eval_batch()]

@@ -219,6 +219,7 @@ def test_permutation_vjps_match_autodiff():
   np.testing.assert_array_equal(vjp(g_AxD)[0], vjp_ref(g_AxD)[0])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("block", [4, 128])
 def test_blocked_spans_many_blocks_per_expert_and_matches_dense(monkeypatch, block):
   """Blocks of 4 rows: experts span several blocks and many end mid-block (the padding), with

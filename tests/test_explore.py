@@ -64,6 +64,7 @@ def routed(body):
   return ids.transpose(1, 0, 2), weights.transpose(1, 0, 2)  # [layers, T, k]
 
 
+@pytest.mark.slow
 def test_route_equals_the_checkpoints_own_routing(setup):
   _, params, client = setup
   r = client.post("/v1/route", json={"text": TEXT, "pool_size": 3})

@@ -59,6 +59,7 @@ def check_against_recompute(graphdef, params, result, keep=None):
     np.testing.assert_array_equal(np.argmax(expected[i], -1), row)  # greedy = argmax each step
 
 
+@pytest.mark.slow
 def test_kv_cache_equals_full_recompute_batched():
   _, graphdef, params = model()
   assert nnx.merge(graphdef, params).execution.capacity_factor >= 5 / 2  # dropless for inference

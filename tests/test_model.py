@@ -105,6 +105,7 @@ def test_rms_norm_matches_numpy():
 
 
 # ---- documents in packed rows ---------------------------------------------------------------
+@pytest.mark.slow
 def test_packed_documents_equal_separate_runs():
   """Inference (no pool): a document's logits do not depend on its row neighbours or offset."""
   model = make_model(TINY)
@@ -148,6 +149,7 @@ def test_without_pool_a_token_ignores_later_tokens():
   np.testing.assert_array_equal(np.asarray(before[0, :10]), np.asarray(after[0, :10]))
 
 
+@pytest.mark.slow
 def test_pool_is_not_causal():
   """Spec step 5: an early token's pool depends on its document's later tokens."""
   cfg = TINY.replace(pool_min=2, pool_max=2)  # the tightest pool: top-2 of 6 routed
@@ -162,6 +164,7 @@ def test_pool_is_not_causal():
   assert not np.allclose(before[0, :4], after[0, :4])
 
 
+@pytest.mark.slow
 def test_full_pool_and_eval_mode_route_over_all_experts():
   rng = np.random.default_rng(8)
   tokens, segment_ids, positions = packed_batch(rng, [9, 5], 16, TINY.vocab_size)
@@ -208,6 +211,7 @@ def test_variants_train_with_finite_gradients(changes):
   assert sum(float(jnp.abs(g).sum()) for g in leaves) > 0
 
 
+@pytest.mark.slow
 def test_expert_backends_agree_in_the_model():
   rng = np.random.default_rng(10)
   tokens, segment_ids, positions = packed_batch(rng, [9, 7], 16, TINY.vocab_size)
@@ -396,6 +400,7 @@ def test_document_attention_false_attends_across_documents():
   np.testing.assert_allclose(joined, want, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_model_document_attention_false_differs_on_two_documents():
   """The whole model: joining 2 packed documents changes the second one's logits only."""
   rng = np.random.default_rng(23)

@@ -97,6 +97,7 @@ def test_pool_then_topk_matches_numpy():
   assert np.all(ref_keep[np.arange(B * L)[:, None], np.asarray(ids)])  # top-k inside the pool
 
 
+@pytest.mark.slow
 def test_pool_sizes_uniform_and_independent():
   cfg = ModelConfig(vocab_size=32, d_model=8, num_layers=1, num_heads=1, num_kv_heads=1,
                     head_dim=8, num_experts=13, top_k=2, expert_hidden=4, pool_min=3,
@@ -133,6 +134,7 @@ def test_full_pool_masks_nothing():
     assert bool(jnp.all(keep))
 
 
+@pytest.mark.slow
 def test_training_a_pooled_model_needs_a_key():
   cfg = ModelConfig(vocab_size=32, d_model=8, num_layers=1, num_heads=1, num_kv_heads=1,
                     head_dim=8, num_experts=5, top_k=2, expert_hidden=4, pool_min=2,
@@ -141,6 +143,7 @@ def test_training_a_pooled_model_needs_a_key():
     moe.MoE(cfg, ExecutionConfig(), rngs=nnx.Rngs(0)).pool_sizes(1, pool_rng=None, train=True)
 
 
+@pytest.mark.slow
 def test_moe_layer_matches_numpy():
   """Router -> pool -> softmax -> top-k -> routed experts + shared expert at weight 1.0."""
   cfg = ModelConfig(vocab_size=32, d_model=8, num_layers=1, num_heads=1, num_kv_heads=1,

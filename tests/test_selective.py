@@ -49,6 +49,7 @@ def batch(seed=0, rows=3, length=12, pad_from=8):
   return b
 
 
+@pytest.mark.slow
 def test_pruned_model_equals_routing_mask(keep=2):
   graphdef, params = model_and_params()
   b = batch()

@@ -43,6 +43,7 @@ def logliks(graphdef, params, keep=None):
                      keep_experts=keep, batch_size=8)
 
 
+@pytest.mark.slow
 def test_greedy_with_every_expert_is_the_full_model(model):
   graphdef, params, _, batches = model
   selection = subset_methods.select("greedy", graphdef, params, CFG, batches, CFG.num_experts)
@@ -299,6 +300,7 @@ def test_greedy_variable_follows_the_schedule_layer_by_layer(model):
     subset_methods.select("greedy", graphdef, params, CFG, batches, [3, 6])
 
 
+@pytest.mark.slow
 def test_variable_pruned_export_loads_in_transformers_and_matches_the_mask(model, tmp_path):
   """A bank of 3 experts in layer 0 and 6 in layer 1 (emo layout, num_experts_per_layer):
   transformers' logits equal the full model's with the selection as a routing mask."""

@@ -155,6 +155,7 @@ def test_mixed_subsets_batched_equal_each_alone(engine):
   assert len({tuple(v) for v in alone.values()}) > 1  # the subsets produce different text
 
 
+@pytest.mark.slow
 def test_generation_across_cache_shifts_matches_generate(engine, checkpoint):
   """A 50-token generation crosses the cache end (context 64 + 16) more than once."""
   prompt = TOK.encode("ab")
@@ -165,6 +166,7 @@ def test_generation_across_cache_shifts_matches_generate(engine, checkpoint):
   assert out.tokens == ref["tokens"][0]
 
 
+@pytest.mark.slow
 def test_register_and_delete_change_resident_bytes_by_the_new_experts(engine):
   bank = engine.bank
   before, width, slots = bank.resident_expert_bytes(), bank.width, [list(s) for s in bank.slots]

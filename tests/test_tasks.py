@@ -65,6 +65,7 @@ HAND_MADE = [
 ]
 
 
+@pytest.mark.slow
 def test_hand_made_task_picks_the_planted_answer_and_per_char_differs():
   graphdef, params, logp = planted_model()
   ll = score_pairs(graphdef, params, TOK, task_pairs(HAND_MADE), max_len=CFG.max_seq_len,
