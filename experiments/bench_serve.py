@@ -52,7 +52,7 @@ from absl import app, flags
 from emo_jax.convert import orbax_io
 from experiments import bench_harness
 from experiments import cli
-from experiments.bench_serve_peers import level_summary, resident_bytes
+from experiments.bench_serve_peers import level_summary, markdown_rows, resident_bytes
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training workdir or parameter checkpoint "
                                   "(default: a fresh model of --shape in OUT/model).")
@@ -225,30 +225,6 @@ def make_gguf(hf_dir: pathlib.Path, out: pathlib.Path) -> pathlib.Path:
   return gguf
 
 
-def table(runs: dict, num_experts: int) -> list[str]:
-  """Markdown rows: one per run and level, tokens/s also as a multiple of transformers'."""
-  base = {level["concurrency"]: level["tokens_per_s"]
-          for level in runs.get("transformers", {}).get("levels", [])}
-  rows = ["| run | resident (RSS; peak) | concurrency | tokens/s | x transformers | "
-          "p50 latency (s) | p95 latency (s) |", "|---|---|---|---|---|---|---|"]
-  for name, run in runs.items():
-    if "skipped" in run:
-      rows.append(f"| {name} | skipped: {run['skipped']} | | | | | |")
-      continue
-    label = name
-    if "keep" in run:
-      label += (f" ({run['keep']}/{num_experts} experts, "
-                f"{run['resident_expert_bytes'] / run['full_expert_bytes']:.0%} of expert bytes)")
-    memory = (f"{run['rss_bytes'] / 2**20:,.0f} MiB; {run['peak_rss_bytes'] / 2**20:,.0f} MiB"
-              if "rss_bytes" in run else "?")
-    for level in run["levels"]:
-      ratio = base.get(level["concurrency"])
-      ratio = f"{level['tokens_per_s'] / ratio:.2f}" if ratio else ""
-      rows.append(f"| {label} | {memory} | {level['concurrency']} | {level['tokens_per_s']} | "
-                  f"{ratio} | {level['p50_latency_s']} | {level['p95_latency_s']} |")
-  return rows
-
-
 def plot(runs: dict, path: pathlib.Path) -> None:
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
@@ -320,7 +296,7 @@ def main(argv):
             "commit": bench_harness.git_commit(), "machine": bench_harness.device_info(),
             "load_average": os.getloadavg(), "versions": bench_harness.versions()}
   (out / "bench_serve.json").write_text(json.dumps(result, indent=1))
-  rows = table(runs, num_experts)
+  rows = markdown_rows(runs, num_experts)
   (out / "bench_serve.md").write_text("\n".join(rows) + "\n")
   plot(runs, out / "bench_serve.png")
   print("\n".join(rows))

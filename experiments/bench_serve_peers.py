@@ -18,7 +18,8 @@ process's resident bytes after the last level (VmRSS) and at its peak (VmHWM).
   end, as on a one-slot server.
 
 The percentiles and the level rows are the ones bench_serve reports for its servers
-(`level_summary`), so every row of the table is computed alike.
+(`level_summary`), and its table is written here (`markdown_rows`), so every row of the table
+is computed alike.
 """
 
 from emo_jax import host_memory
@@ -47,6 +48,30 @@ def level_summary(concurrency: int, latencies: list[float], tokens: int, seconds
           "seconds": round(seconds, 3), "tokens_per_s": round(tokens / seconds, 1),
           "p50_latency_s": round(float(np.percentile(latencies, 50)), 3),
           "p95_latency_s": round(float(np.percentile(latencies, 95)), 3)}
+
+
+def markdown_rows(runs: dict, num_experts: int) -> list[str]:
+  """Markdown rows: one per run and level, tokens/s also as a multiple of transformers'."""
+  base = {level["concurrency"]: level["tokens_per_s"]
+          for level in runs.get("transformers", {}).get("levels", [])}
+  rows = ["| run | resident (RSS; peak) | concurrency | tokens/s | x transformers | "
+          "p50 latency (s) | p95 latency (s) |", "|---|---|---|---|---|---|---|"]
+  for name, run in runs.items():
+    if "skipped" in run:
+      rows.append(f"| {name} | skipped: {run['skipped']} | | | | | |")
+      continue
+    label = name
+    if "keep" in run:
+      label += (f" ({run['keep']}/{num_experts} experts, "
+                f"{run['resident_expert_bytes'] / run['full_expert_bytes']:.0%} of expert bytes)")
+    memory = (f"{run['rss_bytes'] / 2**20:,.0f} MiB; {run['peak_rss_bytes'] / 2**20:,.0f} MiB"
+              if "rss_bytes" in run else "?")
+    for level in run["levels"]:
+      ratio = base.get(level["concurrency"])
+      ratio = f"{level['tokens_per_s'] / ratio:.2f}" if ratio else ""
+      rows.append(f"| {label} | {memory} | {level['concurrency']} | {level['tokens_per_s']} | "
+                  f"{ratio} | {level['p50_latency_s']} | {level['p95_latency_s']} |")
+  return rows
 
 
 def resident_bytes(pid: int | str = "self") -> dict:
