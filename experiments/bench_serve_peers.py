@@ -156,8 +156,9 @@ def run_llama_cpp(gguf: str, spec: dict) -> dict:
         latencies.append(time.perf_counter() - arrived)
     levels.append(level_summary(n, latencies, tokens, time.perf_counter() - start))
     print(json.dumps({"peer": "llama_cpp", **levels[-1]}), flush=True)
+  memory = resident_bytes()  # while the model is mapped: its weights are file pages of the RSS
   llm.close()
-  return {"levels": levels, "threads": os.cpu_count(),
+  return {"levels": levels, "threads": os.cpu_count(), **memory,
           "versions": {"llama_cpp_python": llama_cpp.__version__}}
 
 
@@ -168,7 +169,7 @@ def main(argv):
     spec = json.load(f)
   run = {"transformers": run_transformers, "llama_cpp": run_llama_cpp}[flags.FLAGS.peer]
   result = run(flags.FLAGS.model, spec)
-  print(json.dumps({**result, **resident_bytes()}), flush=True)
+  print(json.dumps({**resident_bytes(), **result}), flush=True)
 
 
 if __name__ == "__main__":
