@@ -103,6 +103,13 @@ def unpack_converter(sdist: str, into: pathlib.Path) -> pathlib.Path:
   return next(into.glob("*/vendor/llama.cpp"))
 
 
+def to_gguf(converter: pathlib.Path, hf_dir: pathlib.Path,
+            gguf: pathlib.Path) -> subprocess.CompletedProcess:
+  """Runs llama.cpp's converter (with this module's two settings, CONVERT) at float32."""
+  return subprocess.run([sys.executable, "-c", CONVERT, str(converter), str(hf_dir), str(gguf)],
+                        capture_output=True, text=True, check=False)
+
+
 def random_checkpoint(path: pathlib.Path) -> pathlib.Path:
   cfg = ModelConfig(vocab_size=258, d_model=64, num_layers=2, num_heads=4, num_kv_heads=4,
                     head_dim=16, num_experts=8, num_shared_experts=1, top_k=2,
@@ -140,8 +147,7 @@ def check(name: str, checkpoint: pathlib.Path, converter: pathlib.Path, work: pa
   hf_dir, gguf = work / f"{name}_hf", work / f"{name}.gguf"
   hf.export_hf(checkpoint, hf_dir, layout="qwen2_moe", tokenizer="bytes")
   result = {"model": name, "shared_expert_gate": shared_gates(hf_dir)}
-  done = subprocess.run([sys.executable, "-c", CONVERT, str(converter), str(hf_dir), str(gguf)],
-                        capture_output=True, text=True, check=False)
+  done = to_gguf(converter, hf_dir, gguf)
   if done.returncode:
     return {**result, "failed": "convert_hf_to_gguf", "error": done.stderr.strip()[-600:]}
   import llama_cpp  # pylint: disable=import-outside-toplevel
