@@ -144,7 +144,10 @@ def fresh_checkpoint(path: pathlib.Path, shape: str) -> pathlib.Path:
   from emo_jax.convert import loading  # pylint: disable=import-outside-toplevel
   from emo_jax.model.transformer import Transformer  # pylint: disable=import-outside-toplevel
   from emo_jax.train import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
-  if (path / loading.SOURCE_FILE).is_file():
+  source = path / loading.SOURCE_FILE
+  if source.is_file():
+    if json.loads(source.read_text()).get("init") != shape:
+      raise app.UsageError(f"{path} holds a model of another --shape; choose another --out")
     return path  # written by an earlier run into the same --out
   cfg = ModelConfig(**{**tiny.get_config().model.to_dict(), **(WIDE if shape == "wide" else {})})
   params = nnx.to_pure_dict(nnx.state(Transformer(cfg, rngs=nnx.Rngs(0)), nnx.Param))
