@@ -42,8 +42,9 @@ log = logging.getLogger(__name__)
 # document and an offset into it.) The `data_stream` section adds the fingerprint of the
 # documents themselves (data.fingerprint).
 DATA_STREAM_FIELDS = ("corpus", "data_dir", "tokenizer", "seed", "synthetic_documents")
-# Train fields a resumed run must keep: the schedule's length decides every later learning rate.
-TRAIN_FIELDS = ("schedule_steps",)
+# Train fields a resumed run must keep: the schedule's length decides every later learning rate,
+# and a continued run's start (train/continuation.py) is fixed at its first start.
+TRAIN_FIELDS = ("schedule_steps", "continue_from")
 
 
 class CheckpointMismatchError(ValueError):
@@ -120,6 +121,14 @@ class Checkpointer:
       except Exception:  # pylint: disable=broad-except  (restore_latest reports it)
         continue
     return None
+
+  def restore(self, step: int, abstract_state: Any, data_iterator=None) -> Any:
+    """The train state of checkpoint `step`; given a data iterator, also moves it to the
+    position saved there. No compatibility check and no fallback (restore_latest does both)."""
+    args = {"state": ocp.args.StandardRestore(abstract_state)}
+    if data_iterator is not None:
+      args["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+    return self._manager.restore(step, args=ocp.args.Composite(**args))["state"]
 
   def restore_latest(self, abstract_state: Any, data_iterator,
                      config: Mapping[str, Any]) -> Restored | None:

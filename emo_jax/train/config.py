@@ -12,7 +12,7 @@ import math
 
 from emo_jax.config import ConfigError, ConfigMixin
 
-SCHEDULES = ("cosine", "linear", "constant")
+SCHEDULES = ("cosine", "linear", "constant", "linear_from_checkpoint")
 # What TrainConfig.weight_decay_exempt may exempt from weight decay (trainer.decay_mask).
 WEIGHT_DECAY_EXEMPT = ("embedding", "embedding_and_norms")
 
@@ -29,7 +29,9 @@ class TrainConfig(ConfigMixin):
   learning_rate: float = 4e-3
   warmup_steps: int = 2000
   # "cosine": warm-up then cosine to final_lr_fraction * peak; "linear": warm-up then linear
-  # decay to 0 (the release's anneal); "constant": warm-up then flat.
+  # decay to 0; "constant": warm-up then flat; "linear_from_checkpoint": the release's anneal,
+  # only with continue_from: from the rate the continued checkpoint's last step used linearly
+  # to 0 over `steps`, no warm-up (`learning_rate` and `warmup_steps` do not apply).
   schedule: str = "cosine"
   final_lr_fraction: float = 0.1
   b1: float = 0.9
@@ -55,6 +57,15 @@ class TrainConfig(ConfigMixin):
   # Start a new run from these parameters (a parameter checkpoint, e.g. a Hugging Face import
   # or a pruned model, or another run's workdir) with a fresh optimiser. Ignored on resume.
   init_from: str = ""
+  # Continue another run (its workdir) as the release anneals: its newest checkpoint's
+  # parameters, Adam moments, step count and data position carry over, and this run trains
+  # `steps` more steps on top with schedule "linear_from_checkpoint" (train/continuation.py).
+  # The architecture may change only where the parameter shapes stay (e.g. a StdMoE continued
+  # with the document pool on). Read at the first start; a resume keeps the recorded start.
+  continue_from: str = ""
+  # With continue_from: carry the data iterator's position over (the same data stream, as the
+  # release). False starts this run's data stream at its beginning (another anneal mix).
+  continue_data_position: bool = True
 
   def __post_init__(self):
     positive = ("steps", "grad_accum_steps", "log_every", "eval_every", "checkpoint_every",
@@ -95,6 +106,20 @@ class TrainConfig(ConfigMixin):
       raise ConfigError(f"TrainConfig.weight_decay_exempt={self.weight_decay_exempt!r} is "
                         f"invalid: allowed values are {list(WEIGHT_DECAY_EXEMPT)} (the release "
                         "exempts the embedding only)")
+    continues = self.schedule == "linear_from_checkpoint"
+    if continues != bool(self.continue_from):
+      raise ConfigError(
+          f"TrainConfig.continue_from={self.continue_from!r} with schedule={self.schedule!r} is "
+          "invalid: a continued run anneals from its checkpoint's rate, so set both "
+          "train.continue_from=WORKDIR and train.schedule='linear_from_checkpoint', or neither")
+    if continues and self.warmup_steps:
+      raise ConfigError(f"TrainConfig.warmup_steps={self.warmup_steps!r} is invalid with "
+                        "schedule='linear_from_checkpoint': a continued run starts at the rate "
+                        "its checkpoint ended at, with no second warm-up; set warmup_steps=0")
+    if self.continue_from and self.init_from:
+      raise ConfigError("TrainConfig.init_from and continue_from are both set: init_from starts "
+                        "fresh from parameters, continue_from carries a run's optimiser and "
+                        "data on; set one of them")
     if not 0 <= self.final_lr_fraction <= 1:
       raise ConfigError(f"TrainConfig.final_lr_fraction={self.final_lr_fraction!r} is invalid: "
                         "must lie in [0, 1]")

@@ -31,7 +31,9 @@ from emo_jax.config import ConfigError, ModelConfig
 from emo_jax.data.training_data import training_data
 from emo_jax.model.execution import ExecutionConfig
 from emo_jax.model.transformer import Transformer, count_params
+from emo_jax.train import continuation as continuation_lib
 from emo_jax.train.config import WEIGHT_DECAY_EXEMPT, TrainConfig
+from emo_jax.train.schedule import Continuation, learning_rate_schedule
 from emo_jax.train.experiment import Experiment
 from emo_jax.train.workdir import WorkdirLock
 
@@ -45,21 +47,6 @@ class TrainState(struct.PyTreeNode):
 
 
 # ---- optimiser ------------------------------------------------------------------------------
-def learning_rate_schedule(tc: TrainConfig) -> optax.Schedule:
-  warmup = max(tc.warmup_steps, 0)
-  decay_steps = max((tc.schedule_steps or tc.steps) - warmup, 1)
-  peak = tc.learning_rate
-  if tc.schedule == "cosine":
-    after = optax.cosine_decay_schedule(peak, decay_steps, alpha=tc.final_lr_fraction)
-  elif tc.schedule == "linear":
-    after = optax.linear_schedule(peak, 0.0, decay_steps)
-  else:
-    after = optax.constant_schedule(peak)
-  if warmup == 0:
-    return after
-  return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
-
-
 def decay_mask(params, exempt: str = "embedding_and_norms") -> Any:
   """True for weights that get weight decay: all but the input embedding, and with
   `exempt="embedding_and_norms"` (TrainConfig.weight_decay_exempt) all but the norm scales."""
@@ -74,10 +61,13 @@ def decay_mask(params, exempt: str = "embedding_and_norms") -> Any:
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def make_optimizer(tc: TrainConfig, params) -> optax.GradientTransformation:
+def make_optimizer(tc: TrainConfig, params,
+                   continuation: Continuation | None = None) -> optax.GradientTransformation:
+  """AdamW with clipping; its rate follows learning_rate_schedule(tc, continuation) in the
+  optimiser's own step count (which a continued run carries over)."""
   return optax.chain(
       optax.clip_by_global_norm(tc.grad_clip),
-      optax.adamw(learning_rate_schedule(tc), b1=tc.b1, b2=tc.b2, eps=tc.eps,
+      optax.adamw(learning_rate_schedule(tc, continuation), b1=tc.b1, b2=tc.b2, eps=tc.eps,
                   weight_decay=tc.weight_decay,
                   mask=decay_mask(params, tc.weight_decay_exempt)))
 
@@ -111,8 +101,9 @@ def loss_fn(params, graphdef, batch, rng, cfg: ModelConfig, mesh=None):
 
 
 def train_step(state: TrainState, batch, *, graphdef, optimizer, cfg: ModelConfig,
-               tc: TrainConfig, mesh=None):
-  """One optimiser step over `grad_accum_steps` micro-batches."""
+               tc: TrainConfig, mesh=None, continuation: Continuation | None = None):
+  """One optimiser step over `grad_accum_steps` micro-batches (`continuation`: where a continued
+  run started, for the logged learning rate)."""
   rng = jax.random.fold_in(jax.random.key(tc.seed), state.step)
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   A = tc.grad_accum_steps
@@ -137,7 +128,7 @@ def train_step(state: TrainState, batch, *, graphdef, optimizer, cfg: ModelConfi
   stats["grad_norm"] = optax.tree.norm(grads)
   # Checked on the host before any save: a state that is not finite is never written.
   stats["state_finite"] = _all_finite((params, opt_state))
-  stats["learning_rate"] = learning_rate_schedule(tc)(state.step)
+  stats["learning_rate"] = learning_rate_schedule(tc, continuation)(state.step)
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), stats
 
 
@@ -147,8 +138,10 @@ def _all_finite(tree) -> jax.Array:
 
 
 def init_state(cfg: ModelConfig, tc: TrainConfig, mesh=None,
-               execution: ExecutionConfig | None = None):
-  """(graphdef, optimizer, state) for a fresh run, initialised from `tc.seed`.
+               execution: ExecutionConfig | None = None,
+               continuation: Continuation | None = None):
+  """(graphdef, optimizer, state) for a fresh run, initialised from `tc.seed`; a continued
+  run passes its `continuation` (the optimiser's schedule) and restores the state over it.
 
   The state is created by a jitted function whose outputs are already sharded over `mesh`
   (parameters and optimizer moments FSDP/expert-sharded), so no host or device ever holds the
@@ -156,7 +149,7 @@ def init_state(cfg: ModelConfig, tc: TrainConfig, mesh=None,
   """
   graphdef, abstract = nnx.split(nnx.eval_shape(
       lambda: Transformer(cfg, rngs=nnx.Rngs(0), execution=execution)))
-  optimizer = make_optimizer(tc, nnx.to_pure_dict(abstract))
+  optimizer = make_optimizer(tc, nnx.to_pure_dict(abstract), continuation)
 
   def create():
     params = nnx.to_pure_dict(nnx.state(Transformer(cfg, rngs=nnx.Rngs(params=tc.seed))))
@@ -245,24 +238,49 @@ def _train_and_evaluate(experiment: Experiment, workdir: pathlib.Path) -> dict:
                       f"{data.tokenizer.vocab_size}")
   checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", save_every=tc.checkpoint_every,
                                        keep=tc.keep_checkpoints, async_save=tc.async_checkpoint)
-  tc = _resolve_schedule_steps(tc, checkpointer.latest_readable_config())
+  saved = checkpointer.latest_readable_config()
+  tc = _resolve_schedule_steps(tc, saved)
+  source = None
+  if tc.continue_from and not checkpointer.all_steps():  # the first start of a continued run
+    if pathlib.Path(tc.continue_from).absolute() == workdir.absolute():
+      checkpointer.close()
+      raise ConfigError(f"train.continue_from={tc.continue_from} is this run's own --workdir; "
+                        "a continued run writes a new workdir")
+    try:
+      source = continuation_lib.Source(tc.continue_from)
+    except BaseException:
+      checkpointer.close()
+      raise
+    continuation = source.continuation
+  else:
+    continuation = continuation_lib.recorded(tc, saved)
   # What config.json and every checkpoint record: the sections and the data stream's identity.
   record = {"model": cfg.to_dict(), "execution": execution.to_dict(), "data": dc.to_dict(),
             "data_stream": data.fingerprint,
             "train": tc.to_dict(), "mesh": mc.to_dict()}
+  if continuation is not None:
+    record["continuation"] = continuation.to_dict()
   data_iter = data.train_iterator
 
-  graphdef, optimizer, state = init_state(cfg, tc, mesh, execution)
-  shardings = state_shardings_for(state, mesh)
   try:
-    restored = checkpointer.restore_latest(state, data_iter, record)
+    graphdef, optimizer, state = init_state(cfg, tc, mesh, execution, continuation)
+    shardings = state_shardings_for(state, mesh)
+    if source is not None:
+      with source:
+        source.check_compatible(cfg, state.params, record, tc)
+        state = source.restore(state, data_iter, tc)
+      restored = None
+    else:
+      restored = checkpointer.restore_latest(state, data_iter, record)
   except Exception:
     checkpointer.close()
     raise
+  # A continued run counts its steps on top of the step it continued from.
+  end_step = tc.steps + (continuation.step if continuation is not None else 0)
   if restored is not None:
     state = restored.state
     log.info("resumed from step %d in %s", restored.step, checkpointer.directory)
-    if restored.step >= tc.steps:
+    if restored.step >= end_step:
       log.warning("train.steps=%d is not past the restored step %d: nothing to train (raise "
                   "train.steps to continue this run)", tc.steps, restored.step)
   elif tc.init_from:
@@ -276,9 +294,10 @@ def _train_and_evaluate(experiment: Experiment, workdir: pathlib.Path) -> dict:
     _write_atomically(workdir / "config.json",
                       json.dumps(record, indent=2, sort_keys=True))
 
-  writer = metrics_lib.MetricsWriter(workdir, resume_step=start_step, total_steps=tc.steps)
+  writer = metrics_lib.MetricsWriter(workdir, resume_step=start_step, total_steps=end_step)
   step_fn = jax.jit(lambda s, b: train_step(s, b, graphdef=graphdef, optimizer=optimizer,
-                                            cfg=cfg, tc=tc, mesh=mesh),
+                                            cfg=cfg, tc=tc, mesh=mesh,
+                                            continuation=continuation),
                     in_shardings=(shardings, sharding_lib.batch_sharding(mesh)),
                     out_shardings=(shardings, None), donate_argnums=0)
   eval_data = data.eval_batches
@@ -286,7 +305,7 @@ def _train_and_evaluate(experiment: Experiment, workdir: pathlib.Path) -> dict:
   counts = count_params(cfg)
   flops_per_token = metrics_lib.flops_per_token(cfg, counts, dc.seq_len)
   peak = tc.peak_flops or metrics_lib.device_peak_flops()
-  progress = metrics_lib.Progress(start_step, tc.steps)
+  progress = metrics_lib.Progress(start_step, end_step)
   log.info("model: %.3g params (%.3g active); %d-token rows x %d; unigram baseline ppl %.1f",
            counts["total_params"], counts["active_params"], dc.seq_len, dc.batch_size,
            baseline["perplexity"])
@@ -301,12 +320,12 @@ def _train_and_evaluate(experiment: Experiment, workdir: pathlib.Path) -> dict:
   last = {}
   step = start_step
   try:
-    while step < tc.steps:
+    while step < end_step:
       batch = sharding_lib.global_batch(next(data_iter), mesh)
       state, stats = step_fn(state, batch)
       step += 1
       pending.append((step, stats))
-      is_last = step == tc.steps
+      is_last = step == end_step
       wants_save = is_last or step % tc.checkpoint_every == 0
       wants_eval = is_last or step % tc.eval_every == 0
       wants_log = wants_eval or step % tc.log_every == 0
