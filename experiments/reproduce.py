@@ -13,8 +13,9 @@ held-out one included) and of --eval_corpus, it selects experts from that domain
 documents (1, 5 and all of them, never used in training for the held-out domain) at each
 --fractions subset and measures the loss on the domain's test documents with that routing mask
 (equal to the physically pruned model), next to randomly chosen experts (the floor). --baselines
-(on with --quick and --full) adds EMO-anneal (StdMoE for the first steps, then the pool with a
-learning rate decaying linearly to 0, as many tokens in all as EMO) and the memory-matched
+(on with --quick and --full) adds EMO-anneal (the trained StdMoE continued on top of its
+checkpoint with the pool on for --anneal_fraction more steps, the learning rate falling linearly
+to 0 from where the StdMoE ended, as the paper's anneal) and the memory-matched
 models trained from scratch (a dense model and a small StdMoE with the parameter count of the
 25 % and 12.5 % subsets). The routing clustering (document concentration, purity, NMI) of EMO,
 StdMoE and EMO-anneal goes in the same report.
@@ -88,8 +89,8 @@ _FRACTIONS = flags.DEFINE_list("fractions", [str(f) for f in study.DEFAULT_FRACT
                                "Fractions of the experts to keep.")
 _BASELINES = flags.DEFINE_bool("baselines", None, "Train EMO-anneal and the memory-matched "
                                "models (default: on with --quick and --full).")
-_ANNEAL = flags.DEFINE_float("anneal_fraction", 0.25, "Share of the steps EMO-anneal trains "
-                             "with the pool.")
+_ANNEAL = flags.DEFINE_float("anneal_fraction", 0.25, "EMO-anneal's steps on top of the "
+                             "trained StdMoE, as a share of EMO's steps.")
 _RANDOM = flags.DEFINE_bool("random_floor", True, "Also score randomly chosen experts.")
 _CLUSTER_DOCS = flags.DEFINE_integer("cluster_documents", None, "Test documents clustered per "
                                      "model (default 600; quick 60; 0 skips clustering).")
@@ -161,11 +162,9 @@ def run_models(config, s: dict, models_dir: pathlib.Path):
     plan = model_plan(seeded, s)
     for i, (label, model_config, keep) in enumerate(plan):
       logging.info("seed %d: model %d/%d, %s", seed, i + 1, len(plan), label)
-      if label == "EMO-anneal":
-        first, model_config = study.anneal_configs(seeded, s["anneal_fraction"])
-        base = study.train_cached(f"StdMoE-first-{first.train.steps}", first, models_dir, seed)
-        model_config = model_config.replace(
-            train=model_config.train.replace(init_from=base.path))
+      if label == "EMO-anneal":  # on top of this seed's StdMoE, trained before it
+        base = trained["StdMoE"][-1]
+        model_config = study.anneal_config(seeded, s["anneal_fraction"], base.path)
       run = study.train_cached(label, model_config, models_dir, seed)
       if label == "EMO-anneal":  # the whole recipe: the StdMoE's steps and time, then the anneal's
         run.summary = {**run.summary, "stdmoe_steps": base.summary["steps"],

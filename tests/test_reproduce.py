@@ -86,7 +86,11 @@ _CHANGED = {"schedule": "linear", "compute_dtype": "bfloat16", "param_dtype": "b
             "remat_policy": "dots", "expert_transport": "all_to_all", "eval_pool_size": 3,
             "corpus": "other.jsonl", "data_dir": "/tmp/elsewhere", "tokenizer": "x.model",
             "init_from": "/tmp/init", "num_kv_heads": 2, "head_dim": 32, "pool_min": 3,
-            "num_heads": 8, "top_k": 1, "weight_decay_exempt": "embedding"}
+            "num_heads": 8, "top_k": 1, "weight_decay_exempt": "embedding",
+            "continue_from": "/tmp/stdmoe-s0-abc"}
+# Fields valid only with others changed too: the key must still change with the field itself.
+_COMPANIONS = {"continue_from": {"schedule": "linear_from_checkpoint", "warmup_steps": 0,
+                                  "continue_from": "/tmp/stdmoe-s0-def"}}
 
 
 def _changed(value, name):
@@ -111,12 +115,14 @@ def test_cache_key_changes_with_every_training_field():
     defaults = cls.from_dict(base[section]).to_dict()
     for field in dataclasses.fields(cls):
       config = tiny.get_config()
-      values = dict(defaults)
-      values[field.name] = _changed(defaults[field.name], field.name)
+      values = {**defaults, **_COMPANIONS.get(field.name, {})}
+      config[section] = dict(values)
+      before = study.training_key(config) if field.name in _COMPANIONS else key
+      values[field.name] = _changed(values[field.name], field.name)
       cls.from_dict(values)                                   # the changed value is valid
       config[section] = values
       unkeyed = field.name in study.UNKEYED_FIELDS.get(section, ())
-      assert (study.training_key(config) == key) == unkeyed, f"{section}.{field.name}"
+      assert (study.training_key(config) == before) == unkeyed, f"{section}.{field.name}"
       tested += 1
   assert tested > 50
   spelled = tiny.get_config()                                 # defaults spelled out or not
@@ -149,36 +155,34 @@ def test_memory_matched_models_have_the_subsets_parameter_count():
 
 
 @pytest.mark.slow
-def test_anneal_starts_from_the_stdmoe_parameters_and_turns_the_pool_on(tmp_path):
+def test_anneal_continues_the_trained_stdmoe_with_the_pool_on(tmp_path):
+  """EMO-anneal is the StdMoE twin continued on top of its checkpoint: the step count goes on
+  from the StdMoE's, the rate starts at the StdMoE's last one and falls to 0, the pool is on,
+  and a second call reuses the cached model."""
   config = tiny.get_config()
   config.train.steps = 4
   config.train.warmup_steps = 1
   config.train.log_every = 1
-  config.train.eval_every = 1
+  config.train.eval_every = 4
   config.train.eval_batches = 1
   config.data.synthetic_documents = 200
-  first, anneal = study.anneal_configs(config, 0.25)
-  assert (first.train.steps, anneal.train.steps) == (3, 1)
-  assert first.model.pool is False and anneal.model.pool is True
-  assert anneal.train.schedule == "linear" and anneal.train.warmup_steps >= 1
-  assert anneal.data.seed != first.data.seed                  # new documents for the anneal
-  # The StdMoE's parameters, as its trained workdir would hold them.
-  first_cfg = first.model
-  stdmoe = jax_tree(init_state(first_cfg, first.train)[2].params)
-  ckpt_lib.save_params(tmp_path / "stdmoe", stdmoe, first_cfg.to_dict())
-  anneal = anneal.replace(train=anneal.train.replace(init_from=str(tmp_path / "stdmoe")))
-  # Step 0 of the warm-up has learning rate 0 (AdamW's weight decay is scaled by it too), so
-  # after one step the annealed model still holds exactly what it started from.
+  stdmoe = study.train_cached("StdMoE", study.stdmoe_config(config), tmp_path, 0)
+  anneal = study.anneal_config(config, 0.5, stdmoe.path)
+  assert anneal.model.pool is True and anneal.train.steps == 2
+  assert (anneal.train.schedule, anneal.train.warmup_steps) == ("linear_from_checkpoint", 0)
   run = study.train_cached("EMO-anneal", anneal, tmp_path, 0)
-  after, saved = ckpt_lib.load_params(run.path)
-  for a, b in zip(jax_leaves(stdmoe), jax_leaves(after), strict=True):
-    assert a[0] == b[0]
-    np.testing.assert_array_equal(a[1], b[1])
-  assert saved["pool"] is True
-  pools = [json.loads(line)["pool_size"] for line in open(f"{run.path}/metrics.jsonl")]
-  assert max(pools) < first_cfg.num_routed_experts            # a drawn pool, not all 7 routed
+  rows = [json.loads(line) for line in open(f"{run.path}/metrics.jsonl")]
+  first = [json.loads(line) for line in open(f"{stdmoe.path}/metrics.jsonl")]
+  assert [r["step"] for r in rows] == [5, 6]
+  assert rows[0]["learning_rate"] == pytest.approx(first[-1]["learning_rate"], rel=1e-5)
+  assert rows[1]["learning_rate"] == pytest.approx(first[-1]["learning_rate"] / 2, rel=1e-5)
+  assert ckpt_lib.load_params(run.path)[1]["pool"] is True
+  assert max(r["pool_size"] for r in rows) < anneal.model.num_routed_experts  # a drawn pool
   again = study.train_cached("EMO-anneal", anneal, tmp_path, 0)
   assert again.cached and again.path == run.path
+  # The key names the StdMoE by its cached folder, not by where the cache lives.
+  moved = study.anneal_config(config, 0.5, tmp_path / "elsewhere" / pathlib.Path(stdmoe.path).name)
+  assert study.training_key(moved) == run.key
 
 
 def jax_tree(params):
@@ -268,7 +272,7 @@ def test_eval_corpus_sets_split_calibration_from_scored(tmp_path):
 
 def test_bad_settings_are_refused():
   with pytest.raises(study.StudyError, match="anneal_fraction"):
-    study.anneal_configs(tiny.get_config(), 1.0)
+    study.anneal_config(tiny.get_config(), 1.5, "/w")
   with pytest.raises(ConfigError):
     study.training_key({**tiny.get_config().to_dict(), "train": {"steps": 0}})
 

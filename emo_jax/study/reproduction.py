@@ -2,8 +2,8 @@
 
 experiments/reproduce.py runs it; this module holds its pieces so each can be tested alone:
 
-* the models: EMO, its StdMoE twin, EMO-anneal (a StdMoE trained for part of the steps, then
-  continued with the document pool and a learning rate decaying linearly to 0) and the
+* the models: EMO, its StdMoE twin, EMO-anneal (the trained StdMoE continued on top of its
+  checkpoint with the document pool on, the learning rate decaying linearly to 0) and the
   memory-matched models trained from scratch (a dense model and a small StdMoE with the
   parameter count of a subset of the EMO bank);
 * a cache of trained models keyed by a hash of every field that changes training, so adding a
@@ -61,6 +61,7 @@ UNKEYED_FIELDS = {
 # (which train exactly as before they existed), so the models already cached keep their keys.
 LATER_FIELDS = {
     "model": {"lb_scope_sequences": 0},
+    "train": {"continue_from": "", "continue_data_position": True},
     "data": {"repetition_filter": False, "repetition_min_period": 1,
              "repetition_max_period": 13, "repetition_max_count": 32},
 }
@@ -92,6 +93,8 @@ def training_key(config) -> str:
     for name, value in defaults.items():
       if keyed[section].get(name) == value:
         keyed[section].pop(name)
+  if train.get("continue_from"):  # a cached model's folder name holds its own key
+    train["continue_from"] = pathlib.Path(train["continue_from"]).name
   return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -136,31 +139,22 @@ def memory_matched_config(config, keep: int, kind: str):
   return e.replace(model=model)
 
 
-def anneal_configs(config, fraction: float):
-  """(StdMoE of the first steps, the anneal to run from it) for EMO-anneal.
+def anneal_config(config, fraction: float, stdmoe_workdir: str | pathlib.Path) -> Experiment:
+  """EMO-anneal as the paper: the trained StdMoE twin continued with the document pool on.
 
-  The StdMoE trains (1 - fraction) of the steps on its own schedule; the anneal trains the rest
-  with the pool on, from those parameters (a fresh optimiser), the learning rate decaying
-  linearly to 0 after a short warm-up, on a data order of its own so it sees new documents.
-  The two together train as many tokens as EMO. The anneal's `train.init_from` is left for
-  the caller to set to the StdMoE's trained workdir.
+  The anneal trains `fraction` of EMO's steps on top of the StdMoE's last checkpoint
+  (train.continue_from: its parameters, Adam moments, step count and data position), the
+  learning rate falling linearly to 0 from the rate the StdMoE ended at, with no warm-up
+  (docs/algorithm.md, "Training recipe"). It trains that many tokens more than EMO.
   """
-  if not 0 < fraction < 1:
-    raise StudyError(f"--anneal_fraction={fraction} must be in (0, 1)")
+  if not 0 < fraction <= 1:
+    raise StudyError(f"--anneal_fraction={fraction} must be in (0, 1]")
   e = Experiment.from_config(config)
-  steps = e.train.steps
-  anneal_steps = max(1, int(round(fraction * steps)))
-  if anneal_steps >= steps:
-    raise StudyError(f"--anneal_fraction={fraction} of {steps} steps leaves no StdMoE steps")
-  first = stdmoe_config(e)
-  first_steps = steps - anneal_steps
-  first = first.replace(train=first.train.replace(
-      steps=first_steps, warmup_steps=min(e.train.warmup_steps, max(0, first_steps // 10))))
-  anneal = e.replace(model=e.model.replace(pool=True),
-                     train=e.train.replace(steps=anneal_steps, schedule="linear",
-                                           warmup_steps=max(1, anneal_steps // 20)),
-                     data=e.data.replace(seed=e.data.seed + 1000))
-  return first, anneal
+  anneal_steps = max(1, int(round(fraction * e.train.steps)))
+  return e.replace(model=e.model.replace(pool=True),
+                   train=e.train.replace(steps=anneal_steps, schedule_steps=0,
+                                         schedule="linear_from_checkpoint", warmup_steps=0,
+                                         continue_from=str(stdmoe_workdir)))
 
 
 @dataclasses.dataclass
