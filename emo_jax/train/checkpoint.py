@@ -205,6 +205,13 @@ class Checkpointer:
     self._manager.close()
 
 
+def param_shapes(params: Any) -> dict[str, tuple]:
+  """{parameter path: shape} of a parameter tree (arrays or abstract shapes), to compare the
+  layout of a checkpoint with a model's."""
+  return {jax.tree_util.keystr(k): tuple(v.shape)
+          for k, v in jax.tree_util.tree_leaves_with_path(params)}
+
+
 def _cause_of_type(error: BaseException, kind: type) -> BaseException | None:
   """`error` or the first exception in its cause / context chain that is a `kind`."""
   seen = set()

@@ -22,7 +22,6 @@ import logging
 import pathlib
 from typing import Any, Mapping
 
-import jax
 from flax import nnx
 
 from emo_jax.config import ConfigError, ModelConfig
@@ -52,7 +51,7 @@ def recorded(tc: TrainConfig, saved: Mapping[str, Any] | None) -> Continuation |
 class Source:
   """The run being continued, locked while it is read: its newest checkpoint's step and config.
 
-  Use as a context manager around init and restore; the lock is released on exit.
+  `close` releases the lock once the state is restored (or the start failed).
   """
 
   def __init__(self, workdir: str | pathlib.Path):
@@ -82,12 +81,6 @@ class Source:
     self.continuation = Continuation(workdir=str(self.workdir), step=self.step,
                                      learning_rate=last_learning_rate(self.record, self.step))
 
-  def __enter__(self) -> "Source":
-    return self
-
-  def __exit__(self, *exc) -> None:
-    self.close()
-
   def close(self) -> None:
     if getattr(self, "_checkpointer", None) is not None:
       self._checkpointer.close()
@@ -99,9 +92,9 @@ class Source:
     """Refuses a model whose parameter shapes differ from the checkpoint's, and (when the data
     position carries over) another data stream; each error names what differs and the fix."""
     saved_model = ModelConfig.from_dict(split_model_fields(self.record["model"])[0])
-    theirs = _shapes(nnx.to_pure_dict(nnx.state(nnx.eval_shape(
+    theirs = ckpt_lib.param_shapes(nnx.to_pure_dict(nnx.state(nnx.eval_shape(
         lambda: Transformer(saved_model, rngs=nnx.Rngs(0))))))
-    ours = _shapes(like_params)
+    ours = ckpt_lib.param_shapes(like_params)
     if theirs != ours:
       differ = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
       fields = ckpt_lib.incompatible_fields({"model": saved_model.to_dict()},
@@ -140,7 +133,3 @@ class Source:
              "from its position there" if tc.continue_data_position else "from its beginning")
     return state
 
-
-def _shapes(params: Any) -> dict[str, tuple]:
-  return {jax.tree_util.keystr(k): tuple(v.shape)
-          for k, v in jax.tree_util.tree_leaves_with_path(params)}

@@ -176,8 +176,7 @@ def initial_params(path: str, cfg: ModelConfig, like: Any) -> Any:
   the model fields that differ.
   """
   params, saved_model = ckpt_lib.load_params(path)
-  want = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(like)}
-  got = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(params)}
+  want, got = ckpt_lib.param_shapes(like), ckpt_lib.param_shapes(params)
   if want != got:
     differ = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
     fields = ckpt_lib.incompatible_fields({"model": saved_model}, {"model": cfg.to_dict()})
@@ -241,40 +240,37 @@ def _train_and_evaluate(experiment: Experiment, workdir: pathlib.Path) -> dict:
   saved = checkpointer.latest_readable_config()
   tc = _resolve_schedule_steps(tc, saved)
   source = None
-  if tc.continue_from and not checkpointer.all_steps():  # the first start of a continued run
-    if pathlib.Path(tc.continue_from).absolute() == workdir.absolute():
-      checkpointer.close()
-      raise ConfigError(f"train.continue_from={tc.continue_from} is this run's own --workdir; "
-                        "a continued run writes a new workdir")
-    try:
-      source = continuation_lib.Source(tc.continue_from)
-    except BaseException:
-      checkpointer.close()
-      raise
-    continuation = source.continuation
-  else:
-    continuation = continuation_lib.recorded(tc, saved)
-  # What config.json and every checkpoint record: the sections and the data stream's identity.
-  record = {"model": cfg.to_dict(), "execution": execution.to_dict(), "data": dc.to_dict(),
-            "data_stream": data.fingerprint,
-            "train": tc.to_dict(), "mesh": mc.to_dict()}
-  if continuation is not None:
-    record["continuation"] = continuation.to_dict()
-  data_iter = data.train_iterator
-
   try:
+    if tc.continue_from and not checkpointer.all_steps():  # the first start of a continued run
+      if pathlib.Path(tc.continue_from).absolute() == workdir.absolute():
+        raise ConfigError(f"train.continue_from={tc.continue_from} is this run's own --workdir; "
+                          "a continued run writes a new workdir")
+      source = continuation_lib.Source(tc.continue_from)
+      continuation = source.continuation
+    else:
+      continuation = continuation_lib.recorded(tc, saved)
+    # What config.json and every checkpoint record: the sections and the data stream's identity.
+    record = {"model": cfg.to_dict(), "execution": execution.to_dict(), "data": dc.to_dict(),
+              "data_stream": data.fingerprint,
+              "train": tc.to_dict(), "mesh": mc.to_dict()}
+    if continuation is not None:
+      record["continuation"] = continuation.to_dict()
+    data_iter = data.train_iterator
+
     graphdef, optimizer, state = init_state(cfg, tc, mesh, execution, continuation)
     shardings = state_shardings_for(state, mesh)
     if source is not None:
-      with source:
-        source.check_compatible(cfg, state.params, record, tc)
-        state = source.restore(state, data_iter, tc)
+      source.check_compatible(cfg, state.params, record, tc)
+      state = source.restore(state, data_iter, tc)
       restored = None
     else:
       restored = checkpointer.restore_latest(state, data_iter, record)
-  except Exception:
+  except BaseException:
     checkpointer.close()
     raise
+  finally:
+    if source is not None:
+      source.close()  # the continued run is read: its lock is released
   # A continued run counts its steps on top of the step it continued from.
   end_step = tc.steps + (continuation.step if continuation is not None else 0)
   if restored is not None:
