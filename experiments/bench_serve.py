@@ -41,7 +41,6 @@ import importlib.util
 import json
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 import tempfile
@@ -52,6 +51,7 @@ from absl import app, flags
 from emo_jax.convert import orbax_io
 from experiments import bench_harness
 from experiments import cli
+from experiments import server_process
 from experiments.bench_serve_peers import level_summary, markdown_rows, resident_bytes
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training workdir or parameter checkpoint "
@@ -78,36 +78,6 @@ RUNS = ("all", "q25", "transformers", "llama_cpp")
 WIDE = {"d_model": 256, "expert_hidden": 256, "num_experts": 32, "top_k": 4, "num_layers": 4,
         "head_dim": 64, "pool_max": 32, "pool_min": 4}
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-def start_server(args: list[str], log: pathlib.Path):
-  """(process, base url) of `experiments.serve` with args, once /health answers."""
-  import httpx  # pylint: disable=import-outside-toplevel
-  port = free_port()
-  handle = open(log, "wb")  # pylint: disable=consider-using-with
-  proc = subprocess.Popen([sys.executable, "-m", "experiments.serve", f"--port={port}", *args],
-                          cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT,
-                          env={**os.environ})
-  url = f"http://127.0.0.1:{port}"
-  deadline = time.time() + 600
-  while True:
-    if proc.poll() is not None:
-      raise RuntimeError(f"the server exited ({proc.returncode}); see {log}")
-    try:
-      if httpx.get(url + "/health", timeout=2).status_code == 200:
-        return proc, url
-    except httpx.HTTPError:
-      pass
-    if time.time() > deadline:
-      proc.terminate()
-      raise RuntimeError(f"the server did not come up in 600 s; see {log}")
-    time.sleep(0.5)
 
 
 async def one_level(url: str, experts: str, clients: int, requests: int, max_tokens: int,
@@ -174,8 +144,8 @@ def serve_run(name: str, checkpoint: str, keep: int, out: pathlib.Path, prompts:
   if name == "q25":
     args += ["--noserve_all", f"--subset=q25={calibration(out, prompts)}:{keep}"]
   experts = "all" if name == "all" else "q25"
-  proc, url = start_server(args, out / f"server_{name}.log")
-  try:
+  with server_process.serving(args, out / f"server_{name}.log") as server:
+    url = server.url
     health = httpx.get(url + "/health").json()
     asyncio.run(one_level(url, experts, 1, 1, _MAX_TOKENS.value, prompts))  # warm-up
     levels = []
@@ -183,10 +153,7 @@ def serve_run(name: str, checkpoint: str, keep: int, out: pathlib.Path, prompts:
       levels.append(asyncio.run(one_level(url, experts, c, _REQUESTS.value, _MAX_TOKENS.value,
                                           prompts)))
       print(json.dumps({"run": name, **levels[-1]}), flush=True)
-    memory = resident_bytes(proc.pid)
-  finally:
-    proc.terminate()
-    proc.wait(timeout=60)
+    memory = resident_bytes(server.process.pid)
   return {"keep": keep, "slots": _SLOTS.value, "levels": levels, **memory,
           **{k: health[k] for k in ("resident_expert_bytes", "full_expert_bytes",
                                     "non_expert_bytes")}}

@@ -133,7 +133,7 @@ def test_docs_list_exactly_the_allowed_values_of_every_choice():
 OTHER_EXECUTION = dict(expert_backend="ragged", capacity_factor=2.0, ragged_dot_impl="xla",
                        expert_transport="all_gather", attention_impl="auto", remat=False,
                        remat_policy="dots", scan_layers=False,
-                       head_chunk_tokens=256)
+                       head_chunk_tokens=256, decode_loop_tokens=0)
 
 
 def test_execution_fields_may_change_on_restart_architecture_fields_may_not():

@@ -8,8 +8,6 @@ import contextlib
 import json
 import os
 import pathlib
-import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -24,6 +22,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.integration]  # one server process p
 
 from emo_jax.train import checkpoint as ckpt_lib  # pylint: disable=wrong-import-position
 from emo_jax.config import ModelConfig  # pylint: disable=wrong-import-position
+from experiments import server_process  # pylint: disable=wrong-import-position
 from tests.random_model import random_params  # pylint: disable=wrong-import-position
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -35,12 +34,6 @@ BASE = "served"
 CODE_DOCS = ["def add(a, b):\n    return a + b\n", "import os\nprint(os.getcwd())\n",
              "for i in range(10):\n    print(i * i)\n", "class Stack:\n    pass\n",
              "while True:\n    break\n"]
-
-
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 def run(*args, timeout=300) -> str:
@@ -72,32 +65,12 @@ def server(files):
 
 @contextlib.contextmanager
 def serve_process(args, log_path):
-  """`experiments.serve ARGS` on a free 127.0.0.1 port: yields its URL once /health answers,
-  then stops it with SIGTERM (which must exit 0), and by its pid however the test went."""
-  port = free_port()
-  log = open(log_path, "w+b")
-  proc = subprocess.Popen([sys.executable, "-m", "experiments.serve", *args, f"--port={port}"],
-                          cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
-  url = f"http://127.0.0.1:{port}"
-  try:
-    deadline = time.time() + 180
-    while True:
-      assert proc.poll() is None, log.seek(0) or log.read().decode(errors="replace")[-3000:]
-      try:
-        if httpx.get(url + "/health", timeout=2).status_code == 200:
-          break
-      except httpx.HTTPError:
-        pass
-      assert time.time() < deadline, "the server did not come up in 180 s"
-      time.sleep(0.5)
-    yield url
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=60) == 0, log.seek(0) or log.read().decode(errors="replace")[-3000:]
-  finally:  # stopped by its pid however the tests or the graceful stop went
-    if proc.poll() is None:
-      os.kill(proc.pid, signal.SIGKILL)
-      proc.wait()
+  """`experiments.serve ARGS` on a free 127.0.0.1 port (experiments.server_process): yields its
+  URL once /health answers; its graceful stop (SIGTERM) must exit 0."""
+  with server_process.serving(args, log_path, start_timeout_s=180,
+                              env={"JAX_PLATFORMS": "cpu"}) as server:
+    yield server.url
+  assert server.exit_code == 0, server.log_tail()
 
 
 @pytest.fixture(scope="module")

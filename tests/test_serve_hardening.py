@@ -21,6 +21,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 from emo_jax.config import ModelConfig  # pylint: disable=wrong-import-position
+from experiments import server_process  # pylint: disable=wrong-import-position
 from emo_jax.data.tokenizer import ByteTokenizer  # pylint: disable=wrong-import-position
 from emo_jax.inference.serve import app as app_lib  # pylint: disable=wrong-import-position
 from emo_jax.inference.serve import bank as bank_lib  # pylint: disable=wrong-import-position
@@ -38,12 +39,6 @@ MAX_BODY = 64 * 1024
 CODE = ((0, 1, 2), (3, 4, 5))
 
 
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 class Running:
   """A server in a thread: its url, app, engine and uvicorn server."""
 
@@ -57,7 +52,7 @@ class Running:
     self.app = app_lib.create_app(self.engine, model_name=BASE, request_timeout=60,
                                   drain_seconds=drain_seconds, max_body_bytes=MAX_BODY)
     self.server = self.app.state.server
-    port = free_port()
+    port = server_process.free_port()
     self.url = f"http://127.0.0.1:{port}"
     self.uvicorn = app_lib.uvicorn_server(self.app, host="127.0.0.1", port=port)
     self.thread = threading.Thread(target=self.uvicorn.run, daemon=True)

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from emo_jax.model import expert_parallel, experts
+from emo_jax.model import decode_experts, expert_parallel, experts
 from emo_jax.config import ModelConfig
 from emo_jax.model.execution import ExecutionConfig
 from emo_jax.model.layers import init_normal
@@ -30,8 +30,8 @@ class MLP(nnx.Module):
     self.w_down = nnx.Param(init(rngs.params(), (H, D), dt))
 
   def __call__(self, x_BxLxD, segment_ids_BxL, *, pool_rng=None, train=False, data_axes=(),
-               keep_experts_E=None, collect_routing=False, mesh=None):
-    del keep_experts_E, collect_routing, mesh  # a dense MLP has no experts
+               keep_experts_E=None, collect_routing=False, mesh=None, decoding=False):
+    del keep_experts_E, collect_routing, mesh, decoding  # a dense MLP has no experts
     y = experts.swiglu(x_BxLxD, self.w_gate[...], self.w_up[...], self.w_down[...],
                        compute_dtype=self.cfg.compute_jnp_dtype)
     return y, {}
@@ -87,7 +87,7 @@ class MoE(nnx.Module):
     return total // scope
 
   def __call__(self, x_BxLxD, segment_ids_BxL, *, pool_rng=None, train=False, data_axes=(),
-               keep_experts_E=None, collect_routing=False, mesh=None):
+               keep_experts_E=None, collect_routing=False, mesh=None, decoding=None):
     """MoE forward.
 
     mesh: a device mesh (sharding.make_mesh) with more than one device: the routed experts run
@@ -105,6 +105,10 @@ class MoE(nnx.Module):
       call routed: aux["routing_ids"] / aux["routing_weights"] [B, L, top_k] (after the pool
       and the subset mask) and aux["router_logits"] [B, L, routed experts] (the routing
       explorer, inference/serve/explore.py, reads them).
+    decoding: (w_gate, w_up, w_down stacked over layers, this layer's index) in a KV-cache
+      decode call (Transformer.decode): with at most execution.decode_loop_tokens tokens the
+      experts run as a loop over the chosen ones, read in place from the stacked banks
+      (decode_experts.py; no gradient).
     """
     cfg = self.cfg
     B, L, D = x_BxLxD.shape
@@ -133,7 +137,15 @@ class MoE(nnx.Module):
 
     x_TxD = x_BxLxD.reshape(B * L, D)
     run = self.execution
-    if mesh is not None and mesh.size > 1:
+    single_device = mesh is None or mesh.size == 1
+    looped = decoding is not None and B * L <= run.decode_loop_tokens and single_device
+    if looped:  # the shared experts run inside the loop too
+      *stacked, layer = decoding
+      y_TxD = decode_experts.chosen_experts_loop(
+          x_TxD, ids_TxK, weights_TxK, *stacked, layer, num_shared=cfg.num_shared_experts,
+          token_mask_T=token_mask_T, compute_dtype=cfg.compute_jnp_dtype)
+      dropped = jnp.zeros((), jnp.float32)
+    elif not single_device:
       y_TxD, dropped = expert_parallel.routed_experts_on_mesh(
           x_TxD, ids_TxK, weights_TxK, token_mask_T, self.w_gate[...], self.w_up[...],
           self.w_down[...], mesh=mesh, num_routed=R, backend=run.expert_backend,
@@ -145,7 +157,7 @@ class MoE(nnx.Module):
           self.w_down[...][:R], backend=run.expert_backend, token_mask_T=token_mask_T,
           capacity_factor=run.capacity_factor, compute_dtype=cfg.compute_jnp_dtype,
           ragged_dot_impl=run.ragged_dot_impl)
-    for e in range(R, cfg.num_experts):
+    for e in range(R, R if looped else cfg.num_experts):
       y_TxD = y_TxD + experts.swiglu(x_TxD, self.w_gate[...][e], self.w_up[...][e],
                                      self.w_down[...][e], compute_dtype=cfg.compute_jnp_dtype)
 

@@ -124,13 +124,17 @@ class Block(nnx.Module):
                       collect_routing=collect_routing, mesh=mesh)
     return h + y, aux
 
-  def decode(self, x, positions, valid, k_cache, v_cache, index, *, keep_experts_E=None):
-    """One block on new tokens with a KV cache (inference routing, no pool)."""
+  def decode(self, x, positions, valid, k_cache, v_cache, index, *, keep_experts_E=None,
+             stacked_experts=None):
+    """One block on new tokens with a KV cache (inference routing, no pool).
+
+    stacked_experts: (w_gate, w_up, w_down over all layers, this layer's index), which the MoE
+    reads in place when it loops over the chosen experts (MoE.__call__'s `decoding`)."""
     a, k_cache, v_cache = self.attn.decode(self.attn_norm(x), positions, k_cache, v_cache, index,
                                            valid["keys"])
     h = x + a
     y, _ = self.mlp(self.mlp_norm(h), valid["tokens"].astype(jnp.int32), train=False,
-                    keep_experts_E=keep_experts_E)
+                    keep_experts_E=keep_experts_E, decoding=stacked_experts)
     return h + y, k_cache, v_cache
 
 
@@ -311,16 +315,23 @@ class Transformer(nnx.Module):
     valid = {"keys": valid_keys, "tokens": valid_BxT}
     x = jnp.take(self.embed[...], tokens_BxT, axis=0).astype(cfg.compute_jnp_dtype)
     graphdef, block_state = nnx.split(self.blocks)
+    # The expert banks stacked over layers, for the decode loop to read in place (a layer's
+    # slice of them, which the loop then leaves unused, is removed by the compiler).
+    stacked = (tuple(getattr(self.blocks.mlp, name)[...] for name in ("w_gate", "w_up", "w_down"))
+               if cfg.is_moe else None)
 
     def one_block(x, layer):
-      state, k_cache, v_cache, keep_E = layer
+      state, k_cache, v_cache, keep_E, layer_index = layer
       block = nnx.merge(graphdef, state)
       x, k_cache, v_cache = block.decode(
           x, positions_BxT, valid, k_cache, v_cache, index,
-          keep_experts_E=None if keep_experts is None else keep_E)
+          keep_experts_E=None if keep_experts is None else keep_E,
+          stacked_experts=None if stacked is None else (*stacked, layer_index))
       return x, (k_cache, v_cache)
 
-    x, (k, v) = jax.lax.scan(one_block, x, (block_state, cache["k"], cache["v"], keep))
+    layers = jnp.arange(cfg.num_layers)
+    x, (k, v) = run_layers(one_block, x, (block_state, cache["k"], cache["v"], keep, layers),
+                           self.execution.scan_layers)
     x = self.final_norm(x)
     logits = flat_matmul(x, self.head_matrix().astype(cfg.compute_jnp_dtype),
                          preferred_element_type=jnp.float32)
