@@ -105,12 +105,20 @@ def settings() -> dict:
   pick = lambda flag, default, quick_value: (flag.value if flag.value is not None else
                                              quick_value if quick else default)
   seeds = [int(s) for s in (_SEEDS.value or (["0", "1", "2"] if full else ["0"]))]
+  fractions = [float(f) for f in _FRACTIONS.value]
+  baselines = _BASELINES.value if _BASELINES.value is not None else (quick or full)
+  missing = [f for f in study.MATCHED_FRACTIONS if f not in fractions]
+  if baselines and missing:
+    raise app.UsageError(
+        f"--baselines compares the memory-matched models with EMO's subsets at "
+        f"{', '.join(f'{100 * f:g} %' for f in study.MATCHED_FRACTIONS)} of the experts, but "
+        f"--fractions={','.join(_FRACTIONS.value)} does not measure "
+        f"{','.join(f'{f:g}' for f in missing)}: add them to --fractions, or pass --nobaselines")
   return {"seeds": seeds, "steps": pick(_STEPS, None, 20), "batch_size": pick(_BATCH, None, 8),
           "eval_batches": pick(_EVAL_BATCHES, 4, 1),
           "calibrations": pick(_CALIBRATIONS, list(study.CALIBRATIONS), ["5"]),
           "calibration_pool": pick(_POOL, 32, 5),
-          "fractions": [float(f) for f in _FRACTIONS.value],
-          "baselines": _BASELINES.value if _BASELINES.value is not None else (quick or full),
+          "fractions": fractions, "baselines": baselines,
           "anneal_fraction": _ANNEAL.value, "random_floor": _RANDOM.value,
           "cluster_documents": pick(_CLUSTER_DOCS, 600, 60), "clusters": pick(_CLUSTERS, 32, 8),
           "greedy": not _ONE_PASS.value, "holdout": _HOLDOUT.value or None,

@@ -374,3 +374,20 @@ def test_the_command_reports_seeds_held_out_domains_and_bpb_tasks(tmp_path):
   assert 0 < bpb_rows["EMO", "mt_mbpp_python"]["full"]["mean"] < 20
   table = (out / "reproduce.md").read_text()
   assert "| EMO | mt_mbpp_python |" in table and "all experts: bits per byte" in table
+
+
+def test_baselines_without_the_matched_fractions_are_refused_before_anything_runs(tmp_path):
+  """The memory-matched rows compare with EMO's 25 % and 12.5 % subsets: --baselines with
+  fractions that leave them out is a usage error naming the fix, and nothing is trained."""
+  import subprocess
+  import sys
+  out = tmp_path / "w"
+  proc = subprocess.run(
+      [sys.executable, "-m", "experiments.reproduce", "--config", "configs/tiny.py",
+       "--workdir", str(out), "--quick", "--baselines", "--fractions", "1,0.5"],
+      cwd=pathlib.Path(__file__).resolve().parents[1], capture_output=True, text=True,
+      timeout=300)
+  assert proc.returncode != 0
+  assert "add them to --fractions, or pass --nobaselines" in proc.stderr
+  assert "0.25,0.125" in proc.stderr
+  assert not out.exists()

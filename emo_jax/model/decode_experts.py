@@ -15,7 +15,7 @@ Its cost follows the experts chosen (top_k for one token, at most T * top_k), no
 
 The loop's trip count is data dependent, so it has no reverse-mode gradient: it is an
 inference kernel only, used by `Transformer.decode` when a call holds at most
-`ExecutionConfig.decode_loop_tokens` tokens (docs/architecture.md, "Serving"). Results equal
+`ExecutionConfig.decode_loop_tokens` tokens (docs/architecture.md, "After training"). Results equal
 the other backends up to float rounding (the sum over a token's experts runs in another order).
 """
 

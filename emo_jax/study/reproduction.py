@@ -56,6 +56,7 @@ UNKEYED_FIELDS = {
     "train": ("log_every", "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints",
               "async_checkpoint", "peak_flops"),
     "data": ("num_workers",),
+    "execution": ("decode_loop_tokens",),   # decoding only: training never reads it
 }
 # Fields that came after models were first cached: left out of the key while at these values
 # (which train exactly as before they existed), so the models already cached keep their keys.
@@ -75,8 +76,8 @@ class StudyError(ValueError):
 def training_key(config) -> str:
   """12 hex digits that change whenever a field that changes the trained parameters does.
 
-  Architecture, execution (the capacity backend's drops change results), data (minus worker
-  count) and train settings (minus logging, evaluation and checkpoint cadence) are hashed after
+  Architecture, execution (the capacity backend's drops change results; minus decode-only
+  settings), data (minus worker count) and train settings (minus logging, evaluation and checkpoint cadence) are hashed after
   filling in defaults, so spelling a default out does not change the key; LATER_FIELDS at their
   neutral values are left out, so a new field does not orphan the cache. The mesh is left out:
   results agree across meshes to rounding.
@@ -87,7 +88,10 @@ def training_key(config) -> str:
     data.pop(name)
   for name in UNKEYED_FIELDS["train"]:
     train.pop(name)
-  keyed = {"model": experiment.model.to_dict(), "execution": experiment.execution.to_dict(),
+  execution = experiment.execution.to_dict()
+  for name in UNKEYED_FIELDS["execution"]:
+    execution.pop(name)
+  keyed = {"model": experiment.model.to_dict(), "execution": execution,
            "data": data, "train": train}
   for section, defaults in LATER_FIELDS.items():
     for name, value in defaults.items():
