@@ -65,7 +65,7 @@ class ExecutionConfig(ConfigMixin):
   # one token per slot) runs the routed experts as a loop over the experts its tokens chose,
   # each read in place (decode_experts.chosen_experts_loop), instead of `expert_backend`'s
   # whole-bank kernel; 0 always uses `expert_backend`. Inference only (no gradient).
-  decode_loop_tokens: int = 16
+  decode_loop_tokens: int = 64
 
   def __post_init__(self):
     _validate(self)
@@ -92,8 +92,8 @@ def _validate(c: ExecutionConfig) -> None:
   if (isinstance(c.decode_loop_tokens, bool) or not isinstance(c.decode_loop_tokens, int)
       or c.decode_loop_tokens < 0):
     _fail("decode_loop_tokens", c.decode_loop_tokens,
-          "must be an int >= 0 (0: decode with expert_backend; e.g. 16: serving steps of up "
-          "to 16 slots loop over the chosen experts)")
+          "must be an int >= 0 (0: decode with expert_backend; e.g. 64: serving steps and "
+          "prefills of up to 64 tokens loop over the chosen experts)")
   if not isinstance(c.capacity_factor, (int, float)) or not c.capacity_factor > 0:
     _fail("capacity_factor", c.capacity_factor, "must be > 0")
   if c.expert_backend == "capacity" and c.capacity_factor < 1.0:

@@ -22,7 +22,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from emo_jax.model.attention import dot_product_attention, segment_attention
+from emo_jax.model.attention import segment_attention
+from emo_jax.model.cache_attention import cache_attention
 from emo_jax.config import ModelConfig
 from emo_jax.model.execution import ExecutionConfig
 from emo_jax.model.layers import RMSNorm, init_normal
@@ -85,25 +86,21 @@ class Attention(nnx.Module):
     out = checkpoint_name(out, ATTENTION_OUT)
     return flat_matmul(out, self.wo[...].astype(cfg.compute_jnp_dtype), contract=2)
 
-  def decode(self, x_BxTxD, positions_BxT, k_BxMxGxK, v_BxMxGxK, index, valid_BxM):
-    """Attention of T new tokens at cache slots index..index+T-1 over the cached keys.
+  def decode(self, x_BxTxD, positions_BxT, k_BxMxGxK, v_BxMxGxK, cached_valid_BxM,
+             new_valid_BxT):
+    """Attention of T new tokens over the cached keys and themselves (`cache_attention`).
 
-    Writes the new keys and values into the cache and returns (out_BxTxD, k_cache, v_cache).
-    A query at slot s sees the slots <= s that hold real tokens (`valid_BxM`, which must
-    already include the new ones): the same keys the full causal forward would see.
+    The cache is only read: returns (out_BxTxD, k_new_BxTxGxK, v_new_BxTxGxK), the new
+    tokens' keys and values, which `Transformer.decode` writes into the cache for all layers
+    at once. A new token sees the cached columns holding real tokens (`cached_valid_BxM`) and
+    the real new tokens up to itself: the keys the full causal forward would give it.
     """
-    cfg = self.cfg
-    cdt = cfg.compute_jnp_dtype
-    T = x_BxTxD.shape[1]
-    M = k_BxMxGxK.shape[1]
+    cdt = self.cfg.compute_jnp_dtype
     q, k, v = self._project(x_BxTxD, positions_BxT)
-    k_cache = jax.lax.dynamic_update_slice(k_BxMxGxK, k.astype(k_BxMxGxK.dtype), (0, index, 0, 0))
-    v_cache = jax.lax.dynamic_update_slice(v_BxMxGxK, v.astype(v_BxMxGxK.dtype), (0, index, 0, 0))
-    query_slot_T = index + jnp.arange(T)
-    causal_TxM = jnp.arange(M)[None, :] <= query_slot_T[:, None]
-    mask_Bx1xTxM = (causal_TxM[None] & valid_BxM[:, None, :])[:, None]
-    out = dot_product_attention(q, k_cache.astype(cdt), v_cache.astype(cdt), mask_Bx1xTxM)
-    return flat_matmul(out, self.wo[...].astype(cdt), contract=2), k_cache, v_cache
+    k, v = k.astype(k_BxMxGxK.dtype), v.astype(v_BxMxGxK.dtype)
+    out = cache_attention(q, k_BxMxGxK.astype(cdt), v_BxMxGxK.astype(cdt), cached_valid_BxM,
+                          k.astype(cdt), v.astype(cdt), new_valid_BxT)
+    return flat_matmul(out, self.wo[...].astype(cdt), contract=2), k, v
 
 
 class Block(nnx.Module):
@@ -124,18 +121,18 @@ class Block(nnx.Module):
                       collect_routing=collect_routing, mesh=mesh)
     return h + y, aux
 
-  def decode(self, x, positions, valid, k_cache, v_cache, index, *, keep_experts_E=None,
+  def decode(self, x, positions, valid, k_cache, v_cache, *, keep_experts_E=None,
              stacked_experts=None):
-    """One block on new tokens with a KV cache (inference routing, no pool).
+    """One block on new tokens with a KV cache (inference routing, no pool): (x, k_new, v_new).
 
     stacked_experts: (w_gate, w_up, w_down over all layers, this layer's index), which the MoE
     reads in place when it loops over the chosen experts (MoE.__call__'s `decoding`)."""
-    a, k_cache, v_cache = self.attn.decode(self.attn_norm(x), positions, k_cache, v_cache, index,
-                                           valid["keys"])
+    a, k_new, v_new = self.attn.decode(self.attn_norm(x), positions, k_cache, v_cache,
+                                       valid["cached"], valid["tokens"])
     h = x + a
     y, _ = self.mlp(self.mlp_norm(h), valid["tokens"].astype(jnp.int32), train=False,
                     keep_experts_E=keep_experts_E, decoding=stacked_experts)
-    return h + y, k_cache, v_cache
+    return h + y, k_new, v_new
 
 
 def layer_major_keep(keep_experts, cfg: ModelConfig, batch: int) -> jax.Array:
@@ -312,7 +309,7 @@ class Transformer(nnx.Module):
     keep = layer_major_keep(keep_experts, cfg, tokens_BxT.shape[0])
     index = cache["index"]
     valid_keys = jax.lax.dynamic_update_slice(cache["valid"], valid_BxT.astype(bool), (0, index))
-    valid = {"keys": valid_keys, "tokens": valid_BxT}
+    valid = {"cached": cache["valid"], "tokens": valid_BxT}
     x = jnp.take(self.embed[...], tokens_BxT, axis=0).astype(cfg.compute_jnp_dtype)
     graphdef, block_state = nnx.split(self.blocks)
     # The expert banks stacked over layers, for the decode loop to read in place (a layer's
@@ -323,15 +320,19 @@ class Transformer(nnx.Module):
     def one_block(x, layer):
       state, k_cache, v_cache, keep_E, layer_index = layer
       block = nnx.merge(graphdef, state)
-      x, k_cache, v_cache = block.decode(
-          x, positions_BxT, valid, k_cache, v_cache, index,
+      x, k_new, v_new = block.decode(
+          x, positions_BxT, valid, k_cache, v_cache,
           keep_experts_E=None if keep_experts is None else keep_E,
           stacked_experts=None if stacked is None else (*stacked, layer_index))
-      return x, (k_cache, v_cache)
+      return x, (k_new, v_new)
 
     layers = jnp.arange(cfg.num_layers)
-    x, (k, v) = run_layers(one_block, x, (block_state, cache["k"], cache["v"], keep, layers),
-                           self.execution.scan_layers)
+    x, (k_new, v_new) = run_layers(one_block, x,
+                                   (block_state, cache["k"], cache["v"], keep, layers),
+                                   self.execution.scan_layers)
+    # Every layer's new columns at the write column, in one update of the (donated) cache.
+    k = jax.lax.dynamic_update_slice(cache["k"], k_new, (0, 0, index, 0, 0))
+    v = jax.lax.dynamic_update_slice(cache["v"], v_new, (0, 0, index, 0, 0))
     x = self.final_norm(x)
     logits = flat_matmul(x, self.head_matrix().astype(cfg.compute_jnp_dtype),
                          preferred_element_type=jnp.float32)
