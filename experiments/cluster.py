@@ -4,12 +4,15 @@
       --corpus demo --out results/clusters
   python -m experiments.cluster --checkpoint /tmp/tiny --corpus docs.jsonl \\
       --num_documents 200 --clusters 8 --out /tmp/clusters
+  python -m experiments.cluster --checkpoint W/models/EMO --baseline W/models/StdMoE --step 400 \
+      --out /tmp/clusters_400      # the workdirs' step-400 checkpoints
 
 For the first `--tokens_per_document` tokens of `--num_documents` documents, each token's softmax
 over the routed experts of every layer (concatenated) is mean-centred, reduced by PCA to
 `--variance` of its variance, L2-normalised and clustered by spherical k-means. OUT gets
-clusters.json (top-level `concentration`, `purity`, `nmi` of --checkpoint; `models` with each
-model's full section: per-domain concentration, clusters with their domains, most frequent and
+clusters.json (top-level `concentration`, `purity`, `nmi` and `expert_share` (the share of a
+document's top-k assignments in its 8 most used experts per layer) of --checkpoint; `models`
+with each model's full section: per-domain concentration, clusters with their domains, most frequent and
 most enriched tokens and samples in context, per-layer domain x expert usage) and PNG plots.
 The last stdout line is one JSON object.
 
@@ -55,6 +58,8 @@ _TOKENIZER = flags.DEFINE_string("tokenizer", None, "'bytes' or a tokenizer file
                                  "tokenizer of the training run (its config.json).")
 _NAMES = flags.DEFINE_list("names", None, "Names of the model (and baseline) in the output; "
                            "default EMO / StdMoE from their configs.")
+_STEP = flags.DEFINE_integer("step", None, "Training step whose checkpoint of each workdir to "
+                             "analyse (default: the newest), to follow clustering over training.")
 _OUT = flags.DEFINE_string("out", None, "Output folder.")
 
 
@@ -70,17 +75,22 @@ def main(argv):
   report = analysis.cluster_checkpoints(
       checkpoints, docs, _OUT.value, names=_NAMES.value, clusters=_CLUSTERS.value,
       num_tokens=_TOKENS.value, variance=_VARIANCE.value, restarts=_RESTARTS.value,
-      seed=_SEED.value, batch_size=_BATCH_SIZE.value, tokenizer=_TOKENIZER.value)
+      seed=_SEED.value, batch_size=_BATCH_SIZE.value, tokenizer=_TOKENIZER.value,
+      step=_STEP.value)
   line = {"out": _OUT.value, "concentration": report["concentration"],
-          "purity": report["purity"], "nmi": report["nmi"], "model": report["model"]}
+          "purity": report["purity"], "nmi": report["nmi"],
+          "expert_share": report["expert_share"], "model": report["model"]}
   for name, section in report["models"].items():
     print(f"{name}: concentration {section['concentration']:.3f}, purity "
-          f"{section['purity']:.3f}, NMI {section['nmi']:.3f} ({section['num_tokens']} tokens "
+          f"{section['purity']:.3f}, NMI {section['nmi']:.3f}, share of a document's routing "
+          f"in its top {section['expert_share_top']} experts {section['expert_share']:.3f} "
+          f"({section['num_tokens']} tokens "
           f"of {section['num_documents']} documents, PCA {section['feature_dims']} -> "
           f"{section['pca_components']} dims, {_CLUSTERS.value} clusters)")
     if name != report["model"]:
       line["baseline"] = {"name": name, **{k: section[k] for k in
-                                           ("concentration", "purity", "nmi")}}
+                                           ("concentration", "purity", "nmi",
+                                            "expert_share")}}
   print(f"wrote {_OUT.value}/clusters.json and {', '.join(report['plots'])} in "
         f"{time.time() - start:.0f} s")
   print(json.dumps(line), flush=True)

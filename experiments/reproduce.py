@@ -238,7 +238,8 @@ def cluster(trained, corpus, s: dict, out: pathlib.Path):
   names = [n for n in ("EMO", "StdMoE", "EMO-anneal") if n in trained]
   result = analysis.cluster_checkpoints([trained[n][0].path for n in names], docs, out,
                                         names=names, clusters=s["clusters"])
-  return {n: {k: result["models"][n][k] for k in ("concentration", "purity", "nmi")}
+  return {n: {k: result["models"][n][k] for k in ("concentration", "purity", "nmi",
+                                                 "expert_share", "expert_share_top")}
           for n in names}
 
 

@@ -142,6 +142,31 @@ def test_cluster_tokens_and_expert_usage():
   np.testing.assert_allclose(usage[1], [[0, 0, 1], [0, 1, 0]])
 
 
+def test_document_expert_share_equals_counting_by_hand():
+  rng = np.random.default_rng(0)
+  layers, experts, top_k, top = 3, 10, 2, 3
+  document = np.repeat([0, 2, 5], [7, 1, 12])       # document ids with gaps, one of one token
+  probs = rng.random((len(document), layers, experts)).astype(np.float32)
+  feats = analysis.RoutingFeatures(probs.reshape(len(document), -1), np.zeros(len(document), int),
+                                   document, np.zeros(len(document), int), num_layers=layers,
+                                   num_experts=experts, top_k=top_k)
+  want = []
+  for d in (0, 2, 5):
+    per_layer = []
+    for layer in range(layers):
+      counts = np.zeros(experts)
+      for p in probs[document == d, layer]:
+        counts[np.argsort(-p)[:top_k]] += 1
+      per_layer.append(np.sort(counts)[-top:].sum() / counts.sum())
+    want.append(np.mean(per_layer))
+  np.testing.assert_allclose(analysis.document_expert_share(feats, top), want)
+  assert analysis.document_expert_share(feats, top)[1] == 1.0  # 2 assignments, both in its top 3
+  # A document that always routes to the same experts keeps all of its routing in its top_k.
+  same = np.broadcast_to(probs[:1], probs.shape)
+  feats.features = same.reshape(len(document), -1)
+  np.testing.assert_allclose(analysis.document_expert_share(feats, top_k), 1.0)
+
+
 # ---- features ---------------------------------------------------------------------------------
 
 def test_document_windows_take_the_first_non_pad_tokens():
@@ -211,9 +236,10 @@ def test_cluster_command_end_to_end(tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   last = json.loads(proc.stdout.strip().splitlines()[-1])
   report = json.loads((out / "clusters.json").read_text())
-  for key in ("concentration", "purity", "nmi"):
+  for key in ("concentration", "purity", "nmi", "expert_share"):
     assert 0.0 <= report[key] <= 1.0
     assert last[key] == report[key]
+  assert report["expert_share_top"] == 7    # 8 capped at the model's 7 routed experts
   assert report["model"] == "EMO" and set(report["models"]) == {"EMO", "StdMoE"}
   assert last["baseline"]["name"] == "StdMoE"
   assert report["num_documents"] == 30 and report["domains"] == ["alpha", "beta", "delta", "gamma"]

@@ -53,13 +53,14 @@ def build_model(cfg: ModelConfig, params: Any, execution: ExecutionConfig | None
 
 
 def load_model(path: str | pathlib.Path, *, execution: ExecutionConfig | None = None,
-               **config_changes: Any):
-  """(ModelConfig, graphdef, params) of the model at `path`.
+               step: int | None = None, **config_changes: Any):
+  """(ModelConfig, graphdef, params) of the model at `path` (a training workdir: its newest
+  checkpoint, or that of `step`).
 
   `config_changes` replace architecture fields that do not change the parameters, e.g.
   `eval_pool_size=None` to route as the released inference does (no document pool).
   """
-  params, model_config = ckpt_lib.load_params(path)
+  params, model_config = ckpt_lib.load_params(path, step=step)
   cfg = saved_model_config(model_config)
   if config_changes:
     cfg = cfg.replace(**config_changes)

@@ -15,7 +15,9 @@ This module owns the numbers; `plots.py` draws them and `experiments/cluster.py`
 * measures: `concentration` (share of a document's tokens in its most common cluster),
   `purity` and `nmi` of clusters against domain labels, `cluster_tokens` (most frequent and
   most enriched tokens of each cluster, with samples in context), `expert_usage` (per layer,
-  the share of a domain's tokens that pick each expert in their top-k);
+  the share of a domain's tokens that pick each expert in their top-k), `document_expert_share`
+  (share of a document's top-k assignments that land in its `top` most used experts per layer:
+  the pool's footprint, read from routing alone, with no clustering in between);
 * `analyse` runs the whole recipe on one model's features; `cluster_checkpoints` does it for a
   model and an optional baseline and writes `clusters.json` plus the plots.
 """
@@ -338,6 +340,31 @@ def expert_usage(features: RoutingFeatures, token_domain: np.ndarray,
   return usage / np.maximum(per_domain, 1.0)[None, :, None]
 
 
+def document_expert_share(features: RoutingFeatures, top: int = 8) -> np.ndarray:
+  """[documents]: per layer, the share of a document's top-k expert assignments (inference
+  routing, as `expert_usage`) that fall into the document's `top` most used experts, averaged
+  over layers.
+
+  EMO trains every document inside a pool of experts, so its documents should keep to few
+  experts; a router that ignores the document spreads them, and scores about top / experts
+  on long documents (higher on short ones: a document of n tokens uses at most n * top_k).
+  Documents without tokens are left out (rows in increasing document id, as `concentration`).
+  """
+  probs = features.per_layer()                                   # [tokens, layers, E]
+  E = features.num_experts
+  k, top = min(features.top_k, E), min(top, E)
+  documents, document = np.unique(features.document, return_inverse=True)
+  counts = np.zeros((len(documents), features.num_layers, E))
+  for layer in range(features.num_layers):
+    for lo in range(0, probs.shape[0], _ROWS_PER_BLOCK):
+      block = probs[lo:lo + _ROWS_PER_BLOCK, layer]
+      chosen = np.argpartition(block, E - k, axis=-1)[:, E - k:]
+      index = np.repeat(document[lo:lo + _ROWS_PER_BLOCK], k) * E + chosen.reshape(-1)
+      counts[:, layer] += np.bincount(index, minlength=len(documents) * E).reshape(-1, E)
+  most_used = np.sort(counts, axis=-1)[..., E - top:].sum(-1)    # [documents, layers]
+  return (most_used / np.maximum(counts.sum(-1), 1.0)).mean(-1)
+
+
 # ---- the whole recipe -------------------------------------------------------------------------
 
 @dataclasses.dataclass
@@ -363,11 +390,12 @@ def analyse(features: RoutingFeatures, doc_domains: Sequence[str], domains: Sequ
             name: str = "model", clusters: int = 32, variance: float = 0.95, restarts: int = 5,
             seed: int = 0, decode: Callable[[Sequence[int]], str] | None = None,
             tokens: np.ndarray | None = None, top_tokens: int = 10, samples: int = 3,
-            max_projected: int = 20_000) -> Analysis:
+            max_projected: int = 20_000, share_top: int = 8) -> Analysis:
   """The paper's recipe on one model's features, and every measure of this module.
 
   `doc_domains[i]` is the domain of document i, `domains` the sorted list of domains; `decode`
-  and `tokens` (the `document_windows` rows) turn token ids into text for the summary.
+  and `tokens` (the `document_windows` rows) turn token ids into text for the summary;
+  `share_top` is the number of experts `document_expert_share` counts.
   """
   if features.features.shape[0] < clusters:
     raise ValueError(f"{features.features.shape[0]} tokens cannot make {clusters} clusters; "
@@ -435,6 +463,9 @@ def analyse(features: RoutingFeatures, doc_domains: Sequence[str], domains: Sequ
       "purity_one_cluster": float(np.bincount(token_domain).max() / max(n, 1)),
       "nmi": nmi(labels, token_domain),
       "concentration_by_domain": by_domain_conc,
+      # document_expert_share: the mean share of a document's assignments in its top experts
+      "expert_share": float(document_expert_share(features, share_top).mean()),
+      "expert_share_top": int(min(share_top, features.num_experts)),
       "num_documents": int(len(docs_with_tokens)),
       "num_tokens": int(n),
       "feature_dims": int(features.features.shape[1]),
@@ -501,9 +532,11 @@ def cluster_checkpoints(checkpoints: Sequence[str | pathlib.Path],
                         names: Sequence[str] | None = None, clusters: int = 32,
                         num_tokens: int = TOKENS_PER_DOCUMENT, variance: float = 0.95,
                         restarts: int = 5, seed: int = 0, batch_size: int = 32,
-                        tokenizer: str | None = None, plot: bool = True) -> dict[str, Any]:
+                        tokenizer: str | None = None, plot: bool = True,
+                        step: int | None = None) -> dict[str, Any]:
   """Runs the analysis on each checkpoint (a training workdir or a parameter checkpoint; the
-  first is the model, a second one its baseline), writes `out_dir/clusters.json` and the plots,
+  first is the model, a second one its baseline; `step` picks that training step's checkpoint
+  of every workdir, default the newest), writes `out_dir/clusters.json` and the plots,
   and returns the JSON object. Its top-level `concentration`, `purity` and `nmi` are the first
   model's; `models` maps each model's name (default "EMO" or "StdMoE" from its config) to its
   full section.
@@ -514,7 +547,8 @@ def cluster_checkpoints(checkpoints: Sequence[str | pathlib.Path],
   results: list[Analysis] = []
   for i, path in enumerate(checkpoints):
     start = time.time()
-    cfg, graphdef, params = load_model(path, execution=EXECUTION, eval_pool_size=None)
+    cfg, graphdef, params = load_model(path, execution=EXECUTION, step=step,
+                                       eval_pool_size=None)
     if not cfg.is_moe:
       raise ValueError(f"{path} holds a dense model (num_experts=0): it has no routing to "
                        "analyse; pass a mixture-of-experts checkpoint")
@@ -538,7 +572,7 @@ def cluster_checkpoints(checkpoints: Sequence[str | pathlib.Path],
     result = analyse(feats, doc_domains, domains, name=name, clusters=clusters,
                      variance=variance, restarts=restarts, seed=seed, decode=tok.decode,
                      tokens=windows[keep])
-    result.summary.update(checkpoint=str(path), pool=bool(cfg.pool),
+    result.summary.update(checkpoint=str(path), step=step, pool=bool(cfg.pool),
                           seconds=round(time.time() - start, 1))
     results.append(result)
   plots = []
@@ -546,6 +580,7 @@ def cluster_checkpoints(checkpoints: Sequence[str | pathlib.Path],
     plots = [p.name for p in plots_lib.plot_all(results, domains, out_dir)]
   main = results[0].summary
   report = {"concentration": main["concentration"], "purity": main["purity"], "nmi": main["nmi"],
+            "expert_share": main["expert_share"], "expert_share_top": main["expert_share_top"],
             "model": main["name"], "domains": domains, "num_documents": len(documents),
             "tokens_per_document": num_tokens, "clusters": clusters, "variance": variance,
             "restarts": restarts, "seed": seed, "plots": plots,

@@ -215,7 +215,11 @@ def models_table(trained: Mapping[str, Sequence]) -> str:
 def clustering_table(clusters: Mapping[str, Mapping] | None) -> str:
   if not clusters:
     return ""
-  lines = ["| model | concentration | purity | NMI |", "|---|---|---|---|"]
+  top = next((c["expert_share_top"] for c in clusters.values() if "expert_share_top" in c), 8)
+  lines = [f"| model | concentration | purity | NMI | share in its top {top} experts |",
+           "|---|---|---|---|---|"]
   for name, c in clusters.items():
-    lines.append(f"| {name} | {c['concentration']:.3f} | {c['purity']:.3f} | {c['nmi']:.3f} |")
+    share = f"{c['expert_share']:.3f}" if "expert_share" in c else "-"  # older results lack it
+    lines.append(f"| {name} | {c['concentration']:.3f} | {c['purity']:.3f} | {c['nmi']:.3f} | "
+                 f"{share} |")
   return "\n".join(lines)
