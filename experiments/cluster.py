@@ -69,14 +69,20 @@ def main(argv):
   checkpoints = [_CHECKPOINT.value] + ([_BASELINE.value] if _BASELINE.value else [])
   if _NAMES.value is not None and len(_NAMES.value) != len(checkpoints):
     raise app.UsageError(f"--names has {len(_NAMES.value)} names for {len(checkpoints)} models")
-  docs = analysis.load_documents(_CORPUS.value, num_documents=_NUM_DOCUMENTS.value,
-                                 split=_SPLIT.value, seed=_SEED.value)
+  try:
+    docs = analysis.load_documents(_CORPUS.value, num_documents=_NUM_DOCUMENTS.value,
+                                   split=_SPLIT.value, seed=_SEED.value)
+  except (OSError, ValueError) as e:
+    raise app.UsageError(f"--corpus={_CORPUS.value}: {e}") from e
   logging.info("%d documents from %s", len(docs), _CORPUS.value)
-  report = analysis.cluster_checkpoints(
-      checkpoints, docs, _OUT.value, names=_NAMES.value, clusters=_CLUSTERS.value,
-      num_tokens=_TOKENS.value, variance=_VARIANCE.value, restarts=_RESTARTS.value,
-      seed=_SEED.value, batch_size=_BATCH_SIZE.value, tokenizer=_TOKENIZER.value,
-      step=_STEP.value)
+  try:
+    report = analysis.cluster_checkpoints(
+        checkpoints, docs, _OUT.value, names=_NAMES.value, clusters=_CLUSTERS.value,
+        num_tokens=_TOKENS.value, variance=_VARIANCE.value, restarts=_RESTARTS.value,
+        seed=_SEED.value, batch_size=_BATCH_SIZE.value, tokenizer=_TOKENIZER.value,
+        step=_STEP.value)
+  except (OSError, ValueError) as e:  # a missing checkpoint or step, a dense model, ...
+    raise app.UsageError(str(e)) from e
   line = {"out": _OUT.value, "concentration": report["concentration"],
           "purity": report["purity"], "nmi": report["nmi"],
           "expert_share": report["expert_share"], "model": report["model"]}

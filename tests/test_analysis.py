@@ -253,6 +253,16 @@ def test_cluster_command_end_to_end(tmp_path):
   assert {"projection.png", "concentration.png", "expert_usage.png"} <= set(report["plots"])
 
 
+def test_the_command_refuses_a_missing_corpus_in_one_line(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, "-m", "experiments.cluster", f"--checkpoint={tmp_path}",
+       f"--corpus={tmp_path / 'missing.jsonl'}", f"--out={tmp_path / 'out'}"], cwd=ROOT,
+      capture_output=True, text=True, timeout=300)
+  assert proc.returncode != 0
+  assert "--corpus=" in proc.stderr and "no such file" in proc.stderr
+  assert "Traceback" not in proc.stderr
+
+
 def test_a_dense_model_is_refused_by_name(tmp_path):
   cfg = tiny_model_config(num_experts=0, pool=False, mlp_hidden=16)
   _, params = random_model(cfg)
