@@ -4,16 +4,18 @@
       --corpus demo --out results/clusters
   python -m experiments.cluster --checkpoint /tmp/tiny --corpus docs.jsonl \\
       --num_documents 200 --clusters 8 --out /tmp/clusters
-  python -m experiments.cluster --checkpoint W/models/EMO --baseline W/models/StdMoE --step 400 \
-      --out /tmp/clusters_400      # the workdirs' step-400 checkpoints
+  # the step-400 checkpoints of a reproduction's two models (W/models/<label>-s<seed>-<key>)
+  python -m experiments.cluster --checkpoint W/models/emo-s0-KEY \
+      --baseline W/models/stdmoe-s0-KEY --step 400 --out /tmp/clusters_400
 
 For the first `--tokens_per_document` tokens of `--num_documents` documents, each token's softmax
 over the routed experts of every layer (concatenated) is mean-centred, reduced by PCA to
 `--variance` of its variance, L2-normalised and clustered by spherical k-means. OUT gets
 clusters.json (top-level `concentration`, `purity`, `nmi` and `expert_share` (the share of a
 document's top-k assignments in its 8 most used experts per layer) of --checkpoint; `models`
-with each model's full section: per-domain concentration, clusters with their domains, most frequent and
-most enriched tokens and samples in context, per-layer domain x expert usage) and PNG plots.
+with each model's full section: per-domain concentration, clusters with their domains, most
+frequent and most enriched tokens and samples in context, per-layer domain x expert usage) and
+PNG plots.
 The last stdout line is one JSON object.
 
 `--corpus` is "demo" or "synthetic" (that corpus's `--split`), or a JSONL file of

@@ -10,8 +10,9 @@ index + t sees the cached columns that hold real tokens and the new tokens t' <=
 exactly the keys the full causal forward would give it. `Transformer.decode` then writes all
 layers' new columns into the (donated) cache in one update.
 
-The products contract along the cache's own [B, M, G, K] layout, so no transposed copy of the
-cache is made; logits and softmax are float32, masked columns get -1e30 (exp underflows to 0),
+The products are einsums over the cache's own [B, M, G, K] layout (on XLA:CPU each layer still
+makes one transposed copy of its cache slice for them, BENCHMARKS.md); logits and softmax are
+float32, masked columns get -1e30 (exp underflows to 0),
 as in `attention.dot_product_attention`, which this equals up to rounding
 (tests/test_cache_attention.py).
 """

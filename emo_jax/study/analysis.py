@@ -322,20 +322,28 @@ def cluster_tokens(labels: np.ndarray, token_ids: np.ndarray, k: int, *, top: in
   return out
 
 
-def expert_usage(features: RoutingFeatures, token_domain: np.ndarray,
-                 num_domains: int) -> np.ndarray:
-  """[layers, domains, experts]: share of a domain's tokens whose top-k routed experts (by the
-  unmasked softmax, i.e. the inference routing) include the expert. Rows sum to top_k."""
+def top_k_counts(features: RoutingFeatures, group_T: np.ndarray, num_groups: int) -> np.ndarray:
+  """[layers, groups, experts]: how many tokens of each group (group_T, ids < num_groups) have
+  the expert among their top-k routed experts (by the unmasked softmax, i.e. the inference
+  routing)."""
   probs = features.per_layer()
   E = features.num_experts
   k = min(features.top_k, E)
-  usage = np.zeros((features.num_layers, num_domains, E))
+  counts = np.zeros((features.num_layers, num_groups, E))
   for layer in range(features.num_layers):
     for lo in range(0, probs.shape[0], _ROWS_PER_BLOCK):   # bounded temporaries
       block = probs[lo:lo + _ROWS_PER_BLOCK, layer]
       top = np.argpartition(block, E - k, axis=-1)[:, E - k:]    # [rows, k] the k largest
-      index = np.repeat(token_domain[lo:lo + _ROWS_PER_BLOCK], k) * E + top.reshape(-1)
-      usage[layer] += np.bincount(index, minlength=num_domains * E).reshape(num_domains, E)
+      index = np.repeat(group_T[lo:lo + _ROWS_PER_BLOCK], k) * E + top.reshape(-1)
+      counts[layer] += np.bincount(index, minlength=num_groups * E).reshape(num_groups, E)
+  return counts
+
+
+def expert_usage(features: RoutingFeatures, token_domain: np.ndarray,
+                 num_domains: int) -> np.ndarray:
+  """[layers, domains, experts]: share of a domain's tokens whose top-k routed experts (by the
+  unmasked softmax, i.e. the inference routing) include the expert. Rows sum to top_k."""
+  usage = top_k_counts(features, token_domain, num_domains)
   per_domain = np.bincount(token_domain, minlength=num_domains).astype(np.float64)
   return usage / np.maximum(per_domain, 1.0)[None, :, None]
 
@@ -350,19 +358,12 @@ def document_expert_share(features: RoutingFeatures, top: int = 8) -> np.ndarray
   on long documents (higher on short ones: a document of n tokens uses at most n * top_k).
   Documents without tokens are left out (rows in increasing document id, as `concentration`).
   """
-  probs = features.per_layer()                                   # [tokens, layers, E]
   E = features.num_experts
-  k, top = min(features.top_k, E), min(top, E)
+  top = min(top, E)
   documents, document = np.unique(features.document, return_inverse=True)
-  counts = np.zeros((len(documents), features.num_layers, E))
-  for layer in range(features.num_layers):
-    for lo in range(0, probs.shape[0], _ROWS_PER_BLOCK):
-      block = probs[lo:lo + _ROWS_PER_BLOCK, layer]
-      chosen = np.argpartition(block, E - k, axis=-1)[:, E - k:]
-      index = np.repeat(document[lo:lo + _ROWS_PER_BLOCK], k) * E + chosen.reshape(-1)
-      counts[:, layer] += np.bincount(index, minlength=len(documents) * E).reshape(-1, E)
-  most_used = np.sort(counts, axis=-1)[..., E - top:].sum(-1)    # [documents, layers]
-  return (most_used / np.maximum(counts.sum(-1), 1.0)).mean(-1)
+  counts = top_k_counts(features, document, len(documents))   # [layers, documents, E]
+  most_used = np.sort(counts, axis=-1)[..., E - top:].sum(-1)   # [layers, documents]
+  return (most_used / np.maximum(counts.sum(-1), 1.0)).mean(0)
 
 
 # ---- the whole recipe -------------------------------------------------------------------------

@@ -77,22 +77,18 @@ def training_key(config) -> str:
   """12 hex digits that change whenever a field that changes the trained parameters does.
 
   Architecture, execution (the capacity backend's drops change results; minus decode-only
-  settings), data (minus worker count) and train settings (minus logging, evaluation and checkpoint cadence) are hashed after
-  filling in defaults, so spelling a default out does not change the key; LATER_FIELDS at their
-  neutral values are left out, so a new field does not orphan the cache. The mesh is left out:
-  results agree across meshes to rounding.
+  settings), data (minus worker count) and train settings (minus logging, evaluation and
+  checkpoint cadence) are hashed after filling in defaults, so spelling a default out does not
+  change the key; LATER_FIELDS at their neutral values are left out, so a new field does not
+  orphan the cache. The mesh is left out: results agree across meshes to rounding.
   """
   experiment = Experiment.from_config(config)
-  data, train = experiment.data.to_dict(), experiment.train.to_dict()
-  for name in UNKEYED_FIELDS["data"]:
-    data.pop(name)
-  for name in UNKEYED_FIELDS["train"]:
-    train.pop(name)
-  execution = experiment.execution.to_dict()
-  for name in UNKEYED_FIELDS["execution"]:
-    execution.pop(name)
-  keyed = {"model": experiment.model.to_dict(), "execution": execution,
-           "data": data, "train": train}
+  keyed = {"model": experiment.model.to_dict(), "execution": experiment.execution.to_dict(),
+           "data": experiment.data.to_dict(), "train": experiment.train.to_dict()}
+  for section, names in UNKEYED_FIELDS.items():
+    for name in names:
+      keyed[section].pop(name)
+  train = keyed["train"]
   for section, defaults in LATER_FIELDS.items():
     for name, value in defaults.items():
       if keyed[section].get(name) == value:
